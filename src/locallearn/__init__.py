@@ -1,0 +1,36 @@
+"""locallearn: supervised local learning for PyTorch (E2E, DGL, InfoPro in one engine).
+
+Quick start with your own model::
+
+    import locallearn as ll
+    backbone = ll.UnitBackbone.from_sequential(my_layers, input_shape=(1, 28, 28))
+    engine = ll.LocalEngine(backbone, ll.MethodCfg(name="infopro", k=3), ll.ClassificationTask(10), ll.OptimCfg())
+    engine.train_step(ll.Batch(x, y, raw_uint8_images))
+
+or from a preset: ``ll.fit(ll.load_config("configs/fmnist/demo.yaml", ["method.name=dgl"]))``.
+"""
+
+from .local import Batch, ClassificationTask
+from .methods import LocalMethod, MethodCfg, list_methods, register_method
+from .models import UnitBackbone, UnitInfo, create_model, list_models, register_model
+from .train import LocalEngine, OptimCfg, TrainCfg, fit, load_config
+
+__version__ = "0.1.0"
+__all__ = [
+    "Batch",
+    "ClassificationTask",
+    "LocalEngine",
+    "LocalMethod",
+    "MethodCfg",
+    "OptimCfg",
+    "TrainCfg",
+    "UnitBackbone",
+    "UnitInfo",
+    "create_model",
+    "fit",
+    "list_methods",
+    "list_models",
+    "load_config",
+    "register_method",
+    "register_model",
+]

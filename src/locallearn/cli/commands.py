@@ -1,0 +1,184 @@
+"""The bodies of ``locallearn eval|compare|summary|list`` (``train`` is :func:`locallearn.train.loop.fit`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.datasets import dataset_spec, list_datasets
+from ..local.split import list_presets, module_sizes
+from ..measure.memory import SavedTensorMeter
+from ..measure.profile import count_params, forward_flops
+from ..methods.base import list_methods, resolve_k
+from ..models.registry import list_models
+from ..train.checkpoint import load_checkpoint
+from ..train.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
+from ..train.loop import build_engine, build_loaders, checkpoint_path, fit, resolve_device
+from ..train.rundir import environment, new_run_dir
+
+MiB = 2**20
+EVAL_OVERRIDABLE = ("data.", "run.device", "run.threads")
+
+
+def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
+    """Rebuild a run from its checkpoint and evaluate the final head and every aux classifier."""
+    state = load_checkpoint(checkpoint_path(run))
+    bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
+    if bad:
+        raise ConfigError(f"eval accepts only data.*, run.device and run.threads overrides, not {bad[0]!r}")
+    cfg = config_from_dict(apply_overrides(state["config"], overrides))
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    _, test_loader, spec = build_loaders(cfg, device)
+    engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
+    engine.load_state_dict(state)
+    result = engine.evaluate(test_loader.batches())
+    aux = " ".join("-" if a is None else f"{a:.4f}" for a in result["aux_acc"])
+    print(
+        f"{checkpoint_path(run)} (epoch {state['epoch']}, step {state['step']}): test_acc {result['test_acc']:.4f}"
+        f"  test_loss {result['test_loss']:.4f}" + (f"  aux_acc by depth [{aux}]" if aux else "")
+    )
+    return result
+
+
+def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[str, Any]]:
+    """Train each method on the same data, seeds and backbone init; print and save one table.
+
+    ``e2e`` always runs with K=1; the others use the preset's ``method.k``. Memory is the saved-tensor meter's
+    peak (activations autograd keeps for backward), so it is exact and comparable on any device.
+    """
+    if not methods:
+        raise ConfigError("--methods is empty; e.g. --methods e2e,dgl,infopro")
+    unknown = [m for m in methods if m not in list_methods()]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r} in --methods; known: {', '.join(list_methods())}")
+    base = load_config(config, overrides)
+    out_dir = new_run_dir(base.run.out, "compare")
+    rows = []
+    for name in methods:
+        data = apply_overrides(to_dict(base), [f"method.name={name}"] + (["method.k=1"] if name == "e2e" else []))
+        data["run"]["out"] = str(out_dir)
+        cfg = config_from_dict(data)
+        print(f"\n=== {name} (K={resolve_k(cfg.method)}) ===", flush=True)
+        start = time.perf_counter()
+        result = fit(cfg)
+        wall = time.perf_counter() - start
+        rows.append(
+            {
+                "method": name,
+                "k": resolve_k(cfg.method),
+                "test_acc": result.get("test_acc"),
+                "peak_act_mib": result["peak_act_bytes"] / MiB,
+                "imgs_per_s": _mean_throughput(result),
+                "wall_s": wall,
+                "run_dir": result["run_dir"],
+            }
+        )
+    e2e = next((r for r in rows if r["method"] == "e2e"), None)
+    table = _table(rows, e2e)
+    print("\n" + table)
+    (out_dir / "compare.md").write_text(table + "\n")
+    (out_dir / "compare.json").write_text(
+        json.dumps(
+            {"config": to_dict(base), "rows": rows, "env": environment(resolve_device(base.run.device))}, indent=2
+        )
+    )
+    print(f"\nsaved {out_dir / 'compare.md'} and compare.json")
+    return rows
+
+
+def _mean_throughput(result: dict[str, Any]) -> float:
+    """Training images/s over the whole run, from its metrics.jsonl (eval time excluded)."""
+    records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    seconds = sum(r["epoch_time_s"] for r in records)
+    images = sum(r["imgs_per_s"] * r["epoch_time_s"] for r in records)
+    return images / max(seconds, 1e-9)
+
+
+def _table(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> str:
+    lines = [
+        "| method | K | test acc (final head) | peak activation MiB | vs E2E | images/s | vs E2E | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mem_ratio = f"{r['peak_act_mib'] / e2e['peak_act_mib']:.3f}" if e2e else "-"
+        speed_ratio = f"{r['imgs_per_s'] / e2e['imgs_per_s']:.3f}" if e2e else "-"
+        acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
+        lines.append(
+            f"| {r['method']} | {r['k']} | {acc} | {r['peak_act_mib']:.1f} | {mem_ratio} | "
+            f"{r['imgs_per_s']:.0f} | {speed_ratio} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(config: str | None, overrides: list[str]) -> str:
+    """Per module: units, parameters, forward GFLOPs and saved-activation MiB for one training batch, and the
+    same for its aux net; totals and aux overhead at the bottom. Needs no data files (zeros input)."""
+    cfg = load_config(config, overrides)
+    spec = dataset_spec(cfg.data.name)
+    device = resolve_device(cfg.run.device)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    sample = torch.zeros(cfg.data.batch_size, spec.channels, spec.size, spec.size, device=device)
+    sample = sample.contiguous(memory_format=memory_format)
+    engine = build_engine(cfg, spec, device, sample)
+    from ..local.task import Batch
+
+    batch = Batch(
+        sample, torch.zeros(len(sample), dtype=torch.long, device=device), torch.zeros_like(sample, dtype=torch.uint8)
+    )
+    lines = [
+        f"{cfg.model.name}, {cfg.method.name}, K={engine.k}, batch {cfg.data.batch_size}, "
+        f"{spec.channels}x{spec.size}x{spec.size}",
+        "| module | units | params | GFLOPs fwd | saved act MiB | aux params | aux GFLOPs fwd | aux act MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    totals = [0.0] * 6
+    h = sample
+    engine.backbone.train()
+    engine.method.train()
+    starts = [0, *engine.ends[:-1]]
+    for k, (module, size) in enumerate(zip(engine.modules, module_sizes(engine.ends))):
+        names = f"{engine.backbone.infos[starts[k]].name}..{engine.backbone.infos[engine.ends[k] - 1].name}"
+        flops = forward_flops(module, h) / 1e9
+        meter = SavedTensorMeter()
+        with meter:
+            out = module(h.detach())
+        act = meter.peak / MiB
+        aux = engine.method.aux[k]
+        aux_flops, aux_act = 0.0, 0.0
+        if aux is not None:
+            aux_flops = forward_flops(engine.method.local_loss, k, out.detach(), batch) / 1e9
+            meter = SavedTensorMeter()
+            with meter:
+                engine.method.local_loss(k, out.detach().requires_grad_(), batch)
+            aux_act = meter.peak / MiB
+        row = [count_params(module), flops, act, count_params(aux), aux_flops, aux_act]
+        totals = [t + v for t, v in zip(totals, row)]
+        lines.append(
+            f"| {k} | {size} ({names}) | {row[0]:,} | {flops:.3f} | {act:.1f} | {row[3]:,} | "
+            f"{aux_flops:.3f} | {aux_act:.1f} |"
+        )
+        h = out.detach()
+    lines.append(
+        f"| total | {len(engine.backbone)} | {int(totals[0]):,} | {totals[1]:.3f} | {totals[2]:.1f} | "
+        f"{int(totals[3]):,} | {totals[4]:.3f} | {totals[5]:.1f} |"
+    )
+    lines.append(
+        f"aux overhead: {100 * totals[3] / max(totals[0], 1):.1f}% params, "
+        f"{100 * totals[4] / max(totals[1], 1e-12):.1f}% forward FLOPs"
+    )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def list_registries() -> None:
+    print("models:   " + ", ".join(list_models()))
+    print("methods:  " + ", ".join(list_methods()))
+    print("datasets: " + ", ".join(list_datasets()))
+    print("splits:   auto, ends, " + ", ".join(list_presets()))

@@ -1,0 +1,17 @@
+"""Datasets read from their standard files, and the device-resident loader."""
+
+from .datasets import DatasetSpec, dataset_spec, find_root, list_datasets, load_split, register_dataset
+from .idx import DataError, read_idx
+from .loader import ResidentLoader
+
+__all__ = [
+    "DataError",
+    "DatasetSpec",
+    "ResidentLoader",
+    "dataset_spec",
+    "find_root",
+    "list_datasets",
+    "load_split",
+    "read_idx",
+    "register_dataset",
+]

@@ -1,0 +1,16 @@
+"""End-to-end backprop: one module, the task loss only. The baseline every local method is compared with."""
+
+from __future__ import annotations
+
+from .base import LocalMethod, MethodCfg, MethodContext, register_method
+
+
+@register_method("e2e")
+class E2E(LocalMethod):
+    default_k = 1
+
+    def __init__(self, ctx: MethodContext, cfg: MethodCfg) -> None:
+        super().__init__(ctx, cfg)
+        if ctx.num_modules != 1:
+            raise ValueError(f"e2e trains the whole network as one module; set method.k=1 (got {ctx.num_modules})")
+        self.aux.append(None)

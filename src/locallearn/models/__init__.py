@@ -1,0 +1,7 @@
+"""Backbones as ordered units. Importing this package registers the built-in zoo."""
+
+from . import cifar_resnet  # noqa: F401  (registers resnet8..resnet110)
+from .registry import create_model, list_models, register_model
+from .units import UnitBackbone, UnitInfo
+
+__all__ = ["UnitBackbone", "UnitInfo", "create_model", "list_models", "register_model"]

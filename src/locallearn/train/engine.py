@@ -1,0 +1,220 @@
+"""The single-process local-learning engine (spec methods.md §0.2, §10.2 ``SequentialLocalTrainer``).
+
+Per batch, for each of the K modules: forward, the method's local loss, backward, then pass the *detached* output
+on, so module k's graph is freed before module k+1 runs and no gradient crosses a module boundary. Each module
+has its own optimizer (module + aux net parameters), stepped right after its backward (``step: module``, DGL) or
+after the last backward (``step: end``, InfoPro reference); with SGD both give the same parameters.
+
+The engine is the only place that calls ``backward``/``step``. It wraps any :class:`UnitBackbone`, including one
+made from the user's own ``nn.Sequential``::
+
+    backbone = UnitBackbone.from_sequential(my_layers, input_shape=(3, 32, 32))
+    engine = LocalEngine(backbone, MethodCfg(name="dgl", k=3), ClassificationTask(10), OptimCfg(lr=0.05))
+    for x, y in my_batches:
+        engine.train_step(Batch(x, y))
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..local.split import balanced_split, check_k, preset_split, validate_ends
+from ..local.task import Batch, ClassificationTask
+from ..measure.memory import SavedTensorMeter
+from ..measure.profile import unit_costs
+from ..methods.base import LocalMethod, MethodCfg, MethodContext, build_method, method_class, resolve_k
+from ..models.units import UnitBackbone
+from .config import OptimCfg
+
+
+def resolve_split(backbone: UnitBackbone, cfg: MethodCfg, sample: torch.Tensor | None = None) -> list[int]:
+    """Exclusive end unit index of each local module, from ``method.split`` (see :mod:`locallearn.local.split`)."""
+    n, k = len(backbone), resolve_k(cfg)
+    check_k(k, n)
+    if cfg.split == "ends":
+        ends = validate_ends(cfg.ends, n)
+        if cfg.k is not None and len(ends) != cfg.k:
+            raise ValueError(f"method.ends has {len(ends)} modules but method.k={cfg.k}; make them agree")
+        return ends
+    if cfg.ends:
+        raise ValueError("method.ends is only used with method.split=ends")
+    if cfg.split == "auto":
+        if cfg.balance in ("flops", "activations") and sample is None:
+            raise ValueError(f"method.balance={cfg.balance} needs a sample input to measure the units")
+        return balanced_split(unit_costs(list(backbone.units), sample, cfg.balance), k)
+    blocks = sum(info.stage == 1 for info in backbone.infos)
+    if backbone.num_stages != 3 or len(backbone) != 3 * blocks + 2:
+        raise ValueError(f"split preset {cfg.split!r} is defined for CIFAR ResNets only; use method.split=auto")
+    return preset_split(cfg.split, blocks, k)
+
+
+class LocalEngine:
+    """K gradient-isolated modules of ``backbone``, the method's aux nets, one SGD optimizer per module.
+
+    Args:
+        backbone: the network as ordered units (already initialised: the caller owns the backbone RNG stream).
+        method_cfg: method, K and split.
+        task: the task loss of the last module (and of classifier aux heads).
+        optim: optimiser settings.
+        aux_seed: seeds aux-net initialisation on its own stream, so the method never shifts the backbone's
+            or the data's randomness.
+        sample: one input batch (for FLOPs/activation-balanced splits).
+        amp: ``none``, ``bf16`` or ``fp16`` (one GradScaler for all K losses).
+    """
+
+    def __init__(
+        self,
+        backbone: UnitBackbone,
+        method_cfg: MethodCfg,
+        task: ClassificationTask,
+        optim: OptimCfg,
+        *,
+        aux_seed: int = 1,
+        device: str | torch.device = "cpu",
+        sample: torch.Tensor | None = None,
+        amp: str = "none",
+        compile: bool = False,
+        channels_last: bool = True,
+    ) -> None:
+        self.device = torch.device(device)
+        self.backbone, self.task = backbone, task
+        self.ends = resolve_split(backbone, method_cfg, sample)
+        starts = [0, *self.ends[:-1]]
+        self.modules = [nn.Sequential(*backbone.units[s:e]) for s, e in zip(starts, self.ends)]
+        ctx = MethodContext([backbone.infos[e - 1] for e in self.ends], backbone.num_stages, backbone.in_channels, task)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(aux_seed)
+            self.method: LocalMethod = build_method(method_cfg, ctx)
+        self.step_mode = method_cfg.step or method_class(method_cfg.name).default_step
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        for part in (backbone, self.method):
+            part.to(device=self.device, memory_format=memory_format)
+        if compile:
+            for part in [*self.modules, *(a for a in self.method.aux if a is not None)]:
+                part.compile()
+        self.optimizers = [
+            torch.optim.SGD(
+                self.module_parameters(k),
+                lr=optim.lr,
+                momentum=optim.momentum,
+                nesterov=optim.nesterov and optim.momentum > 0,
+                weight_decay=optim.weight_decay,
+            )
+            for k in range(self.k)
+        ]
+        if amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"run.amp must be none, bf16 or fp16, got {amp!r}")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        self.meter: SavedTensorMeter | None = None
+        self._stats = torch.zeros(self.k + 2, device=self.device)  # per-module loss sums, correct, seen
+
+    @property
+    def k(self) -> int:
+        return len(self.modules)
+
+    def module_parameters(self, k: int) -> list[nn.Parameter]:
+        aux = self.method.aux[k]
+        return list(self.modules[k].parameters()) + ([] if aux is None else list(aux.parameters()))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def _step(self, k: int) -> None:
+        if self.scaler is None:
+            self.optimizers[k].step()
+        else:
+            self.scaler.step(self.optimizers[k])
+
+    def train_step(self, batch: Batch) -> None:
+        """One local-learning step on ``batch``. Statistics stay on the device (no host sync per step)."""
+        self.backbone.train()
+        self.method.train()
+        at_end = self.step_mode == "end"
+        if at_end:
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+        h = batch.input
+        for k, module in enumerate(self.modules):
+            if not at_end:
+                self.optimizers[k].zero_grad(set_to_none=True)
+            with self._autocast():
+                out = module(h)
+                loss = self.method.local_loss(k, out, batch)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            if self.meter is not None:
+                self.meter.release()
+            self._stats[k] += loss.detach().float()
+            if not at_end:
+                self._step(k)
+            h = out.detach()
+        if at_end:
+            for k in range(self.k):
+                self._step(k)
+        if self.scaler is not None:
+            self.scaler.update()
+        self._stats[-2] += self.task.correct(h, batch)
+        self._stats[-1] += 1
+
+    def pop_train_stats(self) -> dict[str, object]:
+        """Mean loss per module and final-head train accuracy since the last call (one host sync)."""
+        stats = self._stats.tolist()
+        self._stats.zero_()
+        steps = max(stats[-1], 1.0)
+        return {"train_loss": [s / steps for s in stats[:-2]], "train_correct": stats[-2]}
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict[str, object]:
+        """Test accuracy and loss of the final head, and accuracy of every aux classifier (accuracy by depth)."""
+        self.backbone.eval()
+        self.method.eval()
+        correct = torch.zeros(self.k, device=self.device)
+        loss_sum, seen = torch.zeros((), device=self.device), 0
+        has_head = [False] * self.k
+        for x, y, raw in batches:
+            batch = Batch(x, y, raw)
+            h = x
+            with self._autocast():
+                for k, module in enumerate(self.modules):
+                    h = module(h)
+                    logits = h if k == self.k - 1 else self.method.aux_logits(k, h)
+                    if logits is not None:
+                        has_head[k] = True
+                        correct[k] += self.task.correct(logits, batch)
+                loss_sum += self.task.loss(h, batch) * len(batch)
+            seen += len(batch)
+        acc = (correct / max(seen, 1)).tolist()
+        return {
+            "test_acc": acc[-1],
+            "test_loss": loss_sum.item() / max(seen, 1),
+            "aux_acc": [a if ok else None for a, ok in zip(acc[:-1], has_head[:-1])],
+        }
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "model": self.backbone.state_dict(),
+            "aux": self.method.state_dict(),
+            "optim": [opt.state_dict() for opt in self.optimizers],
+            "ends": list(self.ends),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["ends"]) != self.ends:
+            raise ValueError(f"checkpoint split {state['ends']} differs from this config's split {self.ends}")
+        self.backbone.load_state_dict(state["model"])
+        self.method.load_state_dict(state["aux"])
+        for opt, s in zip(self.optimizers, state["optim"], strict=True):
+            opt.load_state_dict(s)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,272 @@
+"""``fit``: the training loop behind ``locallearn train`` (read it top to bottom: data, model, loop, checkpoint).
+
+    locallearn train -c configs/fmnist/demo.yaml method.name=dgl method.k=4
+    locallearn train --resume runs/2026-11-23_101500_resnet14_dgl_k4
+
+Seeds: the backbone, the aux nets and the data each have their own stream derived from ``run.seed``, so
+switching method never changes the data order or the backbone's initial weights, and one seed gives one run
+(bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.datasets import dataset_spec, load_split
+from ..data.loader import ResidentLoader
+from ..local.task import Batch, ClassificationTask
+from ..measure.memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
+from ..methods.base import resolve_k
+from ..models.registry import create_model
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainCfg, apply_overrides, config_from_dict, dump_config, to_dict
+from .engine import LocalEngine
+from .rundir import MetricsLog, environment, new_run_dir
+from .schedule import lr_at
+
+# On resume only these may differ from the saved config (how long to train, where, how verbosely).
+RESUMABLE_CHANGES = {
+    "run.epochs",
+    "run.max_steps",
+    "run.progress",
+    "run.threads",
+    "run.device",
+    "run.ckpt_every",
+    "run.eval_every",
+}
+METER_STEPS = 2  # steps measured by the saved-tensor meter (the peak is the same every step at a fixed shape)
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """Independent seeds for the ``backbone``, ``aux`` and ``data`` streams of one run seed."""
+    key = {"backbone": 0, "aux": 1, "data": 2}[stream]
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name} but CUDA is not available here; use run.device=cpu or auto")
+    return device
+
+
+def build_loaders(cfg: TrainCfg, device: torch.device) -> tuple[ResidentLoader, ResidentLoader, Any]:
+    spec = dataset_spec(cfg.data.name)
+    loaders = []
+    for split, limit, train in (("train", cfg.data.limit_train, True), ("test", cfg.data.limit_test, False)):
+        images, labels = load_split(cfg.data.name, cfg.data.root, split)
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        loaders.append(
+            ResidentLoader(
+                images,
+                labels,
+                cfg.data.batch_size if train else cfg.data.eval_batch_size,
+                train=train,
+                mean=spec.mean,
+                std=spec.std,
+                pad=spec.pad if cfg.data.pad is None else cfg.data.pad,
+                pad_mode=cfg.data.pad_mode or spec.pad_mode,
+                flip=spec.flip if cfg.data.flip is None else cfg.data.flip,
+                seed=stream_seed(cfg.run.seed, "data"),
+                device=device,
+                channels_last=cfg.model.channels_last,
+            )
+        )
+    return loaders[0], loaders[1], spec
+
+
+def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.Tensor) -> LocalEngine:
+    """Backbone on its own RNG stream, then the engine (which builds the aux nets on theirs)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(cfg.run.seed, "backbone"))
+        backbone = create_model(
+            cfg.model.name, num_classes=spec.num_classes, in_channels=spec.channels, width=cfg.model.width
+        )
+    return LocalEngine(
+        backbone,
+        cfg.method,
+        ClassificationTask(spec.num_classes),
+        cfg.optim,
+        aux_seed=stream_seed(cfg.run.seed, "aux"),
+        device=device,
+        sample=sample,
+        amp=cfg.run.amp,
+        compile=cfg.run.compile,
+        channels_last=cfg.model.channels_last,
+    )
+
+
+def run_name(cfg: TrainCfg) -> str:
+    return cfg.run.name or f"{cfg.model.name}_{cfg.method.name}_k{resolve_k(cfg.method)}"
+
+
+def checkpoint_path(run: str | Path) -> Path:
+    """A run directory's ``ckpt_last.pt``, or the checkpoint file itself."""
+    path = Path(run)
+    return path / "ckpt_last.pt" if path.is_dir() else path
+
+
+def fit(
+    cfg: TrainCfg | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train one run, or continue ``resume`` (a run directory or checkpoint) with the same data order and RNG
+    state. When resuming without ``cfg``, ``overrides`` (``run.epochs=...``) apply to the saved config.
+    Returns the last epoch's metrics and ``run_dir``."""
+    state = None
+    if resume is not None:
+        ckpt = checkpoint_path(resume)
+        state = load_checkpoint(ckpt)
+        run_dir = ckpt.parent
+        saved = config_from_dict(state["config"])
+        cfg = config_from_dict(apply_overrides(to_dict(saved), list(overrides))) if cfg is None else cfg
+        changed = _changed_keys(to_dict(saved), to_dict(cfg))
+        if changed - RESUMABLE_CHANGES:
+            raise ConfigError(
+                f"--resume {run_dir}: {', '.join(sorted(changed - RESUMABLE_CHANGES))} differ from the "
+                f"run's config; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume"
+            )
+    if cfg is None:
+        raise ConfigError("fit needs a config or a run to resume")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+
+    # ---- data and model ------------------------------------------------------------------------------------
+    train_loader, test_loader, spec = build_loaders(cfg, device)
+    sample = next(iter(test_loader))[0][: cfg.data.batch_size]
+    engine = build_engine(cfg, spec, device, sample)
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    if state is not None:
+        engine.load_state_dict(state)
+        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["step"]
+        torch.set_rng_state(state["rng_torch"])
+    else:
+        run_dir = new_run_dir(cfg.run.out, run_name(cfg))
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "env.json").write_text(json.dumps(environment(device), indent=2))
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            {
+                **engine.state_dict(),
+                "config": to_dict(cfg),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "step": global_step,
+                "rng_torch": torch.get_rng_state(),
+            },
+            run_dir / "ckpt_last.pt",
+        )
+
+    # ---- training loop -------------------------------------------------------------------------------------
+    steps_per_epoch = len(train_loader)
+    meter = SavedTensorMeter()
+    peak_act = state.get("peak_act_bytes", 0) if state else 0
+    result: dict[str, Any] = {"run_dir": str(run_dir)}
+    if not quiet:
+        print(
+            f"run {run_dir}: {cfg.model.name}, {cfg.method.name} K={engine.k} split {engine.ends}, "
+            f"{steps_per_epoch} steps/epoch on {device}"
+        )
+    stop = False
+    while epoch < cfg.run.epochs and not stop:
+        reset_cuda_peak(device)
+        start, steps_this_epoch = time.perf_counter(), 0
+        bar = tqdm(
+            train_loader.batches(epoch, step_in_epoch),
+            total=steps_per_epoch,
+            initial=step_in_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.run.epochs}",
+            disable=None if cfg.run.progress and not quiet else True,
+            mininterval=1.0,
+            leave=False,
+        )
+        for x, y, raw in bar:
+            engine.set_lr(lr_at(cfg.optim, epoch, step_in_epoch, steps_per_epoch, cfg.run.epochs))
+            measuring = global_step < METER_STEPS
+            engine.meter = meter if measuring else None
+            with meter if measuring else contextlib.nullcontext():
+                engine.train_step(Batch(x, y, raw))
+            step_in_epoch, global_step, steps_this_epoch = step_in_epoch + 1, global_step + 1, steps_this_epoch + 1
+            if measuring:
+                peak_act = max(peak_act, meter.peak)
+            if cfg.run.ckpt_every and global_step % cfg.run.ckpt_every == 0:
+                checkpoint()
+            if cfg.run.max_steps and global_step >= cfg.run.max_steps:
+                stop = True
+                break
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time = time.perf_counter() - start
+        stats = engine.pop_train_stats()
+        epoch_done = step_in_epoch == steps_per_epoch
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "lr": engine.optimizers[0].param_groups[0]["lr"],
+            "train_loss": stats["train_loss"],
+            "train_acc": stats["train_correct"]
+            / max(1, _seen(train_loader, epoch, step_in_epoch - steps_this_epoch, step_in_epoch)),
+            "epoch_time_s": train_time,
+            "imgs_per_s": _seen(train_loader, epoch, step_in_epoch - steps_this_epoch, step_in_epoch)
+            / max(train_time, 1e-9),
+            "peak_act_bytes": peak_act,
+            "peak_mem_bytes": cuda_peak_bytes(device),
+        }
+        if epoch_done:
+            epoch, step_in_epoch = epoch + 1, 0
+        if epoch_done and (epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs) or stop:
+            record.update(engine.evaluate(test_loader.batches()))
+        log.log(record)
+        result.update(record)
+        if not quiet:
+            print(_row(record))
+        checkpoint()
+    result["peak_act_bytes"] = peak_act
+    return result
+
+
+def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set(a) | set(b)
+    out = set()
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _changed_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.add(prefix + key)
+    return out
+
+
+def _seen(loader: ResidentLoader, epoch: int, first: int, last: int) -> int:
+    """Samples in batches ``first..last-1`` of an epoch (the last batch may be short)."""
+    return max(0, min(last * loader.batch_size, loader.n) - first * loader.batch_size)
+
+
+def _row(r: dict[str, Any]) -> str:
+    losses = " ".join(f"{v:.3f}" for v in r["train_loss"])
+    test = f"  test_acc {r['test_acc']:.4f}" if "test_acc" in r else ""
+    aux = ""
+    if any(a is not None for a in r.get("aux_acc", [])):
+        aux = "  aux_acc " + " ".join("-" if a is None else f"{a:.3f}" for a in r["aux_acc"])
+    return (
+        f"epoch {r['epoch']:3d}  step {r['step']:6d}  lr {r['lr']:.4f}  loss [{losses}]  "
+        f"train_acc {r['train_acc']:.4f}{test}{aux}  {r['imgs_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s"
+    )

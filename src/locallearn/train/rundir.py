@@ -1,0 +1,84 @@
+"""Run directories: ``config.yaml``, ``env.json``, ``metrics.jsonl`` (one JSON object per epoch, the source of
+truth for plots) and ``ckpt_last.pt`` (engineering.md §4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def new_run_dir(out: str, name: str) -> Path:
+    stamp = time.strftime("%Y-%m-%d_%H%M%S")
+    base = Path(out) / f"{stamp}_{name}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}_{i}"), i + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What produced a result: machine, threads, device name, torch version, git commit, command line."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_avg_1m": load,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "git": git_commit(),
+        "hostname": socket.gethostname(),
+        "argv": sys.argv,
+    }
+
+
+class MetricsLog:
+    """Append-only JSONL: each line survives a crash, and ``plot``/pandas read the file directly."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,117 @@
+"""Whole runs through ``fit`` and the CLI, on a learnable synthetic dataset written as real IDX files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from locallearn.cli.main import main
+from locallearn.train import fit, load_checkpoint, load_config
+
+from .conftest import tiny_overrides
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.parametrize("method,k", [("dgl", 3), ("infopro", 3)])
+def test_tiny_run_learns(synthetic_root: Path, tmp_path: Path, method: str, k: int) -> None:
+    extra = ["method.loss_mode=softmax"] if method == "infopro" else []
+    cfg = load_config(
+        None,
+        tiny_overrides(synthetic_root, tmp_path) + [f"method.name={method}", f"method.k={k}", "run.epochs=4", *extra],
+    )
+    result = fit(cfg, quiet=True)
+    records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train_loss"][-1] < records[0]["train_loss"][-1]
+    assert result["test_acc"] > 0.6, f"{method} K={k} did not learn: test accuracy {result['test_acc']:.3f}"
+    assert len(result["aux_acc"]) == k - 1
+    assert result["peak_act_bytes"] > 0
+
+
+def test_resume_mid_epoch_is_bitwise_exact(synthetic_root: Path, tmp_path: Path) -> None:
+    """2 epochs straight == 3 steps, stop, resume from the checkpoint (weights_only load), finish."""
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=infopro", "method.k=3"]
+    full = fit(load_config(None, base), quiet=True)
+    part = fit(load_config(None, base + ["run.max_steps=3"]), quiet=True)
+    assert load_checkpoint(Path(part["run_dir"]) / "ckpt_last.pt")["step"] == 3
+    resumed = fit(resume=part["run_dir"], overrides=["run.max_steps=null"], quiet=True)
+    a = load_checkpoint(Path(full["run_dir"]) / "ckpt_last.pt")
+    b = load_checkpoint(Path(resumed["run_dir"]) / "ckpt_last.pt")
+    assert a["step"] == b["step"] == 16
+    for part_name in ("model", "aux"):
+        for key, value in a[part_name].items():
+            assert torch.equal(value, b[part_name][key]), f"{part_name}.{key} differs after resume"
+    assert a["optim"][0]["state"][0]["momentum_buffer"].equal(b["optim"][0]["state"][0]["momentum_buffer"])
+    assert full["test_acc"] == resumed["test_acc"]
+
+
+def test_resume_rejects_a_changed_method(synthetic_root: Path, tmp_path: Path) -> None:
+    run = fit(load_config(None, tiny_overrides(synthetic_root, tmp_path) + ["run.max_steps=1"]), quiet=True)
+    with pytest.raises(ValueError, match="method.k differ"):
+        fit(resume=run["run_dir"], overrides=["method.k=2"], quiet=True)
+
+
+def test_cli_train_eval_summary_compare(synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    args = tiny_overrides(synthetic_root, tmp_path) + ["run.max_steps=2", "method.name=dgl", "method.k=2"]
+    assert main(["train", "-c", "configs/smoke/fmnist_dgl_k3.yaml", *args]) == 0
+    run_dir = next(tmp_path.glob("*_resnet8_dgl_k2"))
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "ckpt_last.pt"):
+        assert (run_dir / name).is_file(), name
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["method"]["k"] == 2 and saved["data"]["limit_train"] == 2048
+    assert main(["eval", str(run_dir)]) == 0
+    assert "test_acc" in capsys.readouterr().out
+    assert main(["summary", "-c", "configs/fmnist/demo.yaml", "method.k=4", "data.batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "| total | 8 |" in out and "aux overhead" in out
+    assert main(["compare", "-c", "configs/smoke/fmnist_dgl_k3.yaml", "--methods", "e2e,dgl", *args]) == 0
+    table = capsys.readouterr().out
+    assert "| e2e | 1 |" in table and "| dgl | 2 |" in table
+    assert main(["list"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "-c", "configs/fmnist/demo.yaml", "optim.lrr=0.1"], "did you mean 'optim.lr'"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "method.k=99"], "more modules than the model has units"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "method.split=infopro"], "only for ResNet"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "method.name=infopr"], "did you mean 'infopro'"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "data.root=/nonexistent"], "dataset-fashion-mnist"),
+        (["train", "-c", "missing.yaml"], "not found"),
+        (["train"], "needs -c"),
+        (["eval", "/nonexistent/run"], "not found"),
+        (["compare", "-c", "configs/fmnist/demo.yaml", "--methods", "e2e,foo"], "unknown method 'foo'"),
+    ],
+)
+def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
+    assert main([*argv, f"run.out={tmp_path}"] if argv[0] != "eval" and len(argv) > 1 else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("locallearn: error:") and "\n" not in err and message in err, err
+
+
+def test_untrusted_checkpoint_is_refused(tmp_path: Path) -> None:
+    """A pickle that would run code on load is rejected by the weights_only loader."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"version": 1, "x": Evil()}, path, pickle_module=pickle)
+    with pytest.raises(ValueError, match="not a loadable locallearn checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_smoke(tmp_path: Path) -> None:
+    cfg = load_config(
+        "configs/smoke/fmnist_dgl_k3.yaml", ["run.max_steps=4", f"run.out={tmp_path}", "run.progress=false"]
+    )
+    result = fit(cfg, quiet=True)
+    assert 0.0 <= result["test_acc"] <= 1.0 and len(result["aux_acc"]) == 2
