@@ -20,7 +20,6 @@ import yaml
 
 from ..methods.base import MethodCfg
 
-
 # Scientific notation that YAML 1.1 (PyYAML) leaves as a string: 1e-3, 2E5, 5e+2.
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
