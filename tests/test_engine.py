@@ -155,3 +155,27 @@ def test_bad_method_requests_are_clear_errors() -> None:
         make_engine(MethodCfg(name="infopro", aux="3c1f"), 2)
     with pytest.raises(ValueError, match="DGL head"):
         make_engine(MethodCfg(name="dgl", dgl_head="mlp-xl"), 2)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_tracks_fp32(amp: str) -> None:
+    """bf16/fp16 autocast (fp16 with one GradScaler for all K losses) stays within a tolerance of fp32."""
+    batches = [make_batch(n=32, seed=s) for s in range(3)]
+    runs = {}
+    for mode in ("none", amp):
+        engine = make_engine(MethodCfg(name="dgl"), 3, amp=mode)
+        for b in batches:
+            engine.train_step(b)
+        runs[mode] = (engine.pop_train_stats()["train_loss"], engine.backbone.state_dict())
+    for a, b in zip(runs["none"][0], runs[amp][0]):
+        assert abs(a - b) < 0.05 * abs(a) + 0.02
+    ref = torch.cat([v.flatten() for k, v in runs["none"][1].items() if v.is_floating_point()])
+    low = torch.cat([v.flatten() for k, v in runs[amp][1].items() if v.is_floating_point()])
+    assert (low - ref).norm() < 0.05 * ref.norm()
+
+
+@pytest.mark.slow
+def test_compile_in_place_keeps_checkpoint_keys() -> None:
+    engine = make_engine(MethodCfg(name="dgl"), 2, compile=True)
+    engine.train_step(make_batch())
+    assert not any("_orig_mod" in key for key in engine.state_dict()["model"])

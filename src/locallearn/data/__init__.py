@@ -1,5 +1,6 @@
 """Datasets read from their standard files, and the device-resident loader."""
 
+from . import cifar  # noqa: F401  (registers cifar10 and cifar100)
 from .datasets import DatasetSpec, dataset_spec, find_root, list_datasets, load_split, register_dataset
 from .idx import DataError, read_idx
 from .loader import ResidentLoader

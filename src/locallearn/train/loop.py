@@ -237,7 +237,7 @@ def fit(
         log.log(record)
         result.update(record)
         if not quiet:
-            print(_row(record))
+            print(_row(record), flush=True)
         checkpoint()
     result["peak_act_bytes"] = peak_act
     return result
