@@ -65,7 +65,10 @@ def test_cli_train_eval_summary_compare(synthetic_root: Path, tmp_path: Path, ca
     assert saved["method"]["k"] == 2 and saved["data"]["limit_train"] == 2048
     assert main(["eval", str(run_dir)]) == 0
     assert "test_acc" in capsys.readouterr().out
-    assert main(["summary", "-c", "configs/fmnist/demo.yaml", "method.k=4", "data.batch_size=8"]) == 0
+    assert (
+        main(["summary", "-c", "configs/fmnist/demo.yaml", "model.name=resnet14", "method.k=4", "data.batch_size=8"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| total | 8 |" in out and "aux overhead" in out
     assert main(["compare", "-c", "configs/smoke/fmnist_dgl_k3.yaml", "--methods", "e2e,dgl", *args]) == 0
@@ -115,3 +118,15 @@ def test_real_fashion_mnist_smoke(tmp_path: Path) -> None:
     )
     result = fit(cfg, quiet=True)
     assert 0.0 <= result["test_acc"] <= 1.0 and len(result["aux_acc"]) == 2
+
+
+def test_readme_python_example_runs() -> None:
+    """The README's "your own model" example is complete: it runs as written."""
+    import subprocess
+    import sys
+
+    text = Path("README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test_acc" in done.stdout

@@ -13,7 +13,7 @@ from ..data.datasets import dataset_spec, list_datasets
 from ..local.split import list_presets, module_sizes
 from ..measure.memory import SavedTensorMeter
 from ..measure.profile import count_params, forward_flops
-from ..methods.base import list_methods, resolve_k
+from ..methods.base import ADDON_PRESETS, list_methods, resolve_k
 from ..models.registry import list_models
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
@@ -49,36 +49,27 @@ def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
 def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[str, Any]]:
     """Train each method on the same data, seeds and backbone init; print and save one table.
 
-    ``e2e`` always runs with K=1; the others use the preset's ``method.k``. Memory is the saved-tensor meter's
+    ``e2e`` always runs with K=1; the others use the preset's ``method.k``. A method may name add-on presets
+    (``dgl+man``, ``infopro+hpff``, ``dgl+mlaan``). Memory is the saved-tensor meter's
     peak (activations autograd keeps for backward), so it is exact and comparable on any device.
     """
     if not methods:
-        raise ConfigError("--methods is empty; e.g. --methods e2e,dgl,infopro")
-    unknown = [m for m in methods if m not in list_methods()]
-    if unknown:
-        raise ConfigError(f"unknown method {unknown[0]!r} in --methods; known: {', '.join(list_methods())}")
+        raise ConfigError("--methods is empty; e.g. --methods e2e,dgl,infopro,dgl+man,infopro+hpff")
+    variants = [method_variant(m) for m in methods]
     base = load_config(config, overrides)
     out_dir = new_run_dir(base.run.out, "compare")
     rows = []
-    for name in methods:
-        data = apply_overrides(to_dict(base), [f"method.name={name}"] + (["method.k=1"] if name == "e2e" else []))
+    for label, variant in zip(methods, variants):
+        data = apply_overrides(to_dict(base), variant)
         data["run"]["out"] = str(out_dir)
         cfg = config_from_dict(data)
-        print(f"\n=== {name} (K={resolve_k(cfg.method)}) ===", flush=True)
+        print(f"\n=== {label} (K={resolve_k(cfg.method)}) ===", flush=True)
         start = time.perf_counter()
         result = fit(cfg)
         wall = time.perf_counter() - start
-        rows.append(
-            {
-                "method": name,
-                "k": resolve_k(cfg.method),
-                "test_acc": result.get("test_acc"),
-                "peak_act_mib": result["peak_act_bytes"] / MiB,
-                "imgs_per_s": _mean_throughput(result),
-                "wall_s": wall,
-                "run_dir": result["run_dir"],
-            }
-        )
+        rows.append({"method": label, "k": len(result["ends"]), "test_acc": result.get("test_acc"),
+                     "peak_act_mib": result["peak_act_bytes"] / MiB, "imgs_per_s": _mean_throughput(result),
+                     "wall_s": wall, "run_dir": result["run_dir"]})
     e2e = next((r for r in rows if r["method"] == "e2e"), None)
     table = _table(rows, e2e)
     print("\n" + table)
@@ -90,6 +81,19 @@ def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[
     )
     print(f"\nsaved {out_dir / 'compare.md'} and compare.json")
     return rows
+
+
+def method_variant(spec: str) -> list[str]:
+    """``"infopro+hpff"`` → overrides selecting the base method and the named add-on preset (``e2e`` → K=1)."""
+    base, *presets = spec.split("+")
+    if base not in list_methods():
+        raise ConfigError(f"unknown method {base!r} in --methods; known: {', '.join(list_methods())}")
+    overrides = [f"method.name={base}"] + (["method.k=1", "method.split=auto"] if base == "e2e" else [])
+    for name in presets:
+        if name not in ADDON_PRESETS:
+            raise ConfigError(f"unknown add-on preset {name!r} in {spec!r}; known: {', '.join(ADDON_PRESETS)}")
+        overrides += [f"method.{key}={json.dumps(value)}" for key, value in ADDON_PRESETS[name].items()]
+    return overrides
 
 
 def _mean_throughput(result: dict[str, Any]) -> float:

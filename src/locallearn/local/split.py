@@ -3,9 +3,11 @@
 A split is the list of exclusive end indices of the modules; ``K = len(ends)`` is always the true module count.
 Two ways to get one:
 
-* a **preset** from the InfoPro paper (``infopro``: ResNet-32/110, K = 2/3/4/8/16; ``infopro_star``: the
-  "balanced memory" ResNet-110 splits of Table 3; ``infopro_star_stl10``), written in the paper's ``[stage, block]``
-  notation and converted here;
+* a **preset** from the papers (``infopro``: ResNet-32/110, K = 2/3/4/8/16; ``infopro_star``: the
+  "balanced memory" ResNet-110 splits of Table 3; ``infopro_star_stl10``; ``man``: ResNet-32 K=8/15, ResNet-110
+  K=32/54 with the stem merged; ``manpp``: the same with the stem alone, K=9/16 and 33/55), written in the
+  paper's ``[stage, block]`` notation and converted here. The papers' labels that differ from the true count
+  (MAN "K=16" = 15 modules, MAN++ "K=8" = 9, ...) are accepted with a warning;
 * an **automatic** split that balances a per-unit cost (unit count, parameters, FLOPs or saved-activation bytes;
   the engine measures the cost with :mod:`locallearn.measure`): the partition minimising the largest module cost,
   and among those the most even one.
@@ -13,7 +15,45 @@ Two ways to get one:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+
+_K8_R32 = [(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2)]
+_MAN_R110_K32 = [
+    (1, 1),
+    (1, 2),
+    (1, 4),
+    (1, 5),
+    (1, 7),
+    (1, 9),
+    (1, 11),
+    (1, 13),
+    (1, 14),
+    (1, 16),
+    (1, 17),
+    (2, 1),
+    (2, 2),
+    (2, 4),
+    (2, 5),
+    (2, 7),
+    (2, 9),
+    (2, 11),
+    (2, 13),
+    (2, 14),
+    (2, 16),
+    (2, 17),
+    (3, 1),
+    (3, 3),
+    (3, 4),
+    (3, 6),
+    (3, 7),
+    (3, 9),
+    (3, 11),
+    (3, 13),
+    (3, 15),
+]
+# The papers' K labels that are not the true module count (spec §3.1, §3.6-3): label → true count.
+PAPER_K_ALIASES = {"man": {5: {16: 15}, 18: {55: 54}}, "manpp": {5: {8: 9}, 18: {32: 33}}}
 
 # Split positions "[s, j]" = after block j of stage s; [0, 0] = after the stem. The last module is implicit.
 _INFOPRO_POSITIONS: dict[str, dict[int, dict[int, list[tuple[int, int]]]]] = {
@@ -50,6 +90,16 @@ _INFOPRO_POSITIONS: dict[str, dict[int, dict[int, list[tuple[int, int]]]]] = {
         },
     },
     "infopro_star": {18: {2: [(1, 14)], 3: [(1, 9), (2, 2)], 4: [(1, 6), (1, 14), (2, 8)]}},
+    # MAN / HPFF / MLAAN (spec §3.1, §4.1, §5.1): the stem is merged into the first module.
+    "man": {
+        5: {8: _K8_R32, 15: [(s, j) for s in (1, 2, 3) for j in range(5)][:-1]},
+        18: {32: _MAN_R110_K32, 54: [(s, j) for s in (1, 2, 3) for j in range(18)][:-1]},
+    },
+    # MAN++ (spec §3.1): the stem is a module of its own, in front of the MAN split.
+    "manpp": {
+        5: {9: [(0, 0), *_K8_R32], 16: [(0, 0)] + [(s, j) for s in (1, 2, 3) for j in range(5)][:-1]},
+        18: {33: [(0, 0), *_MAN_R110_K32], 55: [(0, 0)] + [(s, j) for s in (1, 2, 3) for j in range(18)][:-1]},
+    },
     "infopro_star_stl10": {18: {2: [(1, 14)], 3: [(1, 8), (2, 1)], 4: [(1, 6), (1, 14), (2, 8)]}},
 }
 
@@ -70,6 +120,14 @@ def preset_split(preset: str, blocks_per_stage: int, k: int) -> list[int]:
         raise ValueError(f"split preset {preset!r} exists only for ResNet-{depths}; use method.split=auto")
     if k == 1:
         return [1 + 3 * blocks_per_stage + 1]
+    alias = PAPER_K_ALIASES.get(preset, {}).get(blocks_per_stage, {}).get(k)
+    if alias is not None:
+        warnings.warn(
+            f"split {preset!r}: the paper's label K={k} is {alias} gradient-isolated modules; training "
+            f"{alias} (set method.k={alias} to silence this)",
+            stacklevel=2,
+        )
+        k = alias
     if k not in by_depth[blocks_per_stage]:
         raise ValueError(
             f"split preset {preset!r} has K in {sorted(by_depth[blocks_per_stage])}, not {k}; "

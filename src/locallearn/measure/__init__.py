@@ -1,6 +1,28 @@
-"""Meters: saved-activation memory, CUDA peaks, parameters and FLOPs."""
+"""Meters: saved-activation memory, parameter/gradient/optimizer bytes, CUDA peaks, peak RSS, FLOPs, speed."""
 
-from .memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
-from .profile import count_params, forward_flops, unit_costs
+from .memory import (
+    CudaPeak,
+    SavedTensorMeter,
+    cuda_peak_bytes,
+    model_state_bytes,
+    peak_rss_bytes,
+    reset_cuda_peak,
+    reset_peak_rss,
+    tensor_bytes,
+)
+from .profile import count_params, forward_flops, train_flops, unit_costs
 
-__all__ = ["SavedTensorMeter", "count_params", "cuda_peak_bytes", "forward_flops", "reset_cuda_peak", "unit_costs"]
+__all__ = [
+    "CudaPeak",
+    "SavedTensorMeter",
+    "count_params",
+    "cuda_peak_bytes",
+    "forward_flops",
+    "model_state_bytes",
+    "peak_rss_bytes",
+    "reset_cuda_peak",
+    "reset_peak_rss",
+    "tensor_bytes",
+    "train_flops",
+    "unit_costs",
+]

@@ -1,4 +1,6 @@
-"""Activation memory, measured the same way on every device (engineering.md §8).
+"""Training memory: activations measured the same way on every device (engineering.md §8), plus the parts a
+method cannot change (parameters, gradients, optimizer state), CUDA peaks above a baseline and the process's
+peak RSS as a coarse cross-check.
 
 :class:`SavedTensorMeter` installs autograd saved-tensor hooks: every tensor autograd keeps for backward is
 counted by the bytes of its storage, each storage once. Parameters and their views (``weight.t()``) are
@@ -9,6 +11,10 @@ backward, a local method only one module's worth. Deterministic, so tests can as
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -31,10 +37,12 @@ class SavedTensorMeter:
                 self.peak = max(self.peak, self.current)
         return t
 
-    def release(self) -> None:
-        """A local backward freed its graph: forget what it saved."""
-        self.current = 0
-        self._seen.clear()
+    def release(self, keep: int = 0) -> None:
+        """A local backward freed its graph: forget what it saved. ``keep`` bytes stay counted (graphs a
+        cascade still holds); their storages are not re-counted if saved again."""
+        self.current = keep
+        if not keep:
+            self._seen.clear()
 
     def reset(self) -> None:
         self.release()
@@ -62,3 +70,99 @@ def reset_cuda_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_reserved_peak_bytes(device: torch.device) -> int | None:
+    """``max_memory_reserved`` since the last reset on a CUDA device (what the caching allocator held), else None."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_reserved(device))
+
+
+class CudaPeak:
+    """CUDA peak memory of a phase, *above the baseline at its start* (engineering.md §8 trap).
+
+    The resident loader keeps the whole dataset on the GPU; an absolute peak would dilute the BP-vs-local ratio
+    by that constant. Enter the context after the data (and the model) are resident: the baseline is what is
+    allocated then, and ``allocated``/``reserved`` are the phase's peaks minus it. On a non-CUDA device every
+    figure stays None, so callers need no branches.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.baseline_allocated: int | None = None
+        self.baseline_reserved: int | None = None
+        self.allocated: int | None = None
+        self.reserved: int | None = None
+
+    def __enter__(self) -> CudaPeak:
+        if self.device.type == "cuda":
+            reset_cuda_peak(self.device)
+            self.baseline_allocated = int(torch.cuda.memory_allocated(self.device))
+            self.baseline_reserved = int(torch.cuda.memory_reserved(self.device))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.allocated = int(torch.cuda.max_memory_allocated(self.device)) - (self.baseline_allocated or 0)
+            self.reserved = int(torch.cuda.max_memory_reserved(self.device)) - (self.baseline_reserved or 0)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of distinct storages among ``tensors`` (shared or tied tensors counted once; None skipped)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def model_state_bytes(params: Iterable[torch.nn.Parameter], optimizers: Iterable[torch.optim.Optimizer]) -> dict:
+    """Parameter, gradient and optimizer-state bytes, reported separately from activations.
+
+    These are the memory a method cannot save by going local (every parameter, its gradient and its momentum
+    buffer exist in every method); aux nets add to all three. Gradients are counted as they are *now*, so call
+    this after a training step (``zero_grad(set_to_none=True)`` frees them before the next one).
+    """
+    params = list(params)
+    state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return {
+        "param_bytes": tensor_bytes(params),
+        "grad_bytes": tensor_bytes(p.grad for p in params),
+        "optim_state_bytes": tensor_bytes(state),
+    }
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak-RSS mark (Linux ≥ 4.0: write ``5`` to ``/proc/self/clear_refs``).
+
+    Without a reset the peak RSS is a high-water mark over the whole process, so the second method measured in
+    one process would inherit the first one's peak. Returns whether the reset worked (False elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process: ``VmHWM`` (honours :func:`reset_peak_rss`), else
+    ``resource.getrusage`` (KiB on Linux, bytes on macOS). A coarse figure: it includes the interpreter, torch,
+    the data and allocator caching, so use it as a sanity check on the saved-tensor meter, not as the result."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -49,3 +49,18 @@ def unit_costs(units: list[nn.Module], sample: torch.Tensor, by: str) -> list[fl
             costs.append(float(meter.peak))
             x = y.detach()
     return costs
+
+
+def train_flops(fn, *args) -> tuple[int, int]:
+    """(forward, backward) FLOPs of ``loss = fn(*args); loss.backward()``.
+
+    :class:`FlopCounterMode` attributes every op to the phase it runs in, so the split is exact: a conv's backward
+    is 2× its forward when its input needs a gradient (grad input + grad weight), 1× when it does not (the first
+    conv of a model, or of a local module whose input is detached). Gradients accumulate into ``.grad`` as usual.
+    """
+    with FlopCounterMode(display=False) as counter:
+        loss = fn(*args)
+    forward = int(counter.get_total_flops())
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    return forward, int(counter.get_total_flops())

@@ -1,10 +1,14 @@
-"""Local-learning methods. Importing this package registers e2e, dgl and infopro."""
+"""Local-learning methods. Importing this package registers e2e, dgl and infopro; add-ons (man, lam, pff,
+cascade) compose with the bases through ``method.addons``."""
 
 from . import dgl, e2e, infopro  # noqa: F401  (registration)
 from .base import (
+    ADDONS,
+    LocalLoss,
     LocalMethod,
     MethodCfg,
     MethodContext,
+    Objective,
     build_method,
     list_methods,
     method_class,
@@ -13,9 +17,12 @@ from .base import (
 )
 
 __all__ = [
+    "ADDONS",
+    "LocalLoss",
     "LocalMethod",
     "MethodCfg",
     "MethodContext",
+    "Objective",
     "build_method",
     "list_methods",
     "method_class",

@@ -1,8 +1,18 @@
 """The method contract (design rule: a method only builds aux nets and returns local losses).
 
-A method is an ``nn.Module`` holding one aux net per local module (``None`` where a module needs none). The engine
-calls :meth:`LocalMethod.local_loss` on each module's output and alone calls ``backward``/``step``, so the
+A method is an ``nn.Module`` holding one *objective* (aux net + loss) per local module. The engine calls
+:meth:`LocalMethod.local_losses` on each module's output and alone calls ``backward``/``step``, so the
 single-process engine and the pipeline runtime run the very same method objects.
+
+Add-ons compose with any base (spec methods.md §8, §10.1): a base method (``dgl``, ``infopro``) only says how to
+build the objective for a feature map described by a :class:`UnitInfo`; ``method.addons`` then wraps it:
+
+* ``man`` — momentum bridge (MAN, MAN++ with ``bridge_combine: scaled``): learnable + EMA copies of the next
+  module's first unit in front of the objective (:mod:`.bridge`, spec §3.2);
+* ``lam`` — leap augmented modules (MLAAN): the same bridge over a leap chain of later units (spec §5.3);
+* ``pff`` — patch feature fusion (HPFF): the objective runs on n×n patches, outputs averaged (:mod:`.pff`, §4.3);
+* ``cascade`` — HiLo / MLM: a second objective whose loss reaches the ``cascade_span`` modules ending here
+  (spec §4.2, §5.2, §10.1.5); the engine routes each loss's gradient by its ``reach``.
 """
 
 from __future__ import annotations
@@ -10,7 +20,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -18,15 +28,27 @@ from torch import nn
 from ..local.task import Batch, ClassificationTask
 from ..models.units import UnitInfo
 
+ADDONS = ("man", "lam", "pff", "cascade")
+
+# The papers' named combinations, as method options (spec §3–5): ``locallearn compare --methods dgl+hpff`` and the
+# presets in configs/ use these. HPFF = HiLo (cascade, final loss on both streams) + PFF; MLAAN = MLM (cascade,
+# final loss on the cascade stream, as MLAAN CIFAR) + LAM.
+ADDON_PRESETS: dict[str, dict[str, object]] = {
+    "man": {"addons": ["man"], "bridge_combine": "sum"},
+    "manpp": {"addons": ["man"], "bridge_combine": "scaled"},
+    "hpff": {"addons": ["cascade", "pff"], "cascade_final": "both"},
+    "mlaan": {"addons": ["cascade", "lam"], "cascade_final": "cascade"},
+}
+
 
 @dataclass
 class MethodCfg:
-    """Method and split options (names follow the papers; spec methods.md §1–2, engineering.md §3.3).
+    """Method, split and add-on options (names follow the papers; spec methods.md §1–5, engineering.md §3.3).
 
     Attributes:
-        name: registered method (``e2e``, ``dgl``, ``infopro``).
+        name: registered base method (``e2e``, ``dgl``, ``infopro``).
         k: number of gradient-isolated local modules (the true count); None = the method's default (e2e 1, else 4).
-        split: ``auto`` (balanced by ``balance``), a paper preset (``infopro``, ``infopro_star``, ...) or
+        split: ``auto`` (balanced by ``balance``), a paper preset (``infopro``, ``infopro_star``, ``man``, ...) or
             ``ends`` (use the explicit ``ends`` list).
         balance: cost an automatic split balances: ``units``, ``params``, ``flops`` or ``activations``.
         ends: explicit exclusive end unit index of each module (with ``split: ends``).
@@ -37,7 +59,22 @@ class MethodCfg:
         temperature: SupCon temperature.
         dgl_head: DGL aux net ``mlp``, ``mlp-sr`` or ``cnn`` (spec §1.2).
         step: ``module`` steps each module's optimizer right after its backward (DGL); ``end`` steps all after
-            the last backward (InfoPro reference); None = the method's default.
+            the last backward (InfoPro reference); None = the method's default. Cascades always step at the end.
+        addons: any subset of ``man``, ``lam``, ``pff``, ``cascade`` (``man`` and ``lam`` exclude each other).
+        bridge_combine: ``sum`` (MAN: LB(h) + EMA(h)), ``scaled`` (MAN++: s·LB + (2−s)·EMA, s learnable from 1),
+            ``none`` (learnable copies only).
+        ema_decay: EMA momentum m in θ ← m·θ + (1−m)·θ_live (papers: 0.995); 1.0 is rejected.
+        ema_update: ``after_backward`` (reference: the source's pre-step weights) or ``after_step``.
+        ema_init: ``copy`` (copies start equal to their source units) or ``random`` (the reference re-initialises
+            the copies; reproduces published numbers).
+        n_ema: how many of the bridge's sources get an EMA twin (MAN, LAM reference: 1).
+        lam_depth: units in a LAM leap chain (spec §5.3: 4 for early splits, fewer near the end).
+        cascade_span: modules a cascade loss reaches (HiLo/MLM CIFAR 2, MLAAN ImageNet 3).
+        w_ind, w_casc: weights of the independent and cascade losses (reference 0.001 / 0.999).
+        cascade_final: last module's loss: ``cascade`` (MLAAN CIFAR: CE reaching the span), ``both``
+            (HPFF: w_ind·CE + w_casc·CE reaching the span) or ``plain`` (CE on the last module only).
+        pff_patches: n of the n×n patches (HPFF: 2). pff_sequential: run patches one at a time under activation
+            checkpointing, so only one patch's aux activations are alive (same loss and gradients).
     """
 
     name: str = "infopro"
@@ -53,49 +90,170 @@ class MethodCfg:
     temperature: float = 0.07
     dgl_head: Literal["mlp", "mlp-sr", "cnn"] = "mlp-sr"
     step: Literal["module", "end"] | None = None
+    addons: list[str] = field(default_factory=list)
+    bridge_combine: Literal["sum", "scaled", "none"] = "sum"
+    ema_decay: float = 0.995
+    ema_update: Literal["after_backward", "after_step"] = "after_backward"
+    ema_init: Literal["copy", "random"] = "copy"
+    n_ema: int = 1
+    lam_depth: int = 4
+    cascade_span: int = 2
+    w_ind: float = 0.001
+    w_casc: float = 0.999
+    cascade_final: Literal["cascade", "both", "plain"] = "cascade"
+    pff_patches: int = 2
+    pff_sequential: bool = False
 
 
 @dataclass
 class MethodContext:
-    """What a method may know about the network it trains: one :class:`UnitInfo` per module (its last unit)."""
+    """What a method may know about the network: one :class:`UnitInfo` per module (its last unit), the
+    backbone's units and infos (bridges copy later units), and where the modules end."""
 
     module_infos: list[UnitInfo]
     num_stages: int
     image_channels: int
     task: ClassificationTask
+    units: list[nn.Module] = field(default_factory=list)
+    unit_infos: list[UnitInfo] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
 
     @property
     def num_modules(self) -> int:
         return len(self.module_infos)
 
 
+class LocalLoss(NamedTuple):
+    """A loss and how many modules its gradient may reach, counting back from the one that produced ``h``
+    (1 = that module only; a cascade of span k reaches k)."""
+
+    loss: torch.Tensor
+    reach: int = 1
+
+
+class Objective(nn.Module):
+    """An aux net and its loss on one module's output (spec §10.1.3 ``LocalObjective``).
+
+    ``outputs`` maps the feature map to a tuple of tensors (logits, reconstruction, ...; None for unused parts);
+    ``loss_from`` turns them into the loss. The split lets :class:`~.pff.PatchFusion` average the outputs of
+    patches before the loss, whatever the objective.
+    """
+
+    def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        raise NotImplementedError
+
+    def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.loss_from(self.outputs(h, batch), batch)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Class logits for accuracy-by-depth, or None (e.g. a contrastive projection)."""
+        return None
+
+
+class ModuleAux(nn.Module):
+    """Everything module k's losses use: the independent objective and, with ``cascade``, the cascade one."""
+
+    def __init__(self, independent: Objective | None, cascade: Objective | None = None) -> None:
+        super().__init__()
+        self.independent, self.cascade = independent, cascade
+
+
 class LocalMethod(nn.Module):
-    """Base class. Subclasses fill ``self.aux`` and override :meth:`aux_loss`."""
+    """Base class: builds one :class:`ModuleAux` per module (with add-ons) and returns local losses.
+
+    Subclasses implement :meth:`build_objective` (the base aux net at a feature map); the last module's
+    loss is the task loss.
+    """
 
     default_k: int = 4
     default_step: str = "module"
 
     def __init__(self, ctx: MethodContext, cfg: MethodCfg) -> None:
         super().__init__()
+        from .bridge import build_bridged  # add-ons live in their own files; imported here to avoid a cycle
+
         self.ctx, self.cfg = ctx, cfg
+        unknown = [a for a in cfg.addons if a not in ADDONS]
+        if unknown:
+            raise ValueError(f"unknown add-on {unknown[0]!r} in method.addons; choose from {', '.join(ADDONS)}")
+        if "man" in cfg.addons and "lam" in cfg.addons:
+            raise ValueError("method.addons: 'man' and 'lam' both prefix the aux net with copies; pick one")
+        if cfg.cascade_span < 1:
+            raise ValueError(f"method.cascade_span must be >= 1, got {cfg.cascade_span}")
+        self.span = cfg.cascade_span if "cascade" in cfg.addons else 1
         self.aux = nn.ModuleList()
+        for k, info in enumerate(ctx.module_infos[:-1]):
+            # With a cascade, the bridge (MAN/LAM) goes on the cascade path, the independent head stays plain
+            # (HiLo's IAN, MLAAN's independent classifier).
+            independent = build_bridged(self, k, info, main=self.span == 1)
+            cascade = build_bridged(self, k, info) if self.span > 1 else None
+            self.aux.append(ModuleAux(independent, cascade))
+        self.aux.append(None)
 
     @property
     def num_modules(self) -> int:
         return self.ctx.num_modules
 
-    def local_loss(self, k: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Loss whose gradient trains module k (and its aux net). The last module's loss is the task loss."""
-        if k == self.num_modules - 1:
-            return self.ctx.task.loss(h, batch)
-        return self.aux_loss(k, h, batch)
+    @property
+    def max_reach(self) -> int:
+        """The longest reach of any loss: the engine keeps that many module graphs alive."""
+        return self.span
 
-    def aux_loss(self, k: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def build_objective(self, k: int, info: UnitInfo, independent: bool = False) -> Objective:
+        """The base aux net + loss for module k, on a feature map described by ``info``. ``independent``: the
+        light independent head that sits beside a cascade (HiLo's IAN, MLAAN's classifier: no decoder)."""
         raise NotImplementedError
 
+    def local_losses(self, k: int, h: torch.Tensor, batch: Batch) -> list[LocalLoss]:
+        """The losses module k's output contributes, each with its reach."""
+        last = k == self.num_modules - 1
+        if last:
+            task_loss = self.ctx.task.loss(h, batch)
+            if self.span == 1 or self.cfg.cascade_final == "plain":
+                return [LocalLoss(task_loss)]
+            if self.cfg.cascade_final == "cascade":
+                return [LocalLoss(task_loss, self.span)]
+            return [LocalLoss(self.cfg.w_ind * task_loss), LocalLoss(self.cfg.w_casc * task_loss, self.span)]
+        aux = self.aux[k]
+        if aux.cascade is None:
+            return [LocalLoss(aux.independent.loss(h, batch))]
+        return [
+            LocalLoss(self.cfg.w_ind * aux.independent.loss(h, batch)),
+            LocalLoss(self.cfg.w_casc * aux.cascade.loss(h, batch), self.span),
+        ]
+
+    def local_loss(self, k: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The sum of module k's losses (for measuring and for tests; training uses :meth:`local_losses`)."""
+        return sum((item.loss for item in self.local_losses(k, h, batch)), h.new_zeros((), dtype=torch.float32))
+
     def aux_logits(self, k: int, h: torch.Tensor) -> torch.Tensor | None:
-        """Class logits of module k's aux net for accuracy-by-depth, or None if it has no classifier."""
-        return None
+        """Class logits of module k's independent aux net for accuracy-by-depth, or None."""
+        if k == self.num_modules - 1:
+            return None
+        return self.aux[k].independent.logits(h)
+
+    def after_backward(self, k: int) -> None:
+        """Called by the engine after module k's local backward (EMA updates of the reference)."""
+        if self.cfg.ema_update == "after_backward":
+            self._update_ema(k)
+
+    def after_iteration(self) -> None:
+        """Called by the engine after every optimizer has stepped."""
+        if self.cfg.ema_update == "after_step":
+            for k in range(self.num_modules - 1):
+                self._update_ema(k)
+
+    def _update_ema(self, k: int) -> None:
+        aux = self.aux[k] if k < len(self.aux) else None
+        if aux is None:
+            return
+        for part in (aux.independent, aux.cascade):
+            update = getattr(part, "update_ema", None)
+            if update is not None:
+                update()
 
 
 _METHODS: dict[str, type[LocalMethod]] = {}

@@ -10,22 +10,28 @@ import torch
 
 from ..local.aux_nets import DGLHead
 from ..local.task import Batch
-from .base import LocalMethod, MethodCfg, MethodContext, register_method
+from ..models.units import UnitInfo
+from .base import LocalMethod, Objective, register_method
+
+
+class DGLObjective(Objective):
+    def __init__(self, head: DGLHead, task) -> None:
+        super().__init__()
+        self.head, self.task = head, task
+
+    def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        return (self.head(h),)
+
+    def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
+        return self.task.loss(outputs[0], batch)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        return self.head(h)
 
 
 @register_method("dgl")
 class DGL(LocalMethod):
     default_step = "module"
 
-    def __init__(self, ctx: MethodContext, cfg: MethodCfg) -> None:
-        super().__init__(ctx, cfg)
-        n = ctx.task.num_classes
-        for info in ctx.module_infos[:-1]:
-            self.aux.append(DGLHead(info, cfg.dgl_head, n))
-        self.aux.append(None)
-
-    def aux_loss(self, k: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self.ctx.task.loss(self.aux[k](h), batch)
-
-    def aux_logits(self, k: int, h: torch.Tensor) -> torch.Tensor | None:
-        return self.aux[k](h) if k < self.num_modules - 1 else None
+    def build_objective(self, k: int, info: UnitInfo, independent: bool = False) -> Objective:
+        return DGLObjective(DGLHead(info, self.cfg.dgl_head, self.ctx.task.num_classes), self.ctx.task)

@@ -10,7 +10,8 @@ class E2E(LocalMethod):
     default_k = 1
 
     def __init__(self, ctx: MethodContext, cfg: MethodCfg) -> None:
-        super().__init__(ctx, cfg)
         if ctx.num_modules != 1:
             raise ValueError(f"e2e trains the whole network as one module; set method.k=1 (got {ctx.num_modules})")
-        self.aux.append(None)
+        if cfg.addons:
+            raise ValueError("e2e has no aux nets, so method.addons must be empty")
+        super().__init__(ctx, cfg)

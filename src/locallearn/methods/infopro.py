@@ -3,56 +3,64 @@
 Module k's local loss is λ1(k)·BCE(decoder(h), image) + λ2(k)·L_y(head(h)), with L_y the supervised contrastive
 loss (``loss_mode: contrast``, InfoPro's default) or cross-entropy (``softmax``), and (λ1, λ2) moving linearly
 from (ixx_1, ixy_1) at the first module to (ixx_2, ixy_2) at module K-2 (§2.3). The reference steps one optimizer
-after all backwards (``step: end``).
+after all backwards (``step: end``). A term whose λ is 0 is not computed.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..local.aux_nets import Decoder, InfoProHead
 from ..local.losses import infopro_lambdas, reconstruction_loss, supcon_loss
-from ..local.task import Batch
-from .base import LocalMethod, MethodCfg, MethodContext, register_method
+from ..local.task import Batch, ClassificationTask
+from ..models.units import UnitInfo
+from .base import LocalMethod, MethodCfg, Objective, register_method
 
 
-class InfoProAux(nn.Module):
-    def __init__(self, decoder: Decoder, head: InfoProHead) -> None:
+class InfoProObjective(Objective):
+    def __init__(
+        self, decoder: Decoder, head: InfoProHead, lam_x: float, lam_y: float, cfg: MethodCfg, task: ClassificationTask
+    ) -> None:
         super().__init__()
         self.decoder, self.head = decoder, head
+        self.lam_x, self.lam_y, self.contrast, self.temperature = (
+            lam_x,
+            lam_y,
+            cfg.loss_mode == "contrast",
+            cfg.temperature,
+        )
+        self.task = task
+
+    def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        recon = self.decoder(h, batch.image01.shape[-2:]) if self.lam_x else None
+        return recon, (self.head(h) if self.lam_y else None)
+
+    def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
+        recon, out = outputs
+        loss = batch.input.new_zeros((), dtype=torch.float32)
+        if recon is not None:
+            loss = loss + self.lam_x * reconstruction_loss(recon, batch.image01)
+        if out is not None:
+            y_loss = supcon_loss(out, batch.target, self.temperature) if self.contrast else self.task.loss(out, batch)
+            loss = loss + self.lam_y * y_loss
+        return loss
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        return None if self.contrast or self.head is None else self.head(h)
 
 
 @register_method("infopro")
 class InfoPro(LocalMethod):
     default_step = "end"
 
-    def __init__(self, ctx: MethodContext, cfg: MethodCfg) -> None:
-        super().__init__(ctx, cfg)
+    def build_objective(self, k: int, info: UnitInfo, independent: bool = False) -> Objective:
+        cfg, ctx = self.cfg, self.ctx
         if len(cfg.lambdas) != 4:
             raise ValueError(f"method.lambdas must be [ixx_1, ixy_1, ixx_2, ixy_2], got {cfg.lambdas}")
+        lam_x, lam_y = infopro_lambdas(k, ctx.num_modules, *cfg.lambdas)
+        if independent:  # beside a cascade: HPFF's independent aux net is the head alone (spec §4.2)
+            lam_x, lam_y = 0.0, 1.0
         out = cfg.feature_dim if cfg.loss_mode == "contrast" else ctx.task.num_classes
-        for info in ctx.module_infos[:-1]:
-            head = InfoProHead(info, ctx.num_stages, cfg.aux, out, cfg.widen, cfg.feature_dim)
-            self.aux.append(InfoProAux(Decoder(info, ctx.image_channels, cfg.widen), head))
-        self.aux.append(None)
-
-    def aux_loss(self, k: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        lam_x, lam_y = infopro_lambdas(k, self.num_modules, *self.cfg.lambdas)
-        aux = self.aux[k]
-        loss = h.new_zeros((), dtype=torch.float32)
-        if lam_x:
-            image = batch.image01
-            loss = loss + lam_x * reconstruction_loss(aux.decoder(h, image.shape[-2:]), image)
-        if lam_y:
-            out = aux.head(h)
-            if self.cfg.loss_mode == "contrast":
-                loss = loss + lam_y * supcon_loss(out, batch.target, self.cfg.temperature)
-            else:
-                loss = loss + lam_y * self.ctx.task.loss(out, batch)
-        return loss
-
-    def aux_logits(self, k: int, h: torch.Tensor) -> torch.Tensor | None:
-        if k == self.num_modules - 1 or self.cfg.loss_mode != "softmax":
-            return None
-        return self.aux[k].head(h)
+        head = InfoProHead(info, ctx.num_stages, cfg.aux, out, cfg.widen, cfg.feature_dim) if lam_y else None
+        decoder = Decoder(info, ctx.image_channels, cfg.widen) if lam_x else None
+        return InfoProObjective(decoder, head, lam_x, lam_y, cfg, ctx.task)

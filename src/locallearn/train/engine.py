@@ -84,7 +84,15 @@ class LocalEngine:
         self.ends = resolve_split(backbone, method_cfg, sample)
         starts = [0, *self.ends[:-1]]
         self.modules = [nn.Sequential(*backbone.units[s:e]) for s, e in zip(starts, self.ends)]
-        ctx = MethodContext([backbone.infos[e - 1] for e in self.ends], backbone.num_stages, backbone.in_channels, task)
+        ctx = MethodContext(
+            [backbone.infos[e - 1] for e in self.ends],
+            backbone.num_stages,
+            backbone.in_channels,
+            task,
+            list(backbone.units),
+            list(backbone.infos),
+            list(self.ends),
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aux_seed)
             self.method: LocalMethod = build_method(method_cfg, ctx)
@@ -92,9 +100,13 @@ class LocalEngine:
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         for part in (backbone, self.method):
             part.to(device=self.device, memory_format=memory_format)
-        if compile:
-            for part in [*self.modules, *(a for a in self.method.aux if a is not None)]:
-                part.compile()
+        if compile:  # in place, per module and per aux objective, so checkpoint keys stay clean (eng. §6)
+            for module in self.modules:
+                module.compile()
+            for aux in self.method.aux:
+                for objective in (aux.independent, aux.cascade) if aux is not None else ():
+                    if objective is not None:
+                        objective.outputs = torch.compile(objective.outputs)
         self.optimizers = [
             torch.optim.SGD(
                 self.module_parameters(k),
@@ -117,8 +129,11 @@ class LocalEngine:
         return len(self.modules)
 
     def module_parameters(self, k: int) -> list[nn.Parameter]:
+        """Trainable parameters of module k and its aux net (EMA copies have requires_grad=False: never stepped,
+        never decayed)."""
         aux = self.method.aux[k]
-        return list(self.modules[k].parameters()) + ([] if aux is None else list(aux.parameters()))
+        params = list(self.modules[k].parameters()) + ([] if aux is None else list(aux.parameters()))
+        return [p for p in params if p.requires_grad]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -137,34 +152,82 @@ class LocalEngine:
             self.scaler.step(self.optimizers[k])
 
     def train_step(self, batch: Batch) -> None:
-        """One local-learning step on ``batch``. Statistics stay on the device (no host sync per step)."""
+        """One local-learning step on ``batch``. Statistics stay on the device (no host sync per step).
+
+        Each module runs forward once. A loss of reach r (a cascade) sends its gradient back through the r
+        modules ending at this one and no further: the engine keeps the graphs of the last ``max_reach`` modules
+        alive, each on its own leaf input, and carries the input gradient from graph to graph by hand
+        (spec §10.1.5: one forward per module, not the reference's triple forward). Plain methods (reach 1)
+        detach after every module, so at most one module's graph is alive.
+        """
         self.backbone.train()
         self.method.train()
-        at_end = self.step_mode == "end"
+        span = self.method.max_reach
+        # A module whose graph a later cascade still walks must not change its weights in place before that.
+        at_end = self.step_mode == "end" or span > 1
         if at_end:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (leaf input, output) of modules whose graph lives
+        kept_bytes: list[int] = []  # saved-activation bytes of those graphs (for the meter)
         h = batch.input
         for k, module in enumerate(self.modules):
             if not at_end:
                 self.optimizers[k].zero_grad(set_to_none=True)
+            x = h.detach().requires_grad_(span > 1 and k > 0)
             with self._autocast():
-                out = module(h)
-                loss = self.method.local_loss(k, out, batch)
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+                out = module(x)
+                losses = self.method.local_losses(k, out, batch)
+            for loss, reach in losses:
+                if loss.requires_grad:
+                    self._backward(loss, k, min(reach, k + 1), x, kept, span)
+                self._stats[k] += loss.detach().float()
+            self.method.after_backward(k)
+            kept = [*kept, (x, out)][-(span - 1) :] if span > 1 else []
             if self.meter is not None:
-                self.meter.release()
-            self._stats[k] += loss.detach().float()
+                kept_bytes = [*kept_bytes, self.meter.current - sum(kept_bytes)][-(span - 1) :] if span > 1 else []
+                self.meter.release(keep=sum(kept_bytes))
             if not at_end:
                 self._step(k)
-            h = out.detach()
+            h = out
         if at_end:
             for k in range(self.k):
                 self._step(k)
         if self.scaler is not None:
             self.scaler.update()
-        self._stats[-2] += self.task.correct(h, batch)
+        self.method.after_iteration()
+        self._stats[-2] += self.task.correct(h.detach(), batch)
         self._stats[-1] += 1
+
+    def _backward(
+        self,
+        loss: torch.Tensor,
+        k: int,
+        reach: int,
+        x: torch.Tensor,
+        kept: list[tuple[torch.Tensor, torch.Tensor]],
+        span: int,
+    ) -> None:
+        """Backward of one loss into module k and its aux net, then through ``reach - 1`` earlier modules."""
+        scaled = loss if self.scaler is None else self.scaler.scale(loss)
+        if span == 1:
+            scaled.backward()  # the input is detached: nothing beyond module k can be reached
+            return
+        params = self.module_parameters(k)
+        if reach == 1:
+            torch.autograd.backward(scaled, inputs=params, retain_graph=True)
+            return
+        torch.autograd.backward(scaled, inputs=[*params, x], retain_graph=True)
+        grad, x.grad = x.grad, None
+        for hop in range(1, reach):
+            prev_x, prev_out = kept[-hop]
+            last = hop == reach - 1
+            inputs = [p for p in self.modules[k - hop].parameters() if p.requires_grad]
+            torch.autograd.backward(
+                prev_out, grad_tensors=grad, inputs=inputs if last else [*inputs, prev_x], retain_graph=True
+            )
+            if not last:
+                grad, prev_x.grad = prev_x.grad, None
 
     def pop_train_stats(self) -> dict[str, object]:
         """Mean loss per module and final-head train accuracy since the last call (one host sync)."""

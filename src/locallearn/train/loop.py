@@ -178,7 +178,7 @@ def fit(
     steps_per_epoch = len(train_loader)
     meter = SavedTensorMeter()
     peak_act = state.get("peak_act_bytes", 0) if state else 0
-    result: dict[str, Any] = {"run_dir": str(run_dir)}
+    result: dict[str, Any] = {"run_dir": str(run_dir), "ends": list(engine.ends)}
     if not quiet:
         print(
             f"run {run_dir}: {cfg.model.name}, {cfg.method.name} K={engine.k} split {engine.ends}, "

@@ -1,0 +1,132 @@
+"""Momentum bridges: copies of later backbone units in front of an aux objective (MAN, MAN++, LAM).
+
+MAN (spec methods.md §3.2): module i's aux net starts with two copies of the first unit of module i+1: a
+learnable one (LB, trained by the local loss) and an EMA one (never trained by gradient; after the local backward
+θ_EMA ← m·θ_EMA + (1−m)·θ_live, with ``lerp_`` under ``no_grad``). Combined as LB(h) + EMA(h) (MAN) or
+s·LB(h) + (2−s)·EMA(h) with a learnable s starting at 1 (MAN++).
+
+LAM (spec §5.3): the same bridge over a *leap chain* of later units, ending at the final width; the first
+``n_ema`` sources get EMA twins, and every module's EMA is updated (the reference updates only the last one).
+
+The chain rule (``leap_chain``): from a split at unit u, take the first unit of every later stage (those change
+the width), then fill up to ``lam_depth`` units with evenly spaced units of the final stage, ending with its last
+unit. It reproduces the reference tables in spirit for any depth and split, with no hand tables.
+
+EMA copies hold ``requires_grad=False`` parameters: the engine leaves them out of every optimizer (so they are never
+decayed), and they are saved and restored with the method's state dict.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..local.task import Batch
+from ..models.units import UnitInfo
+from .base import Objective
+
+if TYPE_CHECKING:
+    from .base import LocalMethod
+
+
+def next_unit(method: LocalMethod, k: int) -> list[int]:
+    """MAN's source: the first unit of module k+1 (none when that unit is the task head)."""
+    first = method.ctx.ends[k]
+    return [] if method.ctx.unit_infos[first].is_head else [first]
+
+
+def leap_chain(method: LocalMethod, k: int) -> list[int]:
+    """LAM's sources for the split after module k: every later unit that changes the stage (they change the
+    width and resolution, so the chain stays well-formed), then units of the final stage spread evenly up to
+    ``lam_depth`` in all, always ending with the last body unit. ResNet-32, split in stage 1 → L2.0, L3.0, L3.2,
+    L3.4; in stage 2 → L3.0, L3.2, L3.3, L3.4 (the reference's table, spec §5.3)."""
+    infos, depth = method.ctx.unit_infos, method.cfg.lam_depth
+    last_body = max(i for i, info in enumerate(infos) if not info.is_head)
+    later = list(range(method.ctx.ends[k], last_body + 1))
+    if not later:
+        return []
+    firsts = [i for i in later if i > 0 and infos[i].stage != infos[i - 1].stage]
+    pool = [i for i in later if infos[i].stage == infos[last_body].stage and i not in firsts]
+    room = max(depth - len(firsts), 0)
+    picks = pool if room >= len(pool) else [pool[-(-(j + 1) * len(pool) // room) - 1] for j in range(room)]
+    return sorted(set(firsts + picks))
+
+
+class MomentumBridge(nn.Module):
+    """Learnable copies of ``sources`` chained in order; the first ``n_ema`` also get an EMA twin."""
+
+    def __init__(self, method: LocalMethod, sources: list[int]) -> None:
+        super().__init__()
+        cfg, units, infos = method.cfg, method.ctx.units, method.ctx.unit_infos
+        if not 0 <= cfg.ema_decay < 1:
+            raise ValueError(f"method.ema_decay must be in [0, 1) (1.0 never moves the EMA), got {cfg.ema_decay}")
+        self.sources, self.decay, self.combine = list(sources), cfg.ema_decay, cfg.bridge_combine
+        self.live = [units[i] for i in sources]  # plain list: the backbone owns these, not the bridge
+        self.learnable = nn.ModuleList(copy.deepcopy(units[i]) for i in sources)
+        self.ema = nn.ModuleList(copy.deepcopy(units[i]) for i in sources[: cfg.n_ema if self.combine != "none" else 0])
+        if cfg.ema_init == "random":  # the reference re-initialises its copies (spec §3.2, §5.6)
+            for module in [*self.learnable, *self.ema]:
+                for sub in module.modules():
+                    if hasattr(sub, "reset_parameters"):
+                        sub.reset_parameters()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.scale = nn.Parameter(torch.ones(())) if self.combine == "scaled" else None
+        self.out_info: UnitInfo = infos[sources[-1]]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for j, lb in enumerate(self.learnable):
+            y = lb(h)
+            if j < len(self.ema):
+                e = self.ema[j](h)
+                y = y + e if self.scale is None else self.scale * y + (2 - self.scale) * e
+            h = y
+        return h
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """θ_EMA ← m·θ_EMA + (1−m)·θ_live for every EMA twin (parameters; BN buffers are not averaged)."""
+        for ema, live in zip(self.ema, self.live):
+            for e, p in zip(ema.parameters(), live.parameters(), strict=True):
+                e.lerp_(p.detach().to(e.dtype), 1 - self.decay)
+
+
+class Bridged(Objective):
+    """An objective whose input first passes through a :class:`MomentumBridge`."""
+
+    def __init__(self, bridge: MomentumBridge, objective: Objective) -> None:
+        super().__init__()
+        self.bridge, self.objective = bridge, objective
+
+    def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        return self.objective.outputs(self.bridge(h), batch)
+
+    def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
+        return self.objective.loss_from(outputs, batch)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        return self.objective.logits(self.bridge(h))
+
+    def update_ema(self) -> None:
+        self.bridge.update_ema()
+
+
+def build_bridged(method: LocalMethod, k: int, info: UnitInfo, main: bool = True) -> Objective:
+    """Module k's objective with the configured add-ons: [bridge →] [patch fusion →] base objective.
+    ``main=False`` builds the light independent objective beside a cascade (no bridge, no decoder: HiLo/MLM)."""
+    from .pff import PatchFusion
+
+    cfg = method.cfg
+    sources: list[int] = []
+    if main and "man" in cfg.addons:
+        sources = next_unit(method, k)
+    elif main and "lam" in cfg.addons:
+        sources = leap_chain(method, k)
+    prefix = MomentumBridge(method, sources) if sources else None
+    objective = method.build_objective(k, prefix.out_info if prefix else info, independent=not main)
+    if "pff" in cfg.addons:
+        objective = PatchFusion(objective, cfg.pff_patches, cfg.pff_sequential)
+    return Bridged(prefix, objective) if prefix else objective

@@ -1,0 +1,61 @@
+"""Patch feature fusion (HPFF's PFF, spec methods.md §4.3, §10.1.6).
+
+The aux input is cut into n×n patches (``torch.tensor_split``, so odd sizes give patches that differ by one
+row/column: an 8×8 map with n=3 gives 3/3/2) and the wrapped objective runs on each patch. Vector outputs
+(logits, projections) are averaged before the loss: ŷ = (1/n²)·Σ g(patch), the paper's form. Spatial outputs
+(a decoder's reconstruction) are stitched: the decoder of patch (i, j) reconstructs the matching patch of the image,
+as HPFF's CIFAR code does, so the decoder costs what it costs without patches instead of n² times more; the BCE on
+the stitched image is the mean of the per-patch BCEs (the reference sums them: a constant factor n²). With
+``sequential=True`` each patch runs under activation checkpointing, so only one patch's aux activations are
+alive at a time during backward (same loss and gradients; BN layers in the aux net see each patch twice).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..local.task import Batch
+from .base import Objective
+
+
+def patches(h: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The n×n spatial patches of a (B, C, H, W) map, row-major; needs H, W >= n."""
+    if h.dim() != 4 or min(h.shape[-2:]) < n:
+        raise ValueError(f"patch fusion with n={n} needs a (B, C, H, W) map at least {n}×{n}, got {tuple(h.shape)}")
+    return [p for rows in torch.tensor_split(h, n, dim=-2) for p in torch.tensor_split(rows, n, dim=-1)]
+
+
+class PatchFusion(Objective):
+    def __init__(self, objective: Objective, n: int = 2, sequential: bool = False) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"method.pff_patches must be >= 1, got {n}")
+        self.objective, self.n, self.sequential = objective, n, sequential
+
+    def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        n = self.n
+        image_patches = patches(batch.raw, n) if batch.raw is not None else [None] * n * n
+        results = []
+        for patch, raw in zip(patches(h, n), image_patches):
+            sub = Batch(batch.input, batch.target, raw)  # image01 of the sub-batch is this patch of the image
+            if self.sequential and torch.is_grad_enabled():
+                results.append(checkpoint(self.objective.outputs, patch, sub, use_reentrant=False))
+            else:
+                results.append(self.objective.outputs(patch, sub))
+        fused: list[torch.Tensor | None] = []
+        for parts in zip(*results):
+            if parts[0] is None:
+                fused.append(None)
+            elif parts[0].dim() == 4:  # spatial: stitch the n×n patches back into one map
+                fused.append(torch.cat([torch.cat(parts[r * n : (r + 1) * n], dim=-1) for r in range(n)], dim=-2))
+            else:
+                fused.append(torch.stack(parts).mean(0))
+        return tuple(fused)
+
+    def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
+        return self.objective.loss_from(outputs, batch)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        logits = [self.objective.logits(p) for p in patches(h, self.n)]
+        return None if logits[0] is None else torch.stack(logits).mean(0)
