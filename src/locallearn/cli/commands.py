@@ -67,9 +67,17 @@ def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[
         start = time.perf_counter()
         result = fit(cfg)
         wall = time.perf_counter() - start
-        rows.append({"method": label, "k": len(result["ends"]), "test_acc": result.get("test_acc"),
-                     "peak_act_mib": result["peak_act_bytes"] / MiB, "imgs_per_s": _mean_throughput(result),
-                     "wall_s": wall, "run_dir": result["run_dir"]})
+        rows.append(
+            {
+                "method": label,
+                "k": len(result["ends"]),
+                "test_acc": result.get("test_acc"),
+                "peak_act_mib": result["peak_act_bytes"] / MiB,
+                "imgs_per_s": _mean_throughput(result),
+                "wall_s": wall,
+                "run_dir": result["run_dir"],
+            }
+        )
     e2e = next((r for r in rows if r["method"] == "e2e"), None)
     table = _table(rows, e2e)
     print("\n" + table)
