@@ -130,3 +130,10 @@ def test_readme_python_example_runs() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "test_acc" in done.stdout
+
+
+def test_resume_keeps_the_measured_peak(synthetic_root: Path, tmp_path: Path) -> None:
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=3"]
+    part = fit(load_config(None, base + ["run.max_steps=3"]), quiet=True)
+    resumed = fit(resume=part["run_dir"], overrides=["run.max_steps=null"], quiet=True)
+    assert resumed["peak_act_bytes"] == part["peak_act_bytes"] > 0

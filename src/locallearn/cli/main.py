@@ -1,4 +1,4 @@
-"""``locallearn`` command line: train, eval, compare, summary, list.
+"""``locallearn`` command line: train, eval, compare, summary, list, bench, plot.
 
     locallearn train -c configs/fmnist/demo.yaml method.name=dgl method.k=4
     locallearn train --resume runs/<run>
@@ -6,6 +6,8 @@
     locallearn compare -c configs/fmnist/demo.yaml --methods e2e,dgl,infopro
     locallearn summary -c configs/cifar10/resnet110_infopro_k4.yaml
     locallearn list
+    locallearn bench memory -c configs/cifar10/resnet32_infopro_k4.yaml --methods e2e,dgl,infopro --k 2,4,8,16
+    locallearn plot runs/bench_demo --out figures
 
 Every error a user can cause prints one line (``locallearn: error: ...``) and exits with status 2.
 """
@@ -42,6 +44,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
 
     sub.add_parser("list", help="registered models, methods, datasets and split presets")
+
+    b = sub.add_parser("bench", help="memory, speed, FLOPs and accuracy of several methods and K (results.json/.md)")
+    kinds = b.add_subparsers(dest="kind", required=True)  # a sub-level, so key=value may follow the options
+    for kind in ("memory", "speed", "accuracy", "all"):
+        k = kinds.add_parser(kind, help=f"bench {kind}")
+        k.add_argument("-c", "--config", required=True, help="YAML preset shared by every (method, K)")
+        k.add_argument("--methods", default="e2e,dgl,infopro", help="comma-separated; name:split picks a split preset")
+        k.add_argument("--k", default="2,4,8,16", help="comma-separated K for the local methods (e2e is always K=1)")
+        k.add_argument("--seeds", type=int, default=1, help="accuracy: seeds run.seed, run.seed+1, ... (default 1)")
+        k.add_argument("--steps", type=int, help="memory: measured steps (default 1); speed: timed steps per round (5)")
+        k.add_argument("--repeats", type=int, default=5, help="speed: interleaved rounds (default 5)")
+        k.add_argument("--warmup", type=int, default=2, help="speed: untimed steps per method first (default 2)")
+        k.add_argument("--out", help="results folder (default RUN_OUT/bench_<config>); rerun with it to resume")
+        k.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
+
+    pl = sub.add_parser("plot", help="PNG figures from run directories and bench results (needs [plot])")
+    pl.add_argument("inputs", nargs="+", help="run directories, bench folders or results.json files")
+    pl.add_argument("--out", required=True, help="folder for the PNGs")
     return p
 
 
@@ -74,10 +94,41 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import list_registries
 
             list_registries()
+        elif args.command == "bench":
+            from ..bench.bench import run_bench
+            from ..bench.report import command_line
+
+            try:
+                ks = [int(k) for k in args.k.split(",") if k.strip()]
+            except ValueError:
+                raise ConfigError(f"--k must be comma-separated integers like 2,4,8, got {args.k!r}") from None
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            run_bench(
+                args.kind,
+                args.config,
+                methods,
+                ks,
+                args.seeds,
+                args.out,
+                args.overrides,
+                steps=args.steps,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                command=command_line(),
+            )
+        elif args.command == "plot":
+            from ..bench.plot import plot
+
+            for path in plot(args.inputs, args.out):
+                print(f"wrote {path}")
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"locallearn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("locallearn: interrupted; resume with `locallearn train --resume RUN_DIR`", file=sys.stderr)
+        hint = {
+            "train": "; resume with `locallearn train --resume RUN_DIR`",
+            "bench": "; rerun the same command with the same --out to continue",
+        }.get(args.command, "")
+        print(f"locallearn: interrupted{hint}", file=sys.stderr)
         return 130
     return 0

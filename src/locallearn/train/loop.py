@@ -170,6 +170,7 @@ def fit(
                 "step_in_epoch": step_in_epoch,
                 "step": global_step,
                 "rng_torch": torch.get_rng_state(),
+                "peak_act_bytes": peak_act,
             },
             run_dir / "ckpt_last.pt",
         )

@@ -1,0 +1,381 @@
+"""``locallearn bench memory|speed|accuracy|all``: methods side by side on the same config, data and initial weights.
+
+    locallearn bench memory -c configs/cifar10/resnet110_infopro_k4.yaml --methods e2e,infopro,infopro:infopro_star \
+        --k 2,3,4,8,16 --out benchmarks/memory_resnet110_cpu
+    locallearn bench accuracy -c configs/fmnist/demo.yaml --methods e2e,dgl,infopro --k 2,4 --seeds 2
+
+Every (method, K) is built from one config with :func:`~locallearn.train.loop.build_engine` and the config's
+``run.seed``, so all variants start from the same backbone weights and see the same batches; ``e2e`` always runs
+with K=1. A method token ``name:split`` picks a split preset for that method only (``infopro:infopro_star`` is
+InfoPro*); (method, K) pairs a preset does not define are skipped with a note.
+
+* ``memory``: one training step per variant under the saved-tensor meter (exact, device-independent), plus
+  parameter/gradient/optimizer bytes, peak RSS, CUDA peaks above the data baseline, and forward+backward FLOPs of
+  the backbone and of the aux nets (:mod:`torch.utils.flop_counter`).
+* ``speed``: images/s, interleaved rounds of timed blocks (:mod:`locallearn.measure.speed`).
+* ``accuracy``: :func:`~locallearn.train.loop.fit` per (method, K, seed). Each finished run is written to
+  ``results.json`` at once and skipped when the command is run again with the same ``--out``; a run interrupted
+  mid-way continues from its last checkpoint.
+
+``results.json`` keeps the rows, the per-seed runs, the config, the machine and every command that added to it;
+``results.md`` is regenerated from it after every change.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..data.datasets import dataset_spec
+from ..data.idx import DataError
+from ..local.task import Batch
+from ..measure.memory import CudaPeak, SavedTensorMeter, model_state_bytes, peak_rss_bytes, reset_peak_rss
+from ..measure.speed import interleaved_throughput
+from ..methods.base import list_methods
+from ..train.config import ConfigError, TrainCfg, apply_overrides, config_from_dict, load_config, to_dict
+from ..train.engine import LocalEngine
+from ..train.loop import build_engine, build_loaders, fit, resolve_device, stream_seed
+from ..train.rundir import MetricsLog
+from .report import load_results, machine_info, save_results
+
+KINDS = ("memory", "speed", "accuracy", "all")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a method, an optional split preset for it, and K."""
+
+    method: str
+    split: str | None
+    k: int
+
+    @property
+    def label(self) -> str:
+        return self.method if self.split is None else f"{self.method}:{self.split}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}|k{self.k}"
+
+    def overrides(self) -> list[str]:
+        if self.method == "e2e":  # one module is the whole network whatever the split says
+            return ["method.name=e2e", "method.k=1", "method.split=auto", "method.ends=[]"]
+        return [f"method.name={self.method}", f"method.k={self.k}"] + (
+            [f"method.split={self.split}"] if self.split else []
+        )
+
+
+def parse_variants(methods: list[str], ks: list[int]) -> list[Variant]:
+    """``["e2e", "infopro", "infopro:infopro_star"]`` × ``ks`` → variants (e2e once, with K=1)."""
+    if not methods:
+        raise ConfigError("--methods is empty; e.g. --methods e2e,dgl,infopro")
+    out: list[Variant] = []
+    for token in methods:
+        name, _, split = token.partition(":")
+        if name not in list_methods():
+            raise ConfigError(f"unknown method {name!r} in --methods; known: {', '.join(list_methods())}")
+        for k in [1] if name == "e2e" else ks:
+            v = Variant(name, split or None, k)
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def variant_config(base: TrainCfg, variant: Variant, extra: list[str] = ()) -> TrainCfg:
+    return config_from_dict(apply_overrides(to_dict(base), [*variant.overrides(), *extra]))
+
+
+def bench_batches(cfg: TrainCfg, device: torch.device, n: int) -> tuple[list[Batch], str]:
+    """The first ``n`` training batches of epoch 0 (cycled if the data is smaller), the same for every variant.
+
+    With no ``data.root`` and no dataset files installed, falls back to random uint8 images of the dataset's shape
+    and random labels (memory and speed do not depend on pixel values); the returned note says which was used.
+    """
+    spec = dataset_spec(cfg.data.name)
+    try:
+        loader = build_loaders(cfg, device)[0]
+        batches = [Batch(x, y, raw) for x, y, raw in loader.batches(0)][:n]
+        note = f"{cfg.data.name} training batches"
+    except (DataError, FileNotFoundError):
+        if cfg.data.root is not None:
+            raise
+        g = torch.Generator().manual_seed(stream_seed(cfg.run.seed, "data"))
+        shape = (cfg.data.batch_size, spec.channels, spec.size, spec.size)
+        mean = torch.tensor(spec.mean).view(1, -1, 1, 1) * 255
+        std = torch.tensor(spec.std).view(1, -1, 1, 1) * 255
+        batches = []
+        for _ in range(n):
+            raw = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+            y = torch.randint(0, spec.num_classes, (shape[0],), generator=g)
+            x = (raw.float() - mean) / std
+            if cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            batches.append(Batch(x.to(device), y.to(device), raw.to(device)))
+        note = f"synthetic random uint8 input of shape {list(shape)} ({cfg.data.name} files not found)"
+    return [batches[i % len(batches)] for i in range(n)], note
+
+
+def try_engine(cfg: TrainCfg, device: torch.device, sample: torch.Tensor) -> LocalEngine | str:
+    """The variant's engine, or the one-line reason it does not exist (e.g. a preset without this K)."""
+    try:
+        return build_engine(cfg, dataset_spec(cfg.data.name), device, sample)
+    except ValueError as e:
+        return str(e)
+
+
+def engine_flops(engine: LocalEngine, batch: Batch) -> dict[str, Any]:
+    """Forward and backward FLOPs of one local training step, split into backbone and aux nets, per module.
+
+    Runs on a deep copy, so BatchNorm statistics and gradients of the engine are untouched. The last module's
+    task loss counts as backbone. The aux backward includes the gradient w.r.t. the module output it consumes.
+    """
+    modules, method = copy.deepcopy((engine.modules, engine.method))
+    per_module: list[dict[str, int]] = []
+    h = batch.input
+    for k, module in enumerate(modules):
+        row = {}
+        with FlopCounterMode(display=False) as c:
+            out = module(h)
+        row["fwd"] = int(c.get_total_flops())
+        z = out.detach().requires_grad_()
+        with FlopCounterMode(display=False) as c:
+            loss = method.local_loss(k, z, batch)
+        row["aux_fwd"] = int(c.get_total_flops())
+        with FlopCounterMode(display=False) as c:
+            loss.backward()
+        row["aux_bwd"] = int(c.get_total_flops())
+        with FlopCounterMode(display=False) as c:
+            out.backward(z.grad)
+        row["bwd"] = int(c.get_total_flops())
+        if k == len(modules) - 1:  # the task loss of the last module is part of ordinary training
+            row = {"fwd": row["fwd"] + row["aux_fwd"], "bwd": row["bwd"] + row["aux_bwd"], "aux_fwd": 0, "aux_bwd": 0}
+        per_module.append(row)
+        h = out.detach()
+    total = {key: sum(r[key] for r in per_module) for key in ("fwd", "bwd", "aux_fwd", "aux_bwd")}
+    backbone, aux = total["fwd"] + total["bwd"], total["aux_fwd"] + total["aux_bwd"]
+    return {**total, "per_module": per_module, "aux_overhead": aux / max(backbone, 1)}
+
+
+def measure_memory(engine: LocalEngine, batches: list[Batch], device: torch.device) -> dict[str, Any]:
+    """Saved-activation peak over ``batches`` (one step each), then parameter/gradient/optimizer bytes, peak RSS
+    (reset first where the OS allows) and the CUDA peaks above the baseline at the start of the phase."""
+    gc.collect()
+    rss_reset = reset_peak_rss()
+    meter = SavedTensorMeter()
+    engine.meter = meter
+    with CudaPeak(device) as cuda, meter:
+        for batch in batches:
+            engine.train_step(batch)
+    engine.meter = None
+    params = [p for k in range(engine.k) for p in engine.module_parameters(k)]
+    return {
+        "peak_act_bytes": meter.peak,
+        **model_state_bytes(params, engine.optimizers),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_is_per_variant": rss_reset,
+        "cuda_peak_allocated_above_baseline": cuda.allocated,
+        "cuda_peak_reserved_above_baseline": cuda.reserved,
+        "steps": len(batches),
+    }
+
+
+def _row(results: dict[str, Any], variant: Variant, engine: LocalEngine | None = None) -> dict[str, Any]:
+    for row in results["rows"]:
+        if row["key"] == variant.key:
+            break
+    else:
+        row = {"key": variant.key, "label": variant.label, "method": variant.method, "split": variant.split}
+        results["rows"].append(row)
+    row["k"] = variant.k
+    if engine is not None:
+        row["ends"] = list(engine.ends)
+    return row
+
+
+def run_memory(base: TrainCfg, variants: list[Variant], results: dict[str, Any], out: Path, steps: int) -> None:
+    device = resolve_device(base.run.device)
+    batches, note = bench_batches(base, device, steps)
+    results["memory_data"] = note
+    for v in variants:
+        start = time.perf_counter()
+        engine = try_engine(variant_config(base, v), device, batches[0].input)
+        if isinstance(engine, str):
+            print(f"  skip {v.label} K={v.k}: {engine}", flush=True)
+            continue
+        row = _row(results, v, engine)
+        row["memory"] = measure_memory(engine, batches, device)
+        row["flops"] = engine_flops(engine, batches[0])
+        del engine
+        save_results(out, results)
+        mem = row["memory"]
+        print(
+            f"  {v.label} K={v.k}: peak activations {mem['peak_act_bytes'] / 2**20:.1f} MiB, aux FLOPs "
+            f"+{100 * row['flops']['aux_overhead']:.1f}% ({time.perf_counter() - start:.0f}s)",
+            flush=True,
+        )
+
+
+def run_speed(
+    base: TrainCfg,
+    variants: list[Variant],
+    results: dict[str, Any],
+    out: Path,
+    *,
+    steps: int,
+    repeats: int,
+    warmup: int,
+) -> None:
+    device = resolve_device(base.run.device)
+    batches, note = bench_batches(base, device, max(steps, warmup))
+    results["speed_data"] = note
+    engines: dict[str, LocalEngine] = {}
+    for v in variants:
+        engine = try_engine(variant_config(base, v), device, batches[0].input)
+        if isinstance(engine, str):
+            print(f"  skip {v.label} K={v.k}: {engine}", flush=True)
+            continue
+        engines[v.key] = engine
+        _row(results, v, engine)
+
+    def stepper(engine: LocalEngine):
+        return lambda i: engine.train_step(batches[i % len(batches)])
+
+    names = {v.key: f"{v.label} K={v.k}" for v in variants}
+    reference = next((names[v.key] for v in variants if v.method == "e2e" and v.key in engines), None)
+    timed = interleaved_throughput(
+        {names[key]: stepper(e) for key, e in engines.items()},
+        images_per_step=len(batches[0]),
+        device=device,
+        block=steps,
+        warmup=warmup,
+        repeats=repeats,
+        reference=reference,
+        progress=lambda line: print("  " + line, flush=True),
+    )
+    for v in variants:
+        if names[v.key] in timed:
+            t = timed[names[v.key]]
+            _row(results, v)["speed"] = {
+                "images_per_s": t.median,
+                "ratio_to_e2e": t.ratio,
+                "step_ms": t.step_ms,
+                "rounds_images_per_s": t.images_per_s,
+                "rounds_ratio_to_e2e": t.ratios,
+                "batch_size": t.batch_size,
+                "block_steps": steps,
+                "warmup_steps": warmup,
+            }
+    save_results(out, results)
+
+
+def _partial_run(runs: Path, name: str) -> Path | None:
+    """The newest run directory of this (method, K, seed) with a checkpoint: an interrupted run to continue."""
+    pattern = re.compile(r"\d{4}-\d\d-\d\d_\d{6}_" + re.escape(name) + r"(_\d+)?")
+    found = [p for p in runs.glob(f"*{name}*") if pattern.fullmatch(p.name) and (p / "ckpt_last.pt").exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def run_accuracy(base: TrainCfg, variants: list[Variant], results: dict[str, Any], out: Path, seeds: int) -> None:
+    runs_dir = out / "runs"
+    done = {(r["key"], r["seed"]) for r in results["runs"]}
+    for v in variants:
+        for seed in range(base.run.seed, base.run.seed + seeds):
+            if (v.key, seed) in done:
+                print(f"  {v.label} K={v.k} seed {seed}: done, skipped", flush=True)
+                continue
+            name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{v.label}_k{v.k}_seed{seed}")
+            extra = [f"run.seed={seed}", f"run.out={runs_dir}", f"run.name={name}"]
+            try:
+                cfg = variant_config(base, v, extra)
+                build_engine(cfg, dataset_spec(cfg.data.name), torch.device("cpu"), _probe(cfg))
+            except ValueError as e:
+                print(f"  skip {v.label} K={v.k}: {e}", flush=True)
+                break
+            partial = _partial_run(runs_dir, name)
+            print(f"\n=== {v.label} K={v.k} seed {seed}" + (f" (continuing {partial})" if partial else ""), flush=True)
+            result = fit(cfg, resume=partial)
+            records = MetricsLog(Path(result["run_dir"]) / "metrics.jsonl").read()
+            final = next((r for r in reversed(records) if "test_acc" in r), None)
+            if final is None:
+                raise RuntimeError(f"{result['run_dir']}: training ended without a test evaluation")
+            _row(results, v)
+            results["runs"].append(
+                {
+                    "key": v.key,
+                    "label": v.label,
+                    "k": v.k,
+                    "seed": seed,
+                    "test_acc": final["test_acc"],
+                    "aux_acc": final.get("aux_acc", []),
+                    "epochs": final["epoch"],
+                    "peak_act_bytes": max(r.get("peak_act_bytes") or 0 for r in records),
+                    "imgs_per_s": final["imgs_per_s"],
+                    "run_dir": str(Path(result["run_dir"]).relative_to(out)),
+                }
+            )
+            save_results(out, results)
+
+
+def _probe(cfg: TrainCfg) -> torch.Tensor:
+    """A zeros batch of the dataset's shape, to validate a variant's split before training it."""
+    spec = dataset_spec(cfg.data.name)
+    return torch.zeros(2, spec.channels, spec.size, spec.size)
+
+
+def run_bench(
+    kind: str,
+    config: str | None,
+    methods: list[str],
+    ks: list[int],
+    seeds: int = 1,
+    out_dir: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+    *,
+    steps: int | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run one benchmark kind (or ``all``) into ``out_dir`` and return the results dict (see module docstring).
+
+    ``steps``: measured steps per variant for ``memory`` (default 1) and timed steps per round for ``speed``
+    (default 5). An existing ``results.json`` in ``out_dir`` must come from the same config; its rows are updated
+    and its finished accuracy runs kept.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown bench kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    base = load_config(config, list(overrides))
+    if base.run.threads:
+        torch.set_num_threads(base.run.threads)
+    variants = parse_variants(methods, ks)
+    out = Path(out_dir) if out_dir is not None else Path(base.run.out) / f"bench_{Path(config or 'default').stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    results = load_results(out, to_dict(base))
+    results["machine"] = machine_info(resolve_device(base.run.device))
+    results["commands"].append({"command": command, "kind": kind, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    save_results(out, results)
+    print(f"bench {kind}: {len(variants)} variants -> {out}", flush=True)
+    if kind in ("memory", "all"):
+        print("memory (saved-tensor meter, one training step each):", flush=True)
+        run_memory(base, variants, results, out, steps or 1)
+    if kind in ("speed", "all"):
+        print("speed (interleaved rounds):", flush=True)
+        run_speed(base, variants, results, out, steps=steps or 5, repeats=repeats, warmup=warmup)
+    if kind in ("accuracy", "all"):
+        print(f"accuracy ({seeds} seed(s) each; rerun with --out {out} to continue):", flush=True)
+        run_accuracy(base, variants, results, out, seeds)
+    results["machine"]["load_avg_end"] = machine_info(resolve_device(base.run.device))["load_avg"]
+    save_results(out, results)
+    print(f"\nsaved {out / 'results.md'} and results.json\n")
+    print((out / "results.md").read_text())
+    return results

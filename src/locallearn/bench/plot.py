@@ -1,0 +1,187 @@
+"""``locallearn plot RUNS_OR_RESULTS... --out DIR``: PNG figures from run directories and bench results.
+
+Inputs may be run directories (``metrics.jsonl``), bench folders or their ``results.json`` (a bench folder's
+``runs/`` are read too), or any folder holding run directories. Figures, each written only when its data exists:
+
+* ``accuracy_vs_epoch.png``: test accuracy of the final head per run;
+* ``aux_accuracy_by_depth.png``: last-epoch accuracy of every aux classifier by module, and the final head;
+* ``accuracy_vs_memory.png``: test accuracy (mean ± std over seeds) vs peak activation memory, the headline chart
+  of every local-learning paper. Memory is the saved-tensor meter's peak (activations only, no parameters or
+  data), so it is the same on any device;
+* ``throughput.png``: images/s per (method, K), ratio to E2E on each bar;
+* ``memory_vs_k.png``: peak activation memory vs K per method, E2E as a line.
+
+matplotlib is an optional extra (``pip install 'locallearn[plot]'``), imported only here and with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .report import table_rows
+
+
+def _import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plot needs matplotlib: pip install 'locallearn[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _run_label(run_dir: Path, records: list[dict[str, Any]]) -> str:
+    k = len(records[0].get("train_loss", [])) if records else "?"
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return f"{cfg['method']['name']} K={k} seed {cfg['run']['seed']}"
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return run_dir.name
+
+
+def collect(inputs: list[str | Path]) -> tuple[dict[Path, list[dict[str, Any]]], list[tuple[Path, dict[str, Any]]]]:
+    """(run dir → metrics records, [(results.json path, results)]) found under ``inputs``."""
+    runs: dict[Path, list[dict[str, Any]]] = {}
+    benches: list[tuple[Path, dict[str, Any]]] = []
+
+    def add_run(d: Path) -> None:
+        lines = (d / "metrics.jsonl").read_text().splitlines()
+        runs[d] = [json.loads(line) for line in lines if line.strip()]
+
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise FileNotFoundError(f"{item}: no such file or directory")
+        results = item if item.is_file() else item / "results.json"
+        found = False
+        if results.is_file():
+            if results.name != "results.json":
+                raise ValueError(f"{item}: expected a run directory, a bench folder or its results.json")
+            benches.append((results, json.loads(results.read_text())))
+            item, found = results.parent, True
+        if (item / "metrics.jsonl").is_file():
+            add_run(item)
+            found = True
+        for sub in sorted([*item.glob("*/metrics.jsonl"), *item.glob("runs/*/metrics.jsonl")]):
+            add_run(sub.parent)
+            found = True
+        if not found:
+            raise FileNotFoundError(f"{item}: no metrics.jsonl or results.json here or one level down")
+    return runs, benches
+
+
+def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Write every figure the inputs support into ``out_dir``; return their paths."""
+    plt = _import_pyplot()
+    runs, benches = collect(inputs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+
+    labelled = {d: (_run_label(d, recs), [r for r in recs if "test_acc" in r]) for d, recs in runs.items()}
+    if any(evals for _, evals in labelled.values()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, evals in labelled.values():
+            if evals:
+                ax.plot([r["epoch"] for r in evals], [100 * r["test_acc"] for r in evals], marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy of the final head")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "accuracy_vs_epoch.png")
+
+    with_aux = {lab: ev[-1] for lab, ev in labelled.values() if ev and any(a is not None for a in ev[-1]["aux_acc"])}
+    if with_aux:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, last in with_aux.items():
+            accs = [*last["aux_acc"], last["test_acc"]]
+            pts = [(i + 1, 100 * a) for i, a in enumerate(accs) if a is not None]
+            ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(xlabel="module (depth)", ylabel="accuracy (%)", title="Aux classifier accuracy by depth (last = head)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "aux_accuracy_by_depth.png")
+
+    rows = [(path, r) for path, res in benches for r in table_rows(res)]
+    tag = len(benches) > 1
+    pts = [(p, r) for p, r in rows if r["accuracy"] and r["peak_act_mib"] is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for path, r in pts:
+            acc = r["accuracy"]
+            ax.errorbar(r["peak_act_mib"], 100 * acc["mean"], yerr=100 * acc["std"], fmt="o", capsize=3)
+            ax.annotate(
+                _name(path, r, tag),
+                (r["peak_act_mib"], 100 * acc["mean"]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        ax.set(
+            xlabel="peak activation memory (MiB, saved-tensor meter)",
+            ylabel="test accuracy (%)",
+            title="Accuracy vs training memory",
+        )
+        ax.grid(alpha=0.3)
+        save(fig, "accuracy_vs_memory.png")
+
+    timed = [(p, r) for p, r in rows if r["images_per_s"] is not None]
+    if timed:
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(timed)), 4.5))
+        names = [_name(p, r, tag) for p, r in timed]
+        bars = ax.bar(range(len(timed)), [r["images_per_s"] for _, r in timed])
+        for bar, (_, r) in zip(bars, timed):
+            if r["speed_ratio"] is not None:
+                ax.annotate(
+                    f"×{r['speed_ratio']:.2f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+        ax.set_xticks(range(len(timed)), names, rotation=45, ha="right", fontsize=7)
+        ax.set(ylabel="training images/s", title="Throughput (×: ratio to E2E)")
+        save(fig, "throughput.png")
+
+    by_method: dict[str, list[tuple[int, float]]] = {}
+    e2e_lines = []
+    for path, r in rows:
+        if r["peak_act_mib"] is None:
+            continue
+        if r["method"] == "e2e":
+            e2e_lines.append((_name(path, {**r, "k": 1}, tag), r["peak_act_mib"]))
+        else:
+            by_method.setdefault(_name(path, {**r, "k": None}, tag), []).append((r["k"], r["peak_act_mib"]))
+    if by_method:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, series in by_method.items():
+            ax.plot(*zip(*sorted(series)), marker="o", label=label)
+        for label, mib in e2e_lines:
+            ax.axhline(mib, linestyle="--", color="gray", label=label)
+        ax.set(xlabel="K (local modules)", ylabel="peak activation memory (MiB)", title="Activation memory vs K")
+        ax.set_xscale("log", base=2)
+        ks = sorted({k for series in by_method.values() for k, _ in series})
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, "memory_vs_k.png")
+
+    if not written:
+        raise ValueError("nothing to plot: the inputs hold no evaluated epochs and no bench rows")
+    return written
+
+
+def _name(path: Path, r: dict[str, Any], tag: bool) -> str:
+    name = r["label"] if r["k"] is None else f"{r['label']} K={r['k']}"
+    return f"{path.parent.name}: {name}" if tag else name

@@ -1,0 +1,206 @@
+"""``results.json`` ⇄ ``results.md``: the bench's record and its Markdown table.
+
+``results.json`` is the record: rows per (method, K) with whatever was measured (``memory``, ``flops``, ``speed``),
+per-seed accuracy ``runs``, the config, the machine and every command that wrote to it, so a table or figure can
+always be traced to what produced it. ``results.md`` is derived from it and rewritten after every change
+(written atomically, so an interrupted bench never leaves a half file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..train.config import ConfigError
+from ..train.rundir import environment
+
+MiB = 2**20
+FORMAT = 1
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """:func:`~locallearn.train.rundir.environment` plus all three load averages and the exact command line."""
+    env = environment(device)
+    env["load_avg"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env["command"] = command_line()
+    env["cwd"] = os.getcwd()
+    env["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return env
+
+
+def command_line() -> str:
+    """``locallearn bench ...`` as typed (argv[0] shortened to the program name)."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if prog in ("__main__.py", "-m"):
+        prog = "python -m locallearn"
+    return shlex.join([prog, *sys.argv[1:]])
+
+
+def load_results(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The existing record in ``out`` (which must be for ``config``), or a new one."""
+    path = out / "results.json"
+    if not path.exists():
+        return {"format": FORMAT, "config": config, "rows": [], "runs": [], "commands": []}
+    results = json.loads(path.read_text())
+    if results.get("config") != config:
+        diff = sorted(_diff(results.get("config") or {}, config))
+        raise ConfigError(
+            f"{out} holds results of a different config ({', '.join(diff[:4])} differ); use another --out "
+            "or the same config and overrides"
+        )
+    return results
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for key in set(a) | set(b):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.add(prefix + key)
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_results(out: Path, results: dict[str, Any]) -> None:
+    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _write_atomic(out / "results.md", render_markdown(results) + "\n")
+
+
+def accuracy_summary(results: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """Mean, sample std and count of final test accuracy over the seeds of row ``key``."""
+    accs = [r["test_acc"] for r in results["runs"] if r["key"] == key]
+    if not accs:
+        return None
+    return {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs)}
+
+
+def peak_act_mib(results: dict[str, Any], row: dict[str, Any]) -> float | None:
+    """The memory bench's peak, else the one ``fit`` measured with the same meter during accuracy runs."""
+    if "memory" in row:
+        return row["memory"]["peak_act_bytes"] / MiB
+    peaks = [r["peak_act_bytes"] for r in results["runs"] if r["key"] == row["key"] and r.get("peak_act_bytes")]
+    return max(peaks) / MiB if peaks else None
+
+
+def _e2e(results: dict[str, Any]) -> dict[str, Any] | None:
+    return next((r for r in results["rows"] if r["method"] == "e2e"), None)
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat dict per (method, K): the numbers of the Markdown table and the plots (None = not measured)."""
+    e2e = _e2e(results)
+    e2e_mem = peak_act_mib(results, e2e) if e2e else None
+    flat = []
+    for row in results["rows"]:
+        mem = peak_act_mib(results, row)
+        speed = row.get("speed") or {}
+        flat.append(
+            {
+                "label": row["label"],
+                "method": row["method"],
+                "k": row["k"],
+                "peak_act_mib": mem,
+                "mem_ratio": mem / e2e_mem if mem is not None and e2e_mem else None,
+                "images_per_s": speed.get("images_per_s"),
+                "speed_ratio": speed.get("ratio_to_e2e"),
+                "aux_flops_pct": 100 * row["flops"]["aux_overhead"] if "flops" in row else None,
+                "accuracy": accuracy_summary(results, row["key"]),
+            }
+        )
+    return flat
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    cfg, machine = results["config"], results.get("machine", {})
+    head = (
+        f"{cfg['model']['name']} (width {cfg['model']['width']}), {cfg['data']['name']}, batch "
+        f"{cfg['data']['batch_size']}, device {machine.get('device', '?')} ({machine.get('device_name', '?')}), "
+        f"{machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}, git {machine.get('git', '?')}"
+    )
+    lines = [
+        head,
+        "",
+        "| method | K | peak activation MiB | vs E2E | images/s | vs E2E | aux FLOPs overhead "
+        "| test acc (mean ± std, n) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table_rows(results):
+        acc = r["accuracy"]
+        acc_text = "-" if acc is None else f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} % (n={acc['n']})"
+        lines.append(
+            f"| {r['label']} | {r['k']} | {_fmt(r['peak_act_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.3f')} | "
+            f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['speed_ratio'], '.3f')} | "
+            f"{_fmt(r['aux_flops_pct'], '.1f')}{'' if r['aux_flops_pct'] is None else ' %'} | {acc_text} |"
+        )
+    detail = [r for r in results["rows"] if "memory" in r]
+    if detail:
+        lines += [
+            "",
+            "Memory detail (MiB; parameters, gradients and optimizer state include the aux nets; peak RSS is the "
+            "whole process, a coarse cross-check; CUDA peaks are above the baseline after data load):",
+            "",
+            "| method | K | module ends | activations | params | grads | optimizer state | peak RSS | "
+            "CUDA alloc | CUDA reserved |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in detail:
+            m = r["memory"]
+
+            def mib(b: int | None) -> str:
+                return "-" if b is None else f"{b / MiB:.1f}"
+
+            lines.append(
+                f"| {r['label']} | {r['k']} | {r.get('ends', '-')} | {mib(m['peak_act_bytes'])} | "
+                f"{mib(m['param_bytes'])} | {mib(m['grad_bytes'])} | {mib(m['optim_state_bytes'])} | "
+                f"{mib(m['peak_rss_bytes'])} | {mib(m['cuda_peak_allocated_above_baseline'])} | "
+                f"{mib(m['cuda_peak_reserved_above_baseline'])} |"
+            )
+    timed = [r for r in results["rows"] if "speed" in r]
+    if timed:
+        s0 = timed[0]["speed"]
+        lines += [
+            "",
+            f"Speed: median over {len(s0['rounds_images_per_s'])} interleaved rounds of {s0['block_steps']} timed "
+            f"steps (after {s0['warmup_steps']} warm-up steps), batch {s0['batch_size']}; ratio = median of the "
+            "per-round ratios to E2E.",
+            "",
+            "| method | K | step ms | images/s (min–max) | vs E2E (min–max) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in timed:
+            s = r["speed"]
+            ips, ratios = s["rounds_images_per_s"], s["rounds_ratio_to_e2e"]
+            ratio = "-" if not ratios else f"{s['ratio_to_e2e']:.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
+            lines.append(
+                f"| {r['label']} | {r['k']} | {s['step_ms']:.1f} | {s['images_per_s']:.1f} "
+                f"({min(ips):.1f}–{max(ips):.1f}) | {ratio} |"
+            )
+    notes = [f"memory input: {results['memory_data']}" if "memory_data" in results else None]
+    notes.append(f"speed input: {results['speed_data']}" if "speed_data" in results else None)
+    if machine:
+        notes.append(
+            f"machine: {machine.get('cpu')} ({machine.get('cpu_count')} CPUs), load average {machine.get('load_avg')}"
+            + (f" → {machine['load_avg_end']}" if machine.get("load_avg_end") else "")
+        )
+    notes += [f"command ({c['date']}): `{c['command']}`" for c in results.get("commands", []) if c.get("command")]
+    lines += ["", *[f"- {n}" for n in notes if n]]
+    return "\n".join(lines)

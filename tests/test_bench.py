@@ -1,0 +1,220 @@
+"""Meters (storage dedup, release per local backward, parameter/gradient/optimizer bytes, exact FLOPs, speed),
+``locallearn bench`` end to end on tiny settings (one row per (method, K), resumable accuracy) and ``plot``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
+from locallearn.bench import bench as bench_mod
+from locallearn.bench import engine_flops, parse_variants
+from locallearn.cli.main import main
+from locallearn.measure import SavedTensorMeter, model_state_bytes, peak_rss_bytes, tensor_bytes, train_flops
+from locallearn.measure.speed import interleaved_throughput
+
+from .conftest import tiny_overrides
+from .test_engine import make_batch
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist" / "demo.yaml")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- meters ------------------------------------------------------------------------------------------------------
+
+
+def test_meter_counts_a_storage_once_across_views_and_ops() -> None:
+    """x·x saves x twice (one storage), pow saves a view of h (h's storage): only x and h count, B·8·4 B each.
+    (A leaf that requires grad is a parameter, not an activation, so x is made by an op that saves nothing.)"""
+    leaf = torch.randn(4, 8, requires_grad=True)
+    meter = SavedTensorMeter()
+    with meter:
+        x = leaf + 1.0
+        h = (x * x).relu()  # mul saves x twice; relu saves its output h
+        h.view(2, 16).pow(2).sum().backward()  # pow saves its input, a view of h
+    assert meter.peak == 4 * 8 * 4 + 4 * 8 * 4
+
+
+def test_engine_releases_after_each_local_backward() -> None:
+    """After a local step nothing is alive (current 0), and the peak is one module's worth, not the sum."""
+    torch.manual_seed(0)
+    engine = LocalEngine(
+        create_model("resnet8", num_classes=4, in_channels=1, width=4),
+        MethodCfg(name="dgl", k=2),
+        ClassificationTask(4),
+        OptimCfg(),
+    )
+    engine.meter = meter = SavedTensorMeter()
+    with meter:
+        engine.train_step(make_batch(n=8))
+    assert meter.current == 0 and meter.peak > 0
+    first = meter.peak
+    meter.reset()
+    with meter:
+        engine.train_step(make_batch(n=8))
+    assert meter.peak == first  # same shapes, same saved bytes every step
+
+
+def test_parameter_gradient_and_optimizer_bytes() -> None:
+    lin = nn.Linear(10, 5)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+    before = model_state_bytes(lin.parameters(), [opt])
+    assert before == {"param_bytes": 55 * 4, "grad_bytes": 0, "optim_state_bytes": 0}
+    lin(torch.randn(3, 10)).sum().backward()
+    opt.step()
+    assert model_state_bytes(lin.parameters(), [opt]) == {k: 55 * 4 for k in before}
+    w = lin.weight
+    assert tensor_bytes([w, w.t(), None]) == 50 * 4  # a view shares the storage
+    assert peak_rss_bytes() > 10 * 2**20
+
+
+def peak_of(name: str, k: int) -> int:
+    torch.manual_seed(0)
+    cfg = MethodCfg(name=name, k=k, split="infopro" if k > 1 else "auto")
+    engine = LocalEngine(
+        create_model("resnet32", num_classes=4, in_channels=1, width=4), cfg, ClassificationTask(4), OptimCfg()
+    )
+    engine.meter = SavedTensorMeter()
+    with engine.meter:
+        engine.train_step(make_batch(n=4, size=12))
+    return engine.meter.peak
+
+
+@pytest.mark.parametrize("name", ["dgl", "infopro"])
+def test_resnet32_local_peak_below_e2e_and_falls_with_k(name: str) -> None:
+    e2e = peak_of("e2e", 1)
+    local = [peak_of(name, k) for k in (2, 4, 8, 16)]
+    assert all(p < e2e for p in local)
+    assert all(a > b for a, b in zip(local, local[1:])), local
+
+
+def test_flops_equal_the_analytic_count() -> None:
+    """Conv forward = 2·N·Cout·H·W·Cin·k·k; backward = 2× forward (grad input + grad weight), except for a conv
+    whose input needs no gradient (the first one), which computes only the weight gradient (1×)."""
+    n, h, w = 2, 6, 5
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1, bias=False))
+    f1, f2 = 2 * n * 8 * h * w * 3 * 9, 2 * n * 4 * h * w * 8 * 9
+    x = torch.randn(n, 3, h, w)
+    assert train_flops(lambda t: net(t).sum(), x) == (f1 + f2, f1 + 2 * f2)
+    assert train_flops(lambda t: net(t).sum(), x.requires_grad_()) == (f1 + f2, 2 * (f1 + f2))
+
+
+def test_engine_flops_split_backbone_and_aux() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=4, in_channels=1, width=4)
+    e2e = LocalEngine(model, MethodCfg(name="e2e", k=1), ClassificationTask(4), OptimCfg())
+    f = engine_flops(e2e, make_batch(n=4))
+    assert f["aux_fwd"] == f["aux_bwd"] == 0 and f["aux_overhead"] == 0
+    assert f["bwd"] > f["fwd"] > 0
+    dgl = LocalEngine(model, MethodCfg(name="dgl", k=3), ClassificationTask(4), OptimCfg())
+    g = engine_flops(dgl, make_batch(n=4))
+    assert g["fwd"] == f["fwd"] and g["bwd"] < f["bwd"]  # same forward; detached module inputs get no gradient
+    assert g["aux_overhead"] > 0 and len(g["per_module"]) == 3
+
+
+def test_interleaved_throughput_ratios_are_per_round() -> None:
+    calls: list[str] = []
+    steps = {"a": lambda i: calls.append("a"), "b": lambda i: calls.append("b")}
+    out = interleaved_throughput(steps, images_per_step=4, block=2, warmup=1, repeats=3, reference="a")
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then rounds of interleaved blocks
+    assert out["a"].ratios == [1.0, 1.0, 1.0] and len(out["b"].images_per_s) == 3
+
+
+def test_parse_variants() -> None:
+    v = parse_variants(["e2e", "infopro", "infopro:infopro_star"], [2, 4])
+    assert [(x.label, x.k) for x in v] == [
+        ("e2e", 1),
+        ("infopro", 2),
+        ("infopro", 4),
+        ("infopro:infopro_star", 2),
+        ("infopro:infopro_star", 4),
+    ]
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_variants(["e2f"], [2])
+
+
+# ---- bench and plot, end to end ---------------------------------------------------------------------------------
+
+
+def fast(root: Path, out: Path) -> list[str]:
+    return [*tiny_overrides(root, out), "run.epochs=1", "data.limit_train=128", "run.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def bench_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    args = ["--methods", "e2e,dgl,infopro", "--k", "2,3", "--out", str(out), *fast(synthetic_root, out)]
+    assert main(["bench", "memory", "-c", DEMO, *args]) == 0
+    assert main(["bench", "speed", "-c", DEMO, "--steps", "1", "--repeats", "2", "--warmup", "1", *args]) == 0
+    return out
+
+
+def test_bench_memory_and_speed_write_one_row_per_variant(bench_dir: Path) -> None:
+    results = json.loads((bench_dir / "results.json").read_text())
+    rows = {(r["label"], r["k"]): r for r in results["rows"]}
+    assert sorted(rows) == [("dgl", 2), ("dgl", 3), ("e2e", 1), ("infopro", 2), ("infopro", 3)]
+    e2e = rows[("e2e", 1)]
+    assert e2e["speed"]["ratio_to_e2e"] == 1.0 and e2e["flops"]["aux_overhead"] == 0
+    assert rows[("dgl", 2)]["memory"]["peak_act_bytes"] < e2e["memory"]["peak_act_bytes"]
+    assert all(r["memory"]["param_bytes"] > 0 and r["speed"]["images_per_s"] > 0 for r in rows.values())
+    assert {"cpu", "threads", "torch", "git", "load_avg", "command"} <= set(results["machine"])
+    md = (bench_dir / "results.md").read_text()
+    assert "| e2e | 1 |" in md and md.count("| dgl | 2 |") == 3  # main, memory-detail and speed tables
+
+
+def test_bench_rejects_a_different_config_in_the_same_out(bench_dir: Path, synthetic_root: Path, capsys) -> None:
+    args = ["--methods", "e2e", "--out", str(bench_dir), *fast(synthetic_root, bench_dir), "model.width=4"]
+    assert main(["bench", "memory", "-c", DEMO, *args]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_bench_accuracy_resumes(bench_dir: Path, synthetic_root: Path, monkeypatch) -> None:
+    calls: list[object] = []
+    real_fit = bench_mod.fit
+
+    def counting_fit(cfg, resume=None, **kw):
+        calls.append(resume)
+        return real_fit(cfg, resume=resume, quiet=True, **kw)
+
+    monkeypatch.setattr(bench_mod, "fit", counting_fit)
+    args = ["-c", DEMO, "--methods", "e2e,dgl", "--k", "2", "--out", str(bench_dir), *fast(synthetic_root, bench_dir)]
+    assert main(["bench", "accuracy", *args]) == 0
+    assert calls == [None, None]
+    assert main(["bench", "accuracy", *args]) == 0  # everything finished: nothing trains again
+    assert len(calls) == 2
+    # An interruption after the run's checkpoint but before its row was recorded: the run continues, no new dir.
+    path = bench_dir / "results.json"
+    results = json.loads(path.read_text())
+    lost = results["runs"].pop()
+    path.write_text(json.dumps(results))
+    assert main(["bench", "accuracy", *args]) == 0
+    assert len(calls) == 3 and calls[-1] == bench_dir / lost["run_dir"]
+    results = json.loads(path.read_text())
+    assert len(results["runs"]) == 2 and len(list((bench_dir / "runs").iterdir())) == 2
+    md = (bench_dir / "results.md").read_text()
+    assert "(n=1)" in md
+
+
+def test_plot_writes_pngs(bench_dir: Path, tmp_path: Path) -> None:
+    if not (bench_dir / "runs").exists():
+        pytest.skip("needs the accuracy runs of test_bench_accuracy_resumes")
+    assert main(["plot", str(bench_dir), "--out", str(tmp_path)]) == 0
+    names = {p.name for p in tmp_path.glob("*.png")}
+    expected = {"accuracy_vs_epoch", "aux_accuracy_by_depth", "accuracy_vs_memory", "throughput", "memory_vs_k"}
+    assert names == {f"{n}.png" for n in expected}
+    for p in tmp_path.glob("*.png"):
+        data = p.read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_plot_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "pip install 'locallearn[plot]'" in capsys.readouterr().err
