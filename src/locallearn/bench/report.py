@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..train.config import ConfigError
+from ..train.config import ConfigError, changed_keys
 from ..train.rundir import environment
 
 MiB = 2**20
@@ -51,23 +51,12 @@ def load_results(out: Path, config: dict[str, Any]) -> dict[str, Any]:
         return {"format": FORMAT, "config": config, "rows": [], "runs": [], "commands": []}
     results = json.loads(path.read_text())
     if results.get("config") != config:
-        diff = sorted(_diff(results.get("config") or {}, config))
+        diff = sorted(changed_keys(results.get("config") or {}, config))
         raise ConfigError(
             f"{out} holds results of a different config ({', '.join(diff[:4])} differ); use another --out "
             "or the same config and overrides"
         )
     return results
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
-    out = set()
-    for key in set(a) | set(b):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.add(prefix + key)
-    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -230,5 +230,17 @@ def config_from_dict(data: dict[str, Any]) -> TrainCfg:
     return _build(TrainCfg, data)
 
 
+def changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two nested config dicts (``method.k``, ``run.epochs``, ...)."""
+    out = set()
+    for key in set(a) | set(b):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= changed_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.add(prefix + key)
+    return out
+
+
 def dump_config(cfg: TrainCfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -27,7 +27,7 @@ from ..measure.memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
 from ..methods.base import resolve_k
 from ..models.registry import create_model
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainCfg, apply_overrides, config_from_dict, dump_config, to_dict
+from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
 from .engine import LocalEngine
 from .rundir import MetricsLog, environment, new_run_dir
 from .schedule import lr_at
@@ -134,7 +134,7 @@ def fit(
         run_dir = ckpt.parent
         saved = config_from_dict(state["config"])
         cfg = config_from_dict(apply_overrides(to_dict(saved), list(overrides))) if cfg is None else cfg
-        changed = _changed_keys(to_dict(saved), to_dict(cfg))
+        changed = changed_keys(to_dict(saved), to_dict(cfg))
         if changed - RESUMABLE_CHANGES:
             raise ConfigError(
                 f"--resume {run_dir}: {', '.join(sorted(changed - RESUMABLE_CHANGES))} differ from the "
@@ -242,18 +242,6 @@ def fit(
         checkpoint()
     result["peak_act_bytes"] = peak_act
     return result
-
-
-def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
-    keys = set(a) | set(b)
-    out = set()
-    for key in keys:
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= _changed_keys(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.add(prefix + key)
-    return out
 
 
 def _seen(loader: ResidentLoader, epoch: int, first: int, last: int) -> int:
