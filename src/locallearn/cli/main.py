@@ -75,7 +75,15 @@ def main(argv: list[str] | None = None) -> int:
             if not args.config and not args.resume:
                 raise ConfigError("train needs -c CONFIG.yaml (a preset from configs/) or --resume RUN_DIR")
             if args.config:
-                fit(load_config(args.config, args.overrides), resume=args.resume)
+                cfg = load_config(args.config, args.overrides)
+                if cfg.parallel == "ppll":
+                    if args.resume:
+                        raise ConfigError("resuming a PPLL run is not supported yet; start a new run")
+                    from ..parallel.ppll import fit_ppll
+
+                    fit_ppll(cfg)
+                else:
+                    fit(cfg, resume=args.resume)
             else:
                 fit(resume=args.resume, overrides=args.overrides)
         elif args.command == "eval":

@@ -91,12 +91,27 @@ class RunCfg:
 
 
 @dataclass
+class PPLLCfg:
+    """Pipeline-parallel local learning (``parallel: ppll``). ``procs``: ranks to spawn when not under torchrun
+    (0 = require torchrun). ``window``: sends in flight per rank (back-pressure). ``timeout``: seconds a rank
+    waits for a peer before it exits naming the silent stage."""
+
+    procs: int = 0
+    window: int = 2
+    timeout: float = 120.0
+
+
+@dataclass
 class TrainCfg:
+    """``parallel``: ``none`` (one process, the sequential engine) or ``ppll`` (one process per module)."""
+
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     method: MethodCfg = field(default_factory=MethodCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     run: RunCfg = field(default_factory=RunCfg)
+    parallel: Literal["none", "ppll"] = "none"
+    ppll: PPLLCfg = field(default_factory=PPLLCfg)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -142,6 +142,8 @@ def fit(
             )
     if cfg is None:
         raise ConfigError("fit needs a config or a run to resume")
+    if cfg.parallel != "none":
+        raise ConfigError(f"parallel={cfg.parallel} runs through locallearn.parallel, not the single-process fit")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)

@@ -1,0 +1,1 @@
+"""Multi-process runtimes. PPLL: one process per local module (:mod:`.ppll`)."""
