@@ -58,3 +58,50 @@ def test_ppll_refuses_what_it_cannot_run(synthetic_root: Path, tmp_path: Path) -
         spawn_ppll(load_config(None, base + ["method.addons=[cascade]"]))
     with pytest.raises(Exception, match="one process per module"):
         spawn_ppll(load_config(None, base + ["method.k=3"]))
+
+
+def _stage_that_dies(rank: int, world: int, port: int, data: dict, out_dir: str, queue) -> None:
+    """Rank 1 joins the group and then dies at once; the others must fail fast, not hang."""
+    import os
+
+    import torch.distributed as dist
+
+    from locallearn.parallel import ppll
+
+    if rank == 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        os._exit(3)
+    ppll._spawned(rank, world, port, data, out_dir, queue)
+
+
+def test_a_dead_stage_makes_every_other_rank_exit_nonzero(synthetic_root: Path, tmp_path: Path) -> None:
+    """Rank 1 dies right after joining; ranks 0 and 2 must each exit non-zero on their own (not be killed by the
+    launcher) within a bounded time: no silent hang."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from locallearn.parallel import ppll
+    from locallearn.train.config import to_dict
+
+    cfg = load_config(
+        None,
+        tiny_overrides(synthetic_root, tmp_path)
+        + ["method.name=dgl", "method.k=3", "parallel=ppll", "ppll.timeout=30"],
+    )
+    start = time.perf_counter()
+    context = mp.start_processes(
+        _stage_that_dies,
+        args=(3, ppll._free_port(), to_dict(cfg), str(tmp_path), None),
+        nprocs=3,
+        join=False,
+        start_method="spawn",
+    )
+    while any(p.exitcode is None for p in context.processes) and time.perf_counter() - start < 90:
+        time.sleep(0.2)
+    codes = [p.exitcode for p in context.processes]
+    for p in context.processes:
+        if p.exitcode is None:
+            p.kill()
+    assert codes[1] == 3 and codes[0] not in (None, 0) and codes[2] not in (None, 0), codes

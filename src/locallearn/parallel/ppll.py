@@ -74,7 +74,7 @@ class Link:
         if payload is not None:
             self.pending.append((dist.isend(payload, self.rank + 1), payload))  # keep the buffer alive
         while len(self.pending) > 2 * self.window:  # back-pressure: at most `window` messages in flight
-            self.pending.pop(0)[0].wait()
+            self._wait(self.pending.pop(0)[0])
 
     def recv(self, expect_kind: int | None, expect_step: int | None) -> tuple[int, int, torch.Tensor | None]:
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
@@ -100,8 +100,16 @@ class Link:
 
     def flush(self) -> None:
         for item in self.pending:
-            item[0].wait()
+            self._wait(item[0])
         self.pending.clear()
+
+    def _wait(self, work: Any) -> None:
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise StageError(
+                f"stage {self.rank}: stage {self.rank + 1} stopped receiving ({str(e).splitlines()[0]})"
+            ) from None
 
 
 def check_supported(engine: LocalEngine) -> None:
