@@ -124,7 +124,7 @@ def test_round_trip_defaults():
     cfg = TrainCfg()
     text = dump_config(cfg)
     assert isinstance(text, str)
-    assert set(yaml.safe_load(text)) == {"data", "model", "method", "optim", "run"}
+    assert set(yaml.safe_load(text)) == {"data", "model", "method", "optim", "run", "parallel", "ppll"}
     assert round_trip(cfg) == cfg
     assert to_dict(round_trip(cfg)) == to_dict(cfg)
 

@@ -8,6 +8,7 @@
     locallearn list
     locallearn bench memory -c configs/cifar10/resnet32_infopro_k4.yaml --methods e2e,dgl,infopro --k 2,4,8,16
     locallearn plot runs/bench_demo --out figures
+    locallearn data get cifar10 --root data
 
 Every error a user can cause prints one line (``locallearn: error: ...``) and exits with status 2.
 """
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG figures from run directories and bench results (needs [plot])")
     pl.add_argument("inputs", nargs="+", help="run directories, bench folders or results.json files")
     pl.add_argument("--out", required=True, help="folder for the PNGs")
+
+    d = sub.add_parser("data", help="dataset files: `data get NAME --root DIR` downloads and verifies them")
+    actions = d.add_subparsers(dest="action", required=True)
+    g = actions.add_parser("get", help="download, verify (size + sha256) and extract a dataset's official archives")
+    g.add_argument("name", help="fashion_mnist, mnist, cifar10, cifar100, svhn, svhn_extra or stl10")
+    g.add_argument("--root", default="data", help="parent folder; files go to ROOT/<dataset> (default data)")
     return p
 
 
@@ -129,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in plot(args.inputs, args.out):
                 print(f"wrote {path}")
+        elif args.command == "data":
+            from ..data.get import get
+
+            get(args.name, args.root)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"locallearn: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,10 @@
 """Datasets read from their standard files, and the device-resident loader."""
 
-from . import cifar  # noqa: F401  (registers cifar10 and cifar100)
+from . import (
+    cifar,  # noqa: F401  (registers cifar10 and cifar100)
+    stl10,  # noqa: F401  (registers stl10)
+    svhn,  # noqa: F401  (registers svhn and svhn_extra)
+)
 from .datasets import DatasetSpec, dataset_spec, find_root, list_datasets, load_split, register_dataset
 from .idx import DataError, read_idx
 from .loader import ResidentLoader

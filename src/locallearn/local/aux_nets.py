@@ -109,3 +109,34 @@ class DGLHead(nn.Module):
             h = F.adaptive_avg_pool2d(h, (-(-h.shape[-2] // 4), size))
         h = F.adaptive_avg_pool2d(self.convs(h), 2)
         return self.mlp(torch.flatten(h, 1))
+
+
+TOKEN_POOLS = ("auto", "cls", "mean")
+
+
+class TokenHead(nn.Module):
+    """Aux head on a token map (B, N, D), e.g. a ViT block's output (``UnitInfo.tokens``; MAN++ ViT aux, spec
+    §3.2): LayerNorm, the CLS token (``cls``, token 0) or the mean of all tokens (``mean``), an optional hidden
+    Linear + GELU of width ``hidden``, then Linear → ``out_dim``. ``auto`` = ``cls``, except on the patch
+    embedding's own output (stage 0), where the CLS token has not yet attended to any patch (a CLS head there
+    would train nothing but the CLS and position embeddings), so ``mean``."""
+
+    def __init__(self, info: UnitInfo, out_dim: int, pool: str = "auto", hidden: int | None = None) -> None:
+        super().__init__()
+        if pool not in TOKEN_POOLS:
+            raise ValueError(f"unknown token pooling {pool!r}; choose one of {', '.join(TOKEN_POOLS)}")
+        self.pool = ("mean" if info.stage == 0 else "cls") if pool == "auto" else pool
+        self.norm = nn.LayerNorm(info.channels, eps=1e-6)
+        layers: list[nn.Module] = []
+        c = info.channels
+        if hidden:
+            layers += [nn.Linear(c, hidden), nn.GELU()]
+            c = hidden
+        layers.append(nn.Linear(c, out_dim))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() != 3:
+            raise ValueError(f"TokenHead expects tokens (B, N, D), got shape {tuple(h.shape)}")
+        h = self.norm(h)
+        return self.mlp(h[:, 0] if self.pool == "cls" else h.mean(dim=1))

@@ -1,21 +1,23 @@
 """DGL, decoupled greedy learning (Belilovsky et al., ICML 2020; spec methods.md §1).
 
 Each module gets a DGL aux classifier (``mlp-sr`` by default) trained with cross-entropy, and its optimizer
-steps right after its own backward (``step: module``).
+steps right after its own backward (``step: module``). On a token map (a ViT block, ``UnitInfo.tokens``) the aux
+net is a :class:`~locallearn.local.aux_nets.TokenHead` whatever ``dgl_head`` says: LayerNorm, the CLS token (the
+token mean on the patch embedding's own output), Linear (MAN++ ViT, spec §3.1).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..local.aux_nets import DGLHead
+from ..local.aux_nets import DGLHead, TokenHead
 from ..local.task import Batch
 from ..models.units import UnitInfo
 from .base import LocalMethod, Objective, register_method
 
 
 class DGLObjective(Objective):
-    def __init__(self, head: DGLHead, task) -> None:
+    def __init__(self, head: DGLHead | TokenHead, task) -> None:
         super().__init__()
         self.head, self.task = head, task
 
@@ -34,4 +36,7 @@ class DGL(LocalMethod):
     default_step = "module"
 
     def build_objective(self, k: int, info: UnitInfo, independent: bool = False) -> Objective:
-        return DGLObjective(DGLHead(info, self.cfg.dgl_head, self.ctx.task.num_classes), self.ctx.task)
+        num_classes = self.ctx.task.num_classes
+        if info.tokens:
+            return DGLObjective(TokenHead(info, num_classes, pool="auto"), self.ctx.task)
+        return DGLObjective(DGLHead(info, self.cfg.dgl_head, num_classes), self.ctx.task)

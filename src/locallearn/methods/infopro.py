@@ -4,13 +4,20 @@ Module k's local loss is λ1(k)·BCE(decoder(h), image) + λ2(k)·L_y(head(h)), 
 loss (``loss_mode: contrast``, InfoPro's default) or cross-entropy (``softmax``), and (λ1, λ2) moving linearly
 from (ixx_1, ixy_1) at the first module to (ixx_2, ixy_2) at module K-2 (§2.3). The reference steps one optimizer
 after all backwards (``step: end``). A term whose λ is 0 is not computed.
+
+On a token map (a ViT block, ``UnitInfo.tokens``) the I(h;y) head is a
+:class:`~locallearn.local.aux_nets.TokenHead`: LayerNorm, the CLS token (the token mean on the patch embedding's
+own output), a hidden Linear + GELU of ``feature_dim·widen`` when ``aux`` has two or more FC layers, Linear → out;
+the convs of ``aux`` do not apply. There is no token
+decoder, so λ1 (the reconstruction weight) must be 0 there: set ``method.lambdas`` to ``[0, ixy_1, 0, ixy_2]``
+(or use DGL); anything else is a ValueError.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..local.aux_nets import Decoder, InfoProHead
+from ..local.aux_nets import INFOPRO_CONFIGS, Decoder, InfoProHead, TokenHead
 from ..local.losses import infopro_lambdas, reconstruction_loss, supcon_loss
 from ..local.task import Batch, ClassificationTask
 from ..models.units import UnitInfo
@@ -19,7 +26,13 @@ from .base import LocalMethod, MethodCfg, Objective, register_method
 
 class InfoProObjective(Objective):
     def __init__(
-        self, decoder: Decoder, head: InfoProHead, lam_x: float, lam_y: float, cfg: MethodCfg, task: ClassificationTask
+        self,
+        decoder: Decoder | None,
+        head: InfoProHead | TokenHead | None,
+        lam_x: float,
+        lam_y: float,
+        cfg: MethodCfg,
+        task: ClassificationTask,
     ) -> None:
         super().__init__()
         self.decoder, self.head = decoder, head
@@ -61,6 +74,17 @@ class InfoPro(LocalMethod):
         if independent:  # beside a cascade: HPFF's independent aux net is the head alone (spec §4.2)
             lam_x, lam_y = 0.0, 1.0
         out = cfg.feature_dim if cfg.loss_mode == "contrast" else ctx.task.num_classes
+        if info.tokens:
+            if lam_x:
+                raise ValueError(
+                    f"InfoPro has no decoder for the token map {info.name!r} (lambda ixx={lam_x:g} > 0): set "
+                    "method.lambdas=[0, ixy_1, 0, ixy_2] or use method.name=dgl"
+                )
+            if cfg.aux not in INFOPRO_CONFIGS:
+                raise ValueError(f"unknown InfoPro aux config {cfg.aux!r}; choose one of {', '.join(INFOPRO_CONFIGS)}")
+            hidden = cfg.feature_dim * cfg.widen if int(cfg.aux[2]) >= 2 else None
+            head = TokenHead(info, out, pool="auto", hidden=hidden) if lam_y else None
+            return InfoProObjective(None, head, lam_x, lam_y, cfg, ctx.task)
         head = InfoProHead(info, ctx.num_stages, cfg.aux, out, cfg.widen, cfg.feature_dim) if lam_y else None
         decoder = Decoder(info, ctx.image_channels, cfg.widen) if lam_x else None
         return InfoProObjective(decoder, head, lam_x, lam_y, cfg, ctx.task)

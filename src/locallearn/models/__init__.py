@@ -1,6 +1,10 @@
 """Backbones as ordered units. Importing this package registers the built-in zoo."""
 
-from . import cifar_resnet  # noqa: F401  (registers resnet8..resnet110)
+from . import (
+    cifar_resnet,  # noqa: F401  (registers resnet8..resnet110)
+    imagenet_resnet,  # noqa: F401  (registers resnet18..resnet152)
+    vit,  # noqa: F401  (registers vit_tiny, vit_small, vit_base)
+)
 from .registry import create_model, list_models, register_model
 from .units import UnitBackbone, UnitInfo
 

@@ -22,6 +22,8 @@ class UnitInfo:
         stage: 0 for the stem, 1..S for residual stages, S+1 for the head.
         reduction: total spatial downsampling from the input to this unit's output.
         is_head: the task head (its output is the model's prediction).
+        tokens: the output is a token sequence (B, N, channels) rather than a (B, C, H, W) map (ViT); aux-net
+            builders then use token heads. ``reduction`` is then the patch size.
     """
 
     name: str
@@ -29,6 +31,7 @@ class UnitInfo:
     stage: int
     reduction: int
     is_head: bool = False
+    tokens: bool = False
 
 
 class UnitBackbone(nn.Module):

@@ -108,7 +108,9 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
 
 
 def run_name(cfg: TrainCfg) -> str:
-    return cfg.run.name or f"{cfg.model.name}_{cfg.method.name}_k{resolve_k(cfg.method)}"
+    """``resnet32_dgl+cascade+pff_k16``: model, method with its add-ons, K."""
+    method = "+".join([cfg.method.name, *cfg.method.addons])
+    return cfg.run.name or f"{cfg.model.name}_{method}_k{resolve_k(cfg.method)}"
 
 
 def checkpoint_path(run: str | Path) -> Path:
