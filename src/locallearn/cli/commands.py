@@ -58,6 +58,7 @@ def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[
     variants = [method_variant(m) for m in methods]
     base = load_config(config, overrides)
     out_dir = new_run_dir(base.run.out, "compare")
+    env = environment(resolve_device(base.run.device))  # at the start: the commit and load the runs begin with
     rows = []
     for label, variant in zip(methods, variants):
         data = apply_overrides(to_dict(base), variant)
@@ -82,11 +83,7 @@ def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[
     table = _table(rows, e2e)
     print("\n" + table)
     (out_dir / "compare.md").write_text(table + "\n")
-    (out_dir / "compare.json").write_text(
-        json.dumps(
-            {"config": to_dict(base), "rows": rows, "env": environment(resolve_device(base.run.device))}, indent=2
-        )
-    )
+    (out_dir / "compare.json").write_text(json.dumps({"config": to_dict(base), "rows": rows, "env": env}, indent=2))
     print(f"\nsaved {out_dir / 'compare.md'} and compare.json")
     return rows
 
