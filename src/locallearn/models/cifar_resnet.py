@@ -31,6 +31,17 @@ class Subsample(nn.Module):
         return x if self.stride == 1 else x[:, :, :: self.stride, :: self.stride]
 
 
+def projection_shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    """Identity, or 1×1 conv + BN when the block changes width or resolution (spec §0.1).
+
+    Subsample, then a stride-1 1×1 conv: the same function as a stride-2 1×1 conv, but torch 2.13's CPU (oneDNN)
+    backward of a channels_last stride-2 1×1 conv corrupts the heap for narrow inputs (< 8 channels).
+    """
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(Subsample(stride), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 convs with a residual; the first block of a stage projects with 1×1 conv + BN (spec §0.1)."""
 
@@ -42,11 +53,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
         self.drop = nn.Dropout(droprate) if droprate > 0 else nn.Identity()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            # Subsample, then a stride-1 1×1 conv: the same function as a stride-2 1×1 conv, but torch 2.13's CPU
-            # (oneDNN) backward of a channels_last stride-2 1×1 conv corrupts the heap for narrow inputs (< 8 ch).
-            self.shortcut = nn.Sequential(Subsample(stride), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = projection_shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

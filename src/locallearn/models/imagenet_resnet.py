@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cifar_resnet import BasicBlock, Head, Subsample
+from .cifar_resnet import BasicBlock, Head, projection_shortcut
 from .registry import register_model
 from .units import UnitBackbone, UnitInfo
 
@@ -53,11 +53,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            # Subsample, then a stride-1 1×1 conv (same function as a stride-2 1×1 conv): see the torch 2.13 CPU
-            # channels_last note in cifar_resnet.BasicBlock.
-            self.shortcut = nn.Sequential(Subsample(stride), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = projection_shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
