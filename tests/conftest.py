@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from locallearn.data import DataError
+
 torch.set_num_threads(1)
 
 
@@ -58,3 +60,12 @@ def tiny_overrides(root: Path, out: Path) -> list[str]:
         f"run.out={out}",
         "run.progress=false",
     ]
+
+
+def one_line_data_error(exc: pytest.ExceptionInfo, *fragments: str) -> str:
+    """The raised error is a one-line DataError containing every fragment (file name, problem, fix)."""
+    msg = str(exc.value)
+    assert isinstance(exc.value, DataError) and "\n" not in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+    return msg

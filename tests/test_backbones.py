@@ -12,6 +12,8 @@ from locallearn import Batch, ClassificationTask, LocalEngine, MethodCfg, OptimC
 from locallearn.local.aux_nets import DGLHead, InfoProHead, TokenHead
 from locallearn.models import list_models
 
+from .test_engine import assert_gradient_isolation
+
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 VITS = ["vit_tiny", "vit_small", "vit_base"]
 BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
@@ -121,23 +123,7 @@ def test_aux_heads_fit_every_split_point(name: str) -> None:
 def test_local_loss_reaches_only_its_module(name: str, method: str, k: int) -> None:
     engine, size = make_engine(name, METHODS[method], k)
     assert engine.k == k
-    engine.backbone.train()
-    engine.method.train()
-    batch = make_batch(size)
-    groups = [engine.module_parameters(j) for j in range(k)]
-    every = [p for g in groups for p in g]
-    owner = [i for i, g in enumerate(groups) for _ in g]
-    h = batch.input
-    for j, module in enumerate(engine.modules):
-        out = module(h)
-        loss = engine.method.local_loss(j, out, batch)
-        grads = torch.autograd.grad(loss, every, allow_unused=True)
-        for i, p, g in zip(owner, every, grads):
-            if i == j:
-                assert g is not None and g.abs().sum() > 0, f"module {j}: a parameter {tuple(p.shape)} got no gradient"
-            else:
-                assert g is None or not g.any(), f"loss {j} leaked a gradient into module {i}"
-        h = out.detach()
+    assert_gradient_isolation(engine, make_batch(size))
     if name.startswith("vit"):
         heads = [a.independent.head for a in engine.method.aux[:-1]]
         assert all(isinstance(head, TokenHead) for head in heads)

@@ -14,6 +14,8 @@ import torch
 from locallearn.data import DataError, dataset_spec, list_datasets, load_split
 from locallearn.data.cifar import URL
 
+from .conftest import one_line_data_error as error
+
 torch.set_num_threads(1)
 
 N_TRAIN, N_TEST = 7, 4  # images per train batch file / in the test file
@@ -112,14 +114,6 @@ def check_split(name: str, root: Path, split: str, expected: tuple[np.ndarray, n
     assert labels.dtype == np.int64 and labels.shape == (len(images),)
     np.testing.assert_array_equal(images, expected[0])
     np.testing.assert_array_equal(labels, expected[1])
-
-
-def error(exc: pytest.ExceptionInfo, *fragments: str) -> str:
-    msg = str(exc.value)
-    assert isinstance(exc.value, DataError) and "\n" not in msg, msg
-    for fragment in fragments:
-        assert fragment in msg, msg
-    return msg
 
 
 # ---------------------------------------------------------------------------------------------------------------------

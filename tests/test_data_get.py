@@ -18,6 +18,8 @@ from locallearn.data import DataError
 from locallearn.data import get as get_mod
 from locallearn.data.get import SOURCES, Archive, Source, get
 
+from .conftest import one_line_data_error as one_line_error
+
 # ---------------------------------------------------------------------------------------------------------------------
 # a local server: serves `files`, honours `Range: bytes=N-` unless told not to, and records every request
 
@@ -102,14 +104,6 @@ def good_tar() -> bytes:
             member("toy-batches/alias.bin", kind=tarfile.SYMTYPE, link="a.bin"),  # a link inside: allowed
         ]
     )
-
-
-def one_line_error(exc: pytest.ExceptionInfo, *fragments: str) -> str:
-    msg = str(exc.value)
-    assert isinstance(exc.value, DataError) and "\n" not in msg, msg
-    for fragment in fragments:
-        assert fragment in msg, msg
-    return msg
 
 
 def files_under(path: Path) -> set[str]:

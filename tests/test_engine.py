@@ -39,17 +39,21 @@ def make_engine(cfg: MethodCfg, k: int, seed: int = 0, step: str | None = None, 
 @pytest.mark.parametrize("cfg", METHODS, ids=lambda c: f"{c.name}-{c.loss_mode}-{c.dgl_head}-{c.aux}")
 def test_local_loss_reaches_only_its_module(cfg: MethodCfg, k: int) -> None:
     engine = make_engine(cfg, k)
+    assert_gradient_isolation(engine, make_batch())
+
+
+def assert_gradient_isolation(engine: LocalEngine, batch: Batch) -> None:
+    """Each local loss gives every parameter of its module and aux net a non-zero gradient and none elsewhere."""
     engine.backbone.train()
     engine.method.train()
-    batch = make_batch()
-    groups = [engine.module_parameters(j) for j in range(k)]
+    groups = [engine.module_parameters(j) for j in range(engine.k)]
+    every = [p for g in groups for p in g]
+    owner = [i for i, g in enumerate(groups) for _ in g]
     h = batch.input
     for j, module in enumerate(engine.modules):
         out = module(h)
         loss = engine.method.local_loss(j, out, batch)
-        every = [p for g in groups for p in g]
         grads = torch.autograd.grad(loss, every, allow_unused=True)
-        owner = [i for i, g in enumerate(groups) for _ in g]
         for i, p, g in zip(owner, every, grads):
             if i == j:
                 assert g is not None and g.abs().sum() > 0, f"module {j}: a parameter {tuple(p.shape)} got no gradient"

@@ -11,20 +11,14 @@ import pytest
 
 from locallearn.data import DataError, dataset_spec, list_datasets, load_split
 
+from .conftest import one_line_data_error as error
+
 try:
     import scipy.io as sio
 except ImportError:  # pragma: no cover - scipy is in the dev extra
     sio = None
 
 needs_scipy = pytest.mark.skipif(sio is None, reason="SVHN .mat files need scipy (pip install locallearn[svhn])")
-
-
-def error(exc: pytest.ExceptionInfo, *fragments: str) -> str:
-    msg = str(exc.value)
-    assert isinstance(exc.value, DataError) and "\n" not in msg, msg
-    for fragment in fragments:
-        assert fragment in msg, msg
-    return msg
 
 
 # ---------------------------------------------------------------------------------------------------------------------
