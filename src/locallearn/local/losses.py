@@ -36,10 +36,11 @@ def reconstruction_loss(recon: torch.Tensor, image01: torch.Tensor) -> torch.Ten
 
 
 def infopro_lambdas(
-    k: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2: float, ixy_2: float
+    k: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2: float, ixy_2: float, ratio: float | None = None
 ) -> tuple[float, float]:
-    """(λ1, λ2) of local module k (0-based, k < K-1): linear from (ixx_1, ixy_1) to (ixx_2, ixy_2) (spec §2.3)."""
+    """(λ1, λ2) of local module k (0-based, k < K-1): linear from (ixx_1, ixy_1) to (ixx_2, ixy_2) (spec §2.3).
+    ``ratio`` replaces r = k/(K-2) (MAN's legacy stage-index ratio, spec §3.3; may exceed 1 and extrapolate)."""
     if not 0 <= k < num_modules - 1:
         raise ValueError(f"module {k} has no local loss weights: only modules 0..{num_modules - 2} are local")
-    r = k / (num_modules - 2) if num_modules > 2 else 0.0
+    r = ratio if ratio is not None else k / (num_modules - 2) if num_modules > 2 else 0.0
     return ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r

@@ -30,6 +30,10 @@ from ..models.units import UnitInfo
 
 ADDONS = ("man", "lam", "pff", "cascade")
 
+# Reference-code behaviours that published numbers depend on, reproduced only when asked (spec §3.6, §4.6, §5.6,
+# §10.4). Defaults follow the papers' intent; each switch is documented on :class:`MethodCfg` ``legacy``.
+LEGACY = ("stage_lambda", "last_ema_only", "final_overwrite", "triple_bn", "ema_before_backward")
+
 # The papers' named combinations, as method options (spec §3–5): ``locallearn compare --methods dgl+hpff`` and the
 # presets in configs/ use these. HPFF = HiLo (cascade, final loss on both streams) + PFF; MLAAN = MLM (cascade,
 # final loss on the cascade stream, as MLAAN CIFAR) + LAM.
@@ -37,7 +41,7 @@ ADDON_PRESETS: dict[str, dict[str, object]] = {
     "man": {"addons": ["man"], "bridge_combine": "sum"},
     "manpp": {"addons": ["man"], "bridge_combine": "scaled"},
     "hpff": {"addons": ["cascade", "pff"], "cascade_final": "both"},
-    "mlaan": {"addons": ["cascade", "lam"], "cascade_final": "cascade"},
+    "mlaan": {"addons": ["cascade", "lam"], "cascade_final": "both"},
 }
 
 
@@ -73,8 +77,19 @@ class MethodCfg:
         w_ind, w_casc: weights of the independent and cascade losses (reference 0.001 / 0.999).
         cascade_final: last module's loss: ``cascade`` (MLAAN CIFAR: CE reaching the span), ``both``
             (HPFF: w_ind·CE + w_casc·CE reaching the span) or ``plain`` (CE on the last module only).
+        man_depth: units of module k+1 the MAN bridge copies (learnable chain; the first gets the EMA twin):
+            1 for the CNNs, 2 for MAN++ ViT (spec §3.2).
         pff_patches: n of the n×n patches (HPFF: 2). pff_sequential: run patches one at a time under activation
             checkpointing, so only one patch's aux activations are alive (same loss and gradients).
+        pff_mode: ``paper`` (the whole aux objective runs per patch, outputs averaged: spec §4.3 paper) or
+            ``decoder`` (HPFF CIFAR code: only the decoder is patched, one decoder per patch, BCEs summed; the
+            head sees the whole map).
+        legacy: reference bugs to reproduce a published number (spec §10.4), any of
+            ``stage_lambda`` (MAN/MAN++ CIFAR: λ ratio r = stage of module k+1's first unit / (K_label − 2)),
+            ``last_ema_only`` (MLAAN CIFAR: only the last split's EMA moves, after the final backward),
+            ``final_overwrite`` (MLAAN CIFAR: the last module's loss is the cascade CE only),
+            ``triple_bn`` (HPFF/MLAAN: BN running statistics updated once per reference forward: 2–3 per step),
+            ``ema_before_backward`` (MAN++ ViT: EMA moved after the aux forward, before its backward).
     """
 
     name: str = "infopro"
@@ -103,6 +118,9 @@ class MethodCfg:
     cascade_final: Literal["cascade", "both", "plain"] = "cascade"
     pff_patches: int = 2
     pff_sequential: bool = False
+    man_depth: int = 1
+    pff_mode: Literal["paper", "decoder"] = "paper"
+    legacy: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -183,7 +201,13 @@ class LocalMethod(nn.Module):
             raise ValueError("method.addons: 'man' and 'lam' both prefix the aux net with copies; pick one")
         if cfg.cascade_span < 1:
             raise ValueError(f"method.cascade_span must be >= 1, got {cfg.cascade_span}")
+        bad = [name for name in cfg.legacy if name not in LEGACY]
+        if bad:
+            raise ValueError(f"unknown method.legacy switch {bad[0]!r}; choose from {', '.join(LEGACY)}")
         self.span = cfg.cascade_span if "cascade" in cfg.addons else 1
+        self.final_mode = "cascade" if "final_overwrite" in cfg.legacy else cfg.cascade_final
+        if "triple_bn" in cfg.legacy:
+            reference_bn_updates(ctx, self.span)
         self.aux = nn.ModuleList()
         for k, info in enumerate(ctx.module_infos[:-1]):
             # With a cascade, the bridge (MAN/LAM) goes on the cascade path, the independent head stays plain
@@ -192,6 +216,14 @@ class LocalMethod(nn.Module):
             cascade = build_bridged(self, k, info) if self.span > 1 else None
             self.aux.append(ModuleAux(independent, cascade))
         self.aux.append(None)
+        if "pff" in cfg.addons and cfg.pff_mode == "decoder" and ctx.num_modules > 1:
+            from .pff import PatchDecoders
+
+            if not any(isinstance(m, PatchDecoders) for m in self.modules()):
+                raise ValueError(
+                    "method.pff_mode=decoder patches InfoPro's reconstruction decoder and no aux net has one "
+                    "(DGL, or lambda ixx = 0 everywhere): use method.pff_mode=paper"
+                )
 
     @property
     def num_modules(self) -> int:
@@ -212,18 +244,22 @@ class LocalMethod(nn.Module):
         last = k == self.num_modules - 1
         if last:
             task_loss = self.ctx.task.loss(h, batch)
-            if self.span == 1 or self.cfg.cascade_final == "plain":
+            if self.span == 1 or self.final_mode == "plain":
                 return [LocalLoss(task_loss)]
-            if self.cfg.cascade_final == "cascade":
+            if self.final_mode == "cascade":
                 return [LocalLoss(task_loss, self.span)]
             return [LocalLoss(self.cfg.w_ind * task_loss), LocalLoss(self.cfg.w_casc * task_loss, self.span)]
         aux = self.aux[k]
         if aux.cascade is None:
-            return [LocalLoss(aux.independent.loss(h, batch))]
-        return [
-            LocalLoss(self.cfg.w_ind * aux.independent.loss(h, batch)),
-            LocalLoss(self.cfg.w_casc * aux.cascade.loss(h, batch), self.span),
-        ]
+            losses = [LocalLoss(aux.independent.loss(h, batch))]
+        else:
+            losses = [
+                LocalLoss(self.cfg.w_ind * aux.independent.loss(h, batch)),
+                LocalLoss(self.cfg.w_casc * aux.cascade.loss(h, batch), self.span),
+            ]
+        if "ema_before_backward" in self.cfg.legacy:  # MAN++ ViT: backward then sees the moved EMA weights
+            self._update_ema(k, under_autograd=True)
+        return losses
 
     def local_loss(self, k: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The sum of module k's losses (for measuring and for tests; training uses :meth:`local_losses`)."""
@@ -237,23 +273,45 @@ class LocalMethod(nn.Module):
 
     def after_backward(self, k: int) -> None:
         """Called by the engine after module k's local backward (EMA updates of the reference)."""
-        if self.cfg.ema_update == "after_backward":
+        if "ema_before_backward" in self.cfg.legacy:
+            return
+        if "last_ema_only" in self.cfg.legacy:  # MLAAN CIFAR: EMA_Net[-1] only, after the final backward
+            if k == self.num_modules - 1:
+                self._update_ema(k - 1)
+        elif self.cfg.ema_update == "after_backward":
             self._update_ema(k)
 
     def after_iteration(self) -> None:
         """Called by the engine after every optimizer has stepped."""
-        if self.cfg.ema_update == "after_step":
+        if self.cfg.ema_update == "after_step" and not {"ema_before_backward", "last_ema_only"} & set(self.cfg.legacy):
             for k in range(self.num_modules - 1):
                 self._update_ema(k)
 
-    def _update_ema(self, k: int) -> None:
-        aux = self.aux[k] if k < len(self.aux) else None
+    def _update_ema(self, k: int, under_autograd: bool = False) -> None:
+        aux = self.aux[k] if 0 <= k < len(self.aux) else None
         if aux is None:
             return
         for part in (aux.independent, aux.cascade):
             update = getattr(part, "update_ema", None)
             if update is not None:
-                update()
+                update(under_autograd)
+
+
+def reference_bn_updates(ctx: MethodContext, span: int) -> None:
+    """``legacy: [triple_bn]``: BN momentum as if each module ran as many train-mode forwards per step as in the
+    reference's stream recomputation (spec §4.2, §4.6): once on the independent stream, once per cascade window
+    that contains it (windows end at modules span-1..K-2), once more in the final cascade stream (the last
+    ``span`` modules); the stem runs once. The repeated forwards see identical inputs and weights, so n updates
+    with momentum m equal one update with 1 - (1 - m)^n, exactly."""
+    k = len(ctx.ends)
+    starts = [0, *ctx.ends[:-1]]
+    for j, (start, end) in enumerate(zip(starts, ctx.ends)):
+        windows = sum(1 for i in range(span - 1, k - 1) if i - span + 1 <= j <= i)
+        runs = 1 + windows + (j >= k - span)
+        for unit_index in range(max(start, 1), end):
+            for bn in ctx.units[unit_index].modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.momentum is not None:
+                    bn.momentum = 1 - (1 - bn.momentum) ** runs
 
 
 _METHODS: dict[str, type[LocalMethod]] = {}

@@ -33,9 +33,13 @@ if TYPE_CHECKING:
 
 
 def next_unit(method: LocalMethod, k: int) -> list[int]:
-    """MAN's source: the first unit of module k+1 (none when that unit is the task head)."""
+    """MAN's sources: the first ``man_depth`` units of module k+1 (1 for CNNs; MAN++ ViT copies 2 blocks), never
+    the task head."""
+    if method.cfg.man_depth < 1:
+        raise ValueError(f"method.man_depth must be >= 1, got {method.cfg.man_depth}")
     first = method.ctx.ends[k]
-    return [] if method.ctx.unit_infos[first].is_head else [first]
+    units = range(first, min(first + method.cfg.man_depth, method.ctx.ends[k + 1]))
+    return [i for i in units if not method.ctx.unit_infos[i].is_head]
 
 
 def leap_chain(method: LocalMethod, k: int) -> list[int]:
@@ -87,11 +91,14 @@ class MomentumBridge(nn.Module):
         return h
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        """θ_EMA ← m·θ_EMA + (1−m)·θ_live for every EMA twin (parameters; BN buffers are not averaged)."""
+    def update_ema(self, under_autograd: bool = False) -> None:
+        """θ_EMA ← m·θ_EMA + (1−m)·θ_live for every EMA twin (parameters; BN buffers are not averaged).
+        ``under_autograd``: the EMA weights are still saved for a pending backward (``legacy:
+        [ema_before_backward]``); update their ``.data`` so that backward runs with the moved weights, as the
+        MAN++ ViT reference does, instead of failing autograd's version check."""
         for ema, live in zip(self.ema, self.live):
             for e, p in zip(ema.parameters(), live.parameters(), strict=True):
-                e.lerp_(p.detach().to(e.dtype), 1 - self.decay)
+                (e.data if under_autograd else e).lerp_(p.detach().to(e.dtype), 1 - self.decay)
 
 
 class Bridged(Objective):
@@ -110,8 +117,8 @@ class Bridged(Objective):
     def logits(self, h: torch.Tensor) -> torch.Tensor | None:
         return self.objective.logits(self.bridge(h))
 
-    def update_ema(self) -> None:
-        self.bridge.update_ema()
+    def update_ema(self, under_autograd: bool = False) -> None:
+        self.bridge.update_ema(under_autograd)
 
 
 def build_bridged(method: LocalMethod, k: int, info: UnitInfo, main: bool = True) -> Objective:
@@ -127,6 +134,6 @@ def build_bridged(method: LocalMethod, k: int, info: UnitInfo, main: bool = True
         sources = leap_chain(method, k)
     prefix = MomentumBridge(method, sources) if sources else None
     objective = method.build_objective(k, prefix.out_info if prefix else info, independent=not main)
-    if "pff" in cfg.addons:
+    if "pff" in cfg.addons and cfg.pff_mode == "paper":
         objective = PatchFusion(objective, cfg.pff_patches, cfg.pff_sequential)
     return Bridged(prefix, objective) if prefix else objective

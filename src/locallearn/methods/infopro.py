@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from ..local.aux_nets import INFOPRO_CONFIGS, Decoder, InfoProHead, TokenHead
+from ..local.aux_nets import IMAGENET_AUX, INFOPRO_CONFIGS, Decoder, InfoProHead, TokenHead
 from ..local.losses import infopro_lambdas, reconstruction_loss, supcon_loss
+from ..local.split import PAPER_K_ALIASES
 from ..local.task import Batch, ClassificationTask
 from ..models.units import UnitInfo
-from .base import LocalMethod, MethodCfg, Objective, register_method
+from .base import LocalMethod, MethodCfg, MethodContext, Objective, register_method
+from .pff import PatchDecoders
 
 
 class InfoProObjective(Objective):
@@ -52,7 +54,9 @@ class InfoProObjective(Objective):
         recon, out = outputs
         loss = batch.input.new_zeros((), dtype=torch.float32)
         if recon is not None:
-            loss = loss + self.lam_x * reconstruction_loss(recon, batch.image01)
+            patched = isinstance(self.decoder, PatchDecoders)
+            bce = self.decoder.loss(recon, batch.image01) if patched else reconstruction_loss(recon, batch.image01)
+            loss = loss + self.lam_x * bce
         if out is not None:
             y_loss = supcon_loss(out, batch.target, self.temperature) if self.contrast else self.task.loss(out, batch)
             loss = loss + self.lam_y * y_loss
@@ -60,6 +64,15 @@ class InfoProObjective(Objective):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor | None:
         return None if self.contrast or self.head is None else self.head(h)
+
+
+def legacy_stage_ratio(ctx: MethodContext, cfg: MethodCfg, k: int) -> float:
+    """MAN/MAN++ CIFAR's λ ratio (spec §3.3, §3.6 bug 1): r = s'/(K - 2), s' the stage (1..3) of the first unit
+    of module k+1 and K the paper's label (MAN's K=16 is 15 modules, so r <= 3/14 and λ barely moves)."""
+    blocks = sum(info.stage == 1 for info in ctx.unit_infos)
+    labels = {m: label for label, m in PAPER_K_ALIASES.get(cfg.split, {}).get(blocks, {}).items()}
+    k_label = labels.get(ctx.num_modules, ctx.num_modules)
+    return ctx.unit_infos[ctx.ends[k]].stage / (k_label - 2) if k_label > 2 else 0.0
 
 
 @register_method("infopro")
@@ -70,7 +83,8 @@ class InfoPro(LocalMethod):
         cfg, ctx = self.cfg, self.ctx
         if len(cfg.lambdas) != 4:
             raise ValueError(f"method.lambdas must be [ixx_1, ixy_1, ixx_2, ixy_2], got {cfg.lambdas}")
-        lam_x, lam_y = infopro_lambdas(k, ctx.num_modules, *cfg.lambdas)
+        ratio = legacy_stage_ratio(ctx, cfg, k) if "stage_lambda" in cfg.legacy else None
+        lam_x, lam_y = infopro_lambdas(k, ctx.num_modules, *cfg.lambdas, ratio=ratio)
         if independent:  # beside a cascade: HPFF's independent aux net is the head alone (spec §4.2)
             lam_x, lam_y = 0.0, 1.0
         out = cfg.feature_dim if cfg.loss_mode == "contrast" else ctx.task.num_classes
@@ -86,5 +100,8 @@ class InfoPro(LocalMethod):
             head = TokenHead(info, out, pool="auto", hidden=hidden) if lam_y else None
             return InfoProObjective(None, head, lam_x, lam_y, cfg, ctx.task)
         head = InfoProHead(info, ctx.num_stages, cfg.aux, out, cfg.widen, cfg.feature_dim) if lam_y else None
-        decoder = Decoder(info, ctx.image_channels, cfg.widen) if lam_x else None
+        kind = "imagenet" if cfg.aux == IMAGENET_AUX else "infopro"  # aux: imagenet = head + decoder of §2.2
+        decoder = Decoder(info, ctx.image_channels, cfg.widen, kind) if lam_x else None
+        if decoder is not None and "pff" in cfg.addons and cfg.pff_mode == "decoder":
+            decoder = PatchDecoders(lambda: Decoder(info, ctx.image_channels, cfg.widen, kind), cfg.pff_patches)
         return InfoProObjective(decoder, head, lam_x, lam_y, cfg, ctx.task)

@@ -8,13 +8,20 @@ as HPFF's CIFAR code does, so the decoder costs what it costs without patches in
 the stitched image is the mean of the per-patch BCEs (the reference sums them: a constant factor n²). With
 ``sequential=True`` each patch runs under activation checkpointing, so only one patch's aux activations are
 alive at a time during backward (same loss and gradients; BN layers in the aux net see each patch twice).
+
+``pff_mode: decoder`` is the CIFAR code's variant instead (:class:`PatchDecoders`): one decoder per patch, summed
+BCEs, head unpatched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..local.losses import reconstruction_loss
 from ..local.task import Batch
 from .base import Objective
 
@@ -24,6 +31,33 @@ def patches(h: torch.Tensor, n: int) -> list[torch.Tensor]:
     if h.dim() != 4 or min(h.shape[-2:]) < n:
         raise ValueError(f"patch fusion with n={n} needs a (B, C, H, W) map at least {n}×{n}, got {tuple(h.shape)}")
     return [p for rows in torch.tensor_split(h, n, dim=-2) for p in torch.tensor_split(rows, n, dim=-1)]
+
+
+def stitch(parts: list[torch.Tensor] | tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
+    """Inverse of :func:`patches`: the row-major n×n patches back into one map."""
+    return torch.cat([torch.cat(parts[r * n : (r + 1) * n], dim=-1) for r in range(n)], dim=-2)
+
+
+class PatchDecoders(nn.Module):
+    """``pff_mode: decoder``, HPFF's CIFAR code (spec §4.3): the feature map is cut into n×n patches and each
+    goes through *its own* decoder, which reconstructs the matching patch of the image; the loss is the **sum** of
+    the per-patch BCEs (the reference's 4 quadrant BCEs). The classifier/projection head is not patched."""
+
+    def __init__(self, make_decoder: Callable[[], nn.Module], n: int) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"method.pff_patches must be >= 1, got {n}")
+        self.n = n
+        self.decoders = nn.ModuleList(make_decoder() for _ in range(n * n))
+
+    def forward(self, h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        rows = [len(r) for r in torch.tensor_split(torch.arange(size[0]), self.n)]
+        cols = [len(c) for c in torch.tensor_split(torch.arange(size[1]), self.n)]
+        sizes = [(r, c) for r in rows for c in cols]
+        return stitch([dec(p, s) for dec, p, s in zip(self.decoders, patches(h, self.n), sizes)], self.n)
+
+    def loss(self, recon: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
+        return sum(reconstruction_loss(r, t) for r, t in zip(patches(recon, self.n), patches(image01, self.n)))
 
 
 class PatchFusion(Objective):
@@ -48,7 +82,7 @@ class PatchFusion(Objective):
             if parts[0] is None:
                 fused.append(None)
             elif parts[0].dim() == 4:  # spatial: stitch the n×n patches back into one map
-                fused.append(torch.cat([torch.cat(parts[r * n : (r + 1) * n], dim=-1) for r in range(n)], dim=-2))
+                fused.append(stitch(parts, n))
             else:
                 fused.append(torch.stack(parts).mean(0))
         return tuple(fused)
