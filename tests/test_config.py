@@ -46,6 +46,12 @@ MANY_OVERRIDES = [
     "data.flip=false",
     "data.limit_train=1000",
     "data.limit_test=200",
+    "data.num_workers=2",
+    "data.image_size=160",
+    "data.scale=3",
+    "data.patch_size=48",
+    "data.repeat=4",
+    "data.test_root=/tmp/set5",
     "model.name=resnet32",
     "model.width=32",
     "model.channels_last=false",
@@ -72,6 +78,10 @@ MANY_OVERRIDES = [
     "optim.milestones=[3, 6]",
     "optim.gamma=0.2",
     "optim.per_step=false",
+    "optim.name=adamw",
+    "optim.first_epoch=0",
+    "optim.betas=[0.8, 0.9]",
+    "optim.eps=1e-6",
     "run.epochs=7",
     "run.seed=3",
     "run.device=cuda:1",
@@ -142,6 +152,12 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
         flip=False,
         limit_train=1000,
         limit_test=200,
+        num_workers=2,
+        image_size=160,
+        scale=3,
+        patch_size=48,
+        repeat=4,
+        test_root="/tmp/set5",
     )
     assert d["model"] == dict(name="resnet32", width=32, channels_last=False)
     method_keys = (
@@ -185,6 +201,10 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
         milestones=[3, 6],
         gamma=0.2,
         per_step=False,
+        name="adamw",
+        first_epoch=0,
+        betas=[0.8, 0.9],
+        eps=1e-6,
     )
     assert d["run"] == dict(
         epochs=7,
@@ -411,7 +431,7 @@ def test_unknown_section_suggests():
     ("override", "key"),
     [
         ("method.loss_mode=foo", "method.loss_mode"),
-        ("method.balance=time", "method.balance"),
+        ("method.balance=seconds", "method.balance"),
         ("method.step=middle", "method.step"),
         ("optim.schedule=linear", "optim.schedule"),
         ("run.amp=fp32", "run.amp"),

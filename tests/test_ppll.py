@@ -1,25 +1,31 @@
-"""PPLL over gloo on loopback: bitwise equal to sequential local learning, and clear failures."""
+"""PPLL over gloo on loopback: bitwise equal to sequential local learning, resume from per-stage checkpoints,
+time-balanced splits agreed by every rank, and clear failures."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from locallearn.cli.main import main
 from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_checkpoint, load_config
+from locallearn.train.config import ConfigError
 
 from .conftest import tiny_overrides
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.mark.parametrize("method,k", [("dgl", 2), ("infopro", 3), ("dgl", 4)])
-def test_ppll_equals_sequential_bitwise(synthetic_root: Path, tmp_path: Path, method: str, k: int) -> None:
-    """Each stage's module and aux net after 11 steps (a ragged last batch included: 512 = 4·120 + 32) equal
-    the sequential engine's, bit for bit; evaluation matches too."""
-    base = tiny_overrides(synthetic_root, tmp_path) + [
+def ppll_base(root: Path, out: Path, method: str, k: int) -> list[str]:
+    """Two epochs of 5 steps (512 = 4·120 + 32: a ragged last batch), tiny ResNet-8."""
+    return tiny_overrides(root, out) + [
         f"method.name={method}",
         f"method.k={k}",
         "run.epochs=2",
@@ -27,81 +33,196 @@ def test_ppll_equals_sequential_bitwise(synthetic_root: Path, tmp_path: Path, me
         "run.threads=1",
         "model.width=4",
     ]
-    sequential = fit(load_config(None, base), quiet=True)
-    pipelined = spawn_ppll(load_config(None, base + ["parallel=ppll", f"ppll.procs={k}"]))
-    seq = load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt")
-    assert pipelined["step"] == seq["step"] == 10
-    starts = [0, *seq["ends"][:-1]]
+
+
+def assert_stages_match(reference: dict[str, Any], run_dir: str | Path, k: int, atol: float = 0.0) -> None:
+    """Every stage checkpoint of a PPLL run holds the reference's (a single-process checkpoint: ``model``, ``aux``,
+    ``ends``) module and aux net: bit for bit with ``atol=0``."""
+    starts = [0, *reference["ends"][:-1]]
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a, b) if atol == 0 else torch.allclose(a.double(), b.double(), rtol=0, atol=atol)
+
     for stage in range(k):
-        got = load_checkpoint(Path(pipelined["run_dir"]) / f"ckpt_stage{stage}.pt")
-        units = range(starts[stage], seq["ends"][stage])
-        expected = {key: v for key, v in seq["model"].items() if int(key.split(".")[1]) in units}
+        got = load_checkpoint(Path(run_dir) / f"ckpt_stage{stage}.pt")
+        units = range(starts[stage], reference["ends"][stage])
+        expected = {key: v for key, v in reference["model"].items() if int(key.split(".")[1]) in units}
         assert len(got["model"]) == len(expected)
         for (key, value), (ref_key, ref) in zip(got["model"].items(), expected.items()):
             index, rest = key.split(".", 1)
             assert ref_key == f"units.{starts[stage] + int(index)}.{rest}"
-            assert torch.equal(value, ref), f"stage {stage}: {ref_key} differs from sequential"
-        aux = {key[len(f"aux.{stage}.") :]: v for key, v in seq["aux"].items() if key.startswith(f"aux.{stage}.")}
-        assert got["aux"].keys() == aux.keys() and all(torch.equal(got["aux"][n], aux[n]) for n in aux)
+            assert same(value, ref), f"stage {stage}: {ref_key} differs by {(value - ref).abs().max().item()}"
+        prefix = f"aux.{stage}."
+        aux = {key[len(prefix) :]: v for key, v in reference["aux"].items() if key.startswith(prefix)}
+        assert got["aux"].keys() == aux.keys()
+        for name, ref in aux.items():
+            assert same(got["aux"][name], ref), f"stage {stage}: aux {name} differs"
+
+
+@pytest.mark.parametrize("method,k", [("dgl", 2), ("infopro", 3), ("dgl", 4)])
+def test_ppll_equals_sequential_bitwise(synthetic_root: Path, tmp_path: Path, method: str, k: int) -> None:
+    """Each stage's module and aux net after 10 steps (a ragged last batch included) equal the sequential
+    engine's, bit for bit; evaluation matches too."""
+    base = ppll_base(synthetic_root, tmp_path, method, k)
+    sequential = fit(load_config(None, base), quiet=True)
+    pipelined = spawn_ppll(load_config(None, base + ["parallel=ppll", f"ppll.procs={k}"]))
+    seq = load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt")
+    assert pipelined["step"] == seq["step"] == 10
+    assert_stages_match(seq, pipelined["run_dir"], k)
     assert pipelined["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
+    assert len(pipelined["busy_fraction"]) == k and all(0 < b <= 1 for b in pipelined["busy_fraction"])
 
 
-def test_ppll_refuses_what_it_cannot_run(synthetic_root: Path, tmp_path: Path) -> None:
-    base = tiny_overrides(synthetic_root, tmp_path) + [
-        "method.name=dgl",
-        "method.k=2",
-        "parallel=ppll",
-        "ppll.procs=2",
-        "run.max_steps=1",
-    ]
-    with pytest.raises(Exception, match="cascade"):
-        spawn_ppll(load_config(None, base + ["method.addons=[cascade]"]))
-    with pytest.raises(Exception, match="one process per module"):
-        spawn_ppll(load_config(None, base + ["method.k=3"]))
+def test_ppll_resume_continues_bitwise(synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    """3 steps (stopped mid-epoch), then ``locallearn train --resume RUN_DIR`` to 10: every stage's module, aux
+    net and SGD momentum continue exactly, so the result is the uninterrupted run's (= sequential LL, previous
+    test), bit for bit."""
+    base = ppll_base(synthetic_root, tmp_path, "dgl", 2)
+    first = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=2", "run.max_steps=3"]))
+    stage0 = load_checkpoint(Path(first["run_dir"]) / "ckpt_stage0.pt")
+    assert (stage0["epoch"], stage0["step_in_epoch"], stage0["step"]) == (0, 3, 3) and stage0["optim"]["state"]
+    assert main(["train", "--resume", first["run_dir"], "run.max_steps=null"]) == 0
+    sequential = load_checkpoint(Path(fit(load_config(None, base), quiet=True)["run_dir"]) / "ckpt_last.pt")
+    assert load_checkpoint(Path(first["run_dir"]) / "ckpt_stage1.pt")["step"] == sequential["step"] == 10
+    assert_stages_match(sequential, first["run_dir"], 2)
+    assert main(["train", "--resume", first["run_dir"], "method.k=3"]) == 2  # the split may not change on resume
+    assert "method.k differ from the run's config" in capsys.readouterr().err
 
 
-def _stage_that_dies(rank: int, world: int, port: int, data: dict, out_dir: str, queue) -> None:
-    """Rank 1 joins the group and then dies at once; the others must fail fast, not hang."""
-    import os
+def test_time_balanced_split_is_measured_once_and_shared(synthetic_root: Path, tmp_path: Path) -> None:
+    """``method.balance=time``: rank 0 measures, every rank builds the broadcast split, and the saved config holds
+    explicit ends (a resume does not measure again)."""
+    base = ppll_base(synthetic_root, tmp_path, "dgl", 2)
+    result = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=2", "method.balance=time"]))
+    ends = [load_checkpoint(Path(result["run_dir"]) / f"ckpt_stage{s}.pt")["ends"] for s in range(2)]
+    saved = load_config(Path(result["run_dir"]) / "config.yaml")
+    assert ends[0] == ends[1] == result["ends"] == saved.method.ends and saved.method.split == "ends"
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["method.name=glcan", "method.glcan_global=ema"], "glcan_global=per_module"),
+        (["method.addons=[cascade]", "run.amp=fp16"], "run.amp=bf16 or none"),
+        (["method.addons=[lam]", "method.legacy=[last_ema_only]"], "last_ema_only"),
+    ],
+)
+def test_ppll_refuses_what_it_cannot_run_faithfully(
+    synthetic_root: Path, tmp_path: Path, extra: list[str], fragment: str
+) -> None:
+    from locallearn.parallel.cross_stage import check_supported
+    from locallearn.train.loop import build_engine, build_loaders
+
+    cfg = load_config(None, ppll_base(synthetic_root, tmp_path, "dgl", 2) + extra)
+    _, test, spec = build_loaders(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=fragment):
+        check_supported(build_engine(cfg, spec, torch.device("cpu"), next(iter(test))[0][:8]))
+
+
+def test_a_wrong_process_count_is_one_config_error(synthetic_root: Path, tmp_path: Path) -> None:
+    """Raised in the spawned ranks, it reaches the caller as the same one-line ConfigError."""
+    base = ppll_base(synthetic_root, tmp_path, "dgl", 3) + ["parallel=ppll", "ppll.procs=2", "run.max_steps=1"]
+    with pytest.raises(ConfigError, match="K=3 modules × ppll.replicas=1 needs 3 processes, got 2"):
+        spawn_ppll(load_config(None, base))
+
+
+def _timed_stages(cfg, out_dir: str, resume: bool) -> dict | None:
+    """PPLL's rank body, with the last stage slowed down (0.2 s per step) and the wall time at which every rank
+    enters each step written to ``out_dir/enter{rank}.json``."""
+    import json
 
     import torch.distributed as dist
 
     from locallearn.parallel import ppll
 
+    rank, original, enter = dist.get_rank(), ppll.stage_step, []
+
+    def timed(engine, k, x, batch, link, step, cross=None):
+        enter.append(time.time())
+        if k == engine.k - 1:
+            time.sleep(0.2)
+        return original(engine, k, x, batch, link, step, cross)
+
+    ppll.stage_step = timed
+    result = ppll.run_stage(cfg, out_dir, resume)
+    (Path(out_dir) / f"enter{rank}.json").write_text(json.dumps(enter))
+    return result
+
+
+def test_back_pressure_bounds_how_far_a_stage_runs_ahead(synthetic_root: Path, tmp_path: Path) -> None:
+    """With ``ppll.window=1`` and a slow last stage, stage 0 enters step i only after stage 1 has received the
+    activation of step i-2 (so at most the window's message is in flight), and nothing deadlocks."""
+    import json
+
+    from locallearn.parallel.launch import spawn
+
+    cfg = load_config(None, ppll_base(synthetic_root, tmp_path, "dgl", 2) + ["parallel=ppll", "ppll.window=1"])
+    spawn(_timed_stages, cfg, 2, str(tmp_path))
+    first, last = (json.loads((tmp_path / f"enter{r}.json").read_text()) for r in range(2))
+    assert len(first) == len(last) == 10
+    assert all(first[i] >= last[i - 2] for i in range(2, 10)), (first, last)
+    assert first[4] < last[4]  # while still running ahead of the slow stage
+
+
+def _stage_that_dies(rank: int, world: int, port: int, body, data: dict, out_dir: str, resume: bool, queue) -> None:
+    """Rank 1 joins the group and then dies at once; the others must fail fast, not hang."""
+    import torch.distributed as dist
+
+    from locallearn.parallel import launch
+
     if rank == 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
         os._exit(3)
-    ppll._spawned(rank, world, port, data, out_dir, queue)
+    launch._spawned(rank, world, port, body, data, out_dir, resume, queue)
 
 
-def test_a_dead_stage_makes_every_other_rank_exit_nonzero(synthetic_root: Path, tmp_path: Path) -> None:
-    """Rank 1 dies right after joining; ranks 0 and 2 must each exit non-zero on their own (not be killed by the
-    launcher) within a bounded time: no silent hang."""
-    import time
-
+def run_until_exit(target, cfg, world: int, out: Path, limit: float = 90) -> list[int | None]:
+    """Start ``target`` (``launch._spawned``'s signature) on ``world`` ranks running PPLL's stage body; every
+    rank's exit code once all have exited, or None for one still running after ``limit`` s (then killed)."""
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from locallearn.parallel import ppll
+    from locallearn.parallel import data_parallel, ppll
     from locallearn.train.config import to_dict
 
-    cfg = load_config(
-        None,
-        tiny_overrides(synthetic_root, tmp_path)
-        + ["method.name=dgl", "method.k=3", "parallel=ppll", "ppll.timeout=30"],
-    )
     start = time.perf_counter()
-    context = mp.start_processes(
-        _stage_that_dies,
-        args=(3, ppll._free_port(), to_dict(cfg), str(tmp_path), None),
-        nprocs=3,
-        join=False,
-        start_method="spawn",
-    )
-    while any(p.exitcode is None for p in context.processes) and time.perf_counter() - start < 90:
+    body = ppll.run_stage if cfg.parallel == "ppll" else data_parallel.run_dp
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)  # as launch.spawn does
+    args = (world, store.port, body, to_dict(cfg), str(out), False, None)
+    context = mp.start_processes(target, args=args, nprocs=world, join=False, start_method="spawn")
+    while any(p.exitcode is None for p in context.processes) and time.perf_counter() - start < limit:
         time.sleep(0.2)
     codes = [p.exitcode for p in context.processes]
     for p in context.processes:
         if p.exitcode is None:
             p.kill()
+    return codes
+
+
+def test_a_dead_stage_makes_every_other_rank_exit_nonzero(synthetic_root: Path, tmp_path: Path, capfd) -> None:
+    """Rank 1 dies right after joining; ranks 0 and 2 must each exit non-zero on their own (not be killed by the
+    launcher) within a bounded time, naming the stage that died: no silent hang."""
+    overrides = ["method.name=dgl", "method.k=3", "parallel=ppll", "ppll.timeout=30"]
+    cfg = load_config(None, tiny_overrides(synthetic_root, tmp_path) + overrides)
+    codes = run_until_exit(_stage_that_dies, cfg, 3, tmp_path)
     assert codes[1] == 3 and codes[0] not in (None, 0) and codes[2] not in (None, 0), codes
+    err = capfd.readouterr().err
+    assert err.count("stage 1 died or hangs (no heartbeat)") == 2, err[-3000:]
+
+
+def test_torchrun_trains_and_resumes(synthetic_root: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m locallearn train ... parallel=ppll``, stopped after 3 steps, then
+    ``torchrun ... train --resume RUN_DIR``: the same parameters as sequential local learning."""
+    base = ppll_base(synthetic_root, tmp_path, "dgl", 2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "empty.yaml").write_text("{}\n")  # the defaults; the overrides say the rest
+    cmd = [*torchrun, "-m", "locallearn", "train", "-c", str(tmp_path / "empty.yaml"), *base, "parallel=ppll"]
+    cmd.append("run.max_steps=3")
+    subprocess.run(cmd, check=True, timeout=150, env=env, capture_output=True)
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("_ppll")]
+    cmd = [*torchrun, "-m", "locallearn", "train", "--resume", str(run_dir), "run.max_steps=null"]
+    subprocess.run(cmd, check=True, timeout=150, env=env, capture_output=True)
+    sequential = load_checkpoint(Path(fit(load_config(None, base), quiet=True)["run_dir"]) / "ckpt_last.pt")
+    assert_stages_match(sequential, run_dir, 2)

@@ -87,6 +87,33 @@ def test_presets_match_spec_tables(key: tuple[str, str, int]) -> None:
     assert names(model, ends) == SPEC_TABLES[key]
 
 
+IMAGENET_TABLES = {  # spec §2.1 (InfoPro* K=2), §3.1 (MAN K=4, MAN++ ViT), §4.1 (HPFF), the head in the last module
+    ("resnet101", "infopro_star", 2): ["stem..layer2.0", "layer2.1..head"],
+    ("resnet152", "infopro_star", 2): ["stem..layer2.5", "layer2.6..head"],
+    ("resnet101", "man", 2): ["stem..layer2.0", "layer2.1..head"],
+    ("resnet101", "man", 4): ["stem..layer2.2", "layer2.3..layer3.8", "layer3.9..layer3.16", "layer3.17..head"],
+    ("resnet152", "man", 4): ["stem..layer2.6", "layer2.7..layer3.13", "layer3.14..layer3.25", "layer3.26..head"],
+    ("resnet152", "hpff", 4): ["stem..layer3.0", "layer3.1..layer3.9", "layer3.10..layer3.17", "layer3.18..head"],
+    ("resnet34", "hpff", 4): ["stem..layer2.0", "layer2.1..layer3.0", "layer3.1..layer3.5", "layer4.0..head"],
+    ("resnet101", "hpff", 8): [
+        "stem..layer2.0",
+        "layer2.1..layer3.1",
+        *[f"layer3.{a}..layer3.{a + 3}" for a in (2, 6, 10, 14, 18)],
+        "layer3.22..head",
+    ],
+    ("vit_base", "manpp", 4): ["patch_embed..blocks.2", "blocks.3..blocks.5", "blocks.6..blocks.8", "blocks.9..head"],
+}
+
+
+@pytest.mark.parametrize("key", list(IMAGENET_TABLES), ids=lambda k: "-".join(map(str, k)))
+def test_imagenet_and_vit_presets_match_spec_tables(key: tuple[str, str, int]) -> None:
+    model, preset, k = key
+    backbone = create_model(model, width=32 if model.startswith("vit") else 4)  # thin: only the unit names matter
+    ends = resolve_split(backbone, MethodCfg(name="dgl", k=k, split=preset))
+    infos = backbone.infos
+    assert [f"{infos[s].name}..{infos[e - 1].name}" for s, e in zip([0, *ends[:-1]], ends)] == IMAGENET_TABLES[key]
+
+
 def test_resnet32_k16_is_stem_then_one_block_each() -> None:
     ends = preset_split("infopro", 5, 16)
     assert module_sizes(ends) == [1] * 15 + [2]  # the last block shares its module with the head

@@ -10,7 +10,7 @@ Quick start with your own model::
 or from a preset: ``ll.fit(ll.load_config("configs/fmnist/demo.yaml", ["method.name=dgl"]))``.
 """
 
-from .local import Batch, ClassificationTask
+from .local import Batch, ClassificationTask, SuperResolutionTask
 from .methods import LocalMethod, MethodCfg, list_methods, register_method
 from .models import UnitBackbone, UnitInfo, create_model, list_models, register_model
 from .train import LocalEngine, OptimCfg, TrainCfg, fit, load_config
@@ -23,6 +23,7 @@ __all__ = [
     "LocalMethod",
     "MethodCfg",
     "OptimCfg",
+    "SuperResolutionTask",
     "TrainCfg",
     "UnitBackbone",
     "UnitInfo",

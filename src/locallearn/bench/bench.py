@@ -42,7 +42,7 @@ from ..measure.speed import interleaved_throughput
 from ..methods.base import list_methods
 from ..train.config import ConfigError, TrainCfg, apply_overrides, config_from_dict, load_config, to_dict
 from ..train.engine import LocalEngine
-from ..train.loop import build_engine, build_loaders, fit, resolve_device, stream_seed
+from ..train.loop import build_engine, build_loaders, build_task, fit, resolve_device, stream_seed
 from ..train.rundir import MetricsLog
 from .report import load_results, machine_info, save_results
 
@@ -105,7 +105,7 @@ def bench_batches(cfg: TrainCfg, device: torch.device, n: int) -> tuple[list[Bat
         batches = [Batch(x, y, raw) for x, y, raw in loader.batches(0)][:n]
         note = f"{cfg.data.name} training batches"
     except (DataError, FileNotFoundError):
-        if cfg.data.root is not None:
+        if cfg.data.root is not None or spec.task != "classification":  # synthetic labels are class indices
             raise
         g = torch.Generator().manual_seed(stream_seed(cfg.run.seed, "data"))
         shape = (cfg.data.batch_size, spec.channels, spec.size, spec.size)
@@ -303,7 +303,8 @@ def run_accuracy(base: TrainCfg, variants: list[Variant], results: dict[str, Any
             print(f"\n=== {v.label} K={v.k} seed {seed}" + (f" (continuing {partial})" if partial else ""), flush=True)
             result = fit(cfg, resume=partial)
             records = MetricsLog(Path(result["run_dir"]) / "metrics.jsonl").read()
-            final = next((r for r in reversed(records) if "test_acc" in r), None)
+            metric = build_task(cfg, dataset_spec(cfg.data.name)).headline  # acc, psnr
+            final = next((r for r in reversed(records) if f"test_{metric}" in r), None)
             if final is None:
                 raise RuntimeError(f"{result['run_dir']}: training ended without a test evaluation")
             _row(results, v)
@@ -313,8 +314,9 @@ def run_accuracy(base: TrainCfg, variants: list[Variant], results: dict[str, Any
                     "label": v.label,
                     "k": v.k,
                     "seed": seed,
-                    "test_acc": final["test_acc"],
-                    "aux_acc": final.get("aux_acc", []),
+                    "metric": metric,
+                    **{key: value for key, value in final.items() if key.startswith("test_") and key != "test_loss"},
+                    f"aux_{metric}": final.get(f"aux_{metric}", []),
                     "epochs": final["epoch"],
                     "peak_act_bytes": max(r.get("peak_act_bytes") or 0 for r in records),
                     "imgs_per_s": final["imgs_per_s"],
@@ -362,6 +364,7 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(out, to_dict(base))
     results["machine"] = machine_info(resolve_device(base.run.device))
+    results["metric"] = build_task(base, dataset_spec(base.data.name)).headline  # the table's test column
     results["commands"].append({"command": command, "kind": kind, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     save_results(out, results)
     print(f"bench {kind}: {len(variants)} variants -> {out}", flush=True)

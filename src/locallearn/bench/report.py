@@ -70,9 +70,15 @@ def save_results(out: Path, results: dict[str, Any]) -> None:
     _write_atomic(out / "results.md", render_markdown(results) + "\n")
 
 
+def task_metric(results: dict[str, Any]) -> str:
+    """The task's headline metric: ``acc`` (classification; also records written before ``metric`` existed)
+    or ``psnr`` (super-resolution)."""
+    return results.get("metric") or next((r.get("metric", "acc") for r in results["runs"]), "acc")
+
+
 def accuracy_summary(results: dict[str, Any], key: str) -> dict[str, Any] | None:
-    """Mean, sample std and count of final test accuracy over the seeds of row ``key``."""
-    accs = [r["test_acc"] for r in results["runs"] if r["key"] == key]
+    """Mean, sample std and count of the final test metric (accuracy, PSNR) over the seeds of row ``key``."""
+    accs = [r[f"test_{r.get('metric', 'acc')}"] for r in results["runs"] if r["key"] == key]
     if not accs:
         return None
     return {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs)}
@@ -119,7 +125,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    cfg, machine = results["config"], results.get("machine", {})
+    cfg, machine, metric = results["config"], results.get("machine", {}), task_metric(results)
     head = (
         f"{cfg['model']['name']} (width {cfg['model']['width']}), {cfg['data']['name']}, batch "
         f"{cfg['data']['batch_size']}, device {machine.get('device', '?')} ({machine.get('device_name', '?')}), "
@@ -129,12 +135,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         head,
         "",
         "| method | K | peak activation MiB | vs E2E | images/s | vs E2E | aux FLOPs overhead "
-        "| test acc (mean ± std, n) |",
+        f"| test {'acc' if metric == 'acc' else metric.upper() + ' dB'} (mean ± std, n) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table_rows(results):
         acc = r["accuracy"]
-        acc_text = "-" if acc is None else f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} % (n={acc['n']})"
+        unit, factor = (" %", 100) if metric == "acc" else ("", 1)  # accuracy in percent, PSNR in dB
+        acc_text = (
+            "-" if acc is None else f"{factor * acc['mean']:.2f} ± {factor * acc['std']:.2f}{unit} (n={acc['n']})"
+        )
         lines.append(
             f"| {r['label']} | {r['k']} | {_fmt(r['peak_act_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.3f')} | "
             f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['speed_ratio'], '.3f')} | "

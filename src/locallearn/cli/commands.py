@@ -1,7 +1,9 @@
-"""The bodies of ``locallearn eval|compare|summary|list`` (``train`` is :func:`locallearn.train.loop.fit`)."""
+"""The bodies of ``locallearn eval|compare|summary|list|bench pipeline`` (``train`` is
+:func:`locallearn.train.loop.fit`)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from ..methods.base import ADDON_PRESETS, list_methods, resolve_k
 from ..models.registry import list_models
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
-from ..train.loop import build_engine, build_loaders, checkpoint_path, fit, resolve_device
+from ..train.loop import build_engine, build_loaders, checkpoint_path, fit, resolve_device, resolve_time_balance
 from ..train.rundir import environment, new_run_dir
 
 MiB = 2**20
@@ -38,10 +40,12 @@ def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
     engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
     engine.load_state_dict(state)
     result = engine.evaluate(test_loader.batches())
-    aux = " ".join("-" if a is None else f"{a:.4f}" for a in result["aux_acc"])
+    name = engine.task.headline  # acc, psnr
+    aux = " ".join("-" if a is None else f"{a:.4f}" for a in result[f"aux_{name}"])
+    tests = "  ".join(f"{key} {value:.4f}" for key, value in result.items() if key.startswith("test_"))
     print(
-        f"{checkpoint_path(run)} (epoch {state['epoch']}, step {state['step']}): test_acc {result['test_acc']:.4f}"
-        f"  test_loss {result['test_loss']:.4f}" + (f"  aux_acc by depth [{aux}]" if aux else "")
+        f"{checkpoint_path(run)} (epoch {state['epoch']}, step {state['step']}): {tests}"
+        + (f"  aux_{name} by depth [{aux}]" if aux else "")
     )
     return result
 
@@ -134,12 +138,13 @@ def summary(config: str | None, overrides: list[str]) -> str:
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     sample = torch.zeros(cfg.data.batch_size, spec.channels, spec.size, spec.size, device=device)
     sample = sample.contiguous(memory_format=memory_format)
-    engine = build_engine(cfg, spec, device, sample)
     from ..local.task import Batch
 
     batch = Batch(
         sample, torch.zeros(len(sample), dtype=torch.long, device=device), torch.zeros_like(sample, dtype=torch.uint8)
     )
+    cfg = resolve_time_balance(cfg, spec, device, [(batch.input, batch.target, batch.raw)], quiet=False)
+    engine = build_engine(cfg, spec, device, sample)
     lines = [
         f"{cfg.model.name}, {cfg.method.name}, K={engine.k}, batch {cfg.data.batch_size}, "
         f"{spec.channels}x{spec.size}x{spec.size}",
@@ -184,6 +189,36 @@ def summary(config: str | None, overrides: list[str]) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def int_list(text: str | None, option: str) -> list[int]:
+    """``"2,4,8"`` → [2, 4, 8] (None or empty → [])."""
+    try:
+        return [int(v) for v in (text or "").split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated integers like 2,4,8, got {text!r}") from None
+
+
+def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """``locallearn bench pipeline``: see :mod:`locallearn.bench.pipeline`."""
+    from ..bench.pipeline import run_pipeline_bench
+    from ..bench.report import command_line
+
+    return run_pipeline_bench(
+        args.config,
+        args.overrides,
+        k=args.k,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
+        micro=int_list(args.micro, "--micro") or None,
+        simulate_ks=int_list(args.simulate, "--simulate"),
+        simulate_only=args.simulate_only,
+        out_dir=args.out,
+        timeout=args.timeout,
+        command=command_line(),
+    )
 
 
 def list_registries() -> None:

@@ -7,6 +7,7 @@
     locallearn summary -c configs/cifar10/resnet110_infopro_k4.yaml
     locallearn list
     locallearn bench memory -c configs/cifar10/resnet32_infopro_k4.yaml --methods e2e,dgl,infopro --k 2,4,8,16
+    locallearn bench pipeline -c configs/fmnist/demo.yaml --k 2 --simulate 4 method.name=dgl
     locallearn plot runs/bench_demo --out figures
     locallearn data get cifar10 --root data
 
@@ -59,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument("--warmup", type=int, default=2, help="speed: untimed steps per method first (default 2)")
         k.add_argument("--out", help="results folder (default RUN_OUT/bench_<config>); rerun with it to resume")
         k.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
+    pp = kinds.add_parser("pipeline", help="PPLL vs sequential LL, GPipe, 1F1B, DDP and E2E on the same split")
+    pp.add_argument("-c", "--config", required=True, help="YAML preset; its local method gives the split")
+    pp.add_argument("--k", type=int, default=2, help="stages = processes of the multi-process runs (default 2)")
+    pp.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
+    pp.add_argument("--warmup", type=int, default=3, help="steps before timing; the first is the fill (default 3)")
+    pp.add_argument("--repeats", type=int, default=5, help="rounds; figures are medians over rounds (default 5)")
+    pp.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    pp.add_argument("--micro", help="GPipe/1F1B micro-batch counts, comma-separated (default K,2K,4K)")
+    pp.add_argument("--simulate", help="comma-separated K to predict from measured stage and transfer times")
+    pp.add_argument("--simulate-only", action="store_true", help="only the simulation (no timed runs)")
+    pp.add_argument("--timeout", type=float, default=900, help="seconds one group of runs may take (default 900)")
+    pp.add_argument("--out", help="results folder (default RUN_OUT/bench_pipeline_<config>)")
+    pp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=dgl model.name=resnet32")
 
     pl = sub.add_parser("plot", help="PNG figures from run directories and bench results (needs [plot])")
     pl.add_argument("inputs", nargs="+", help="run directories, bench folders or results.json files")
@@ -81,16 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.config and not args.resume:
                 raise ConfigError("train needs -c CONFIG.yaml (a preset from configs/) or --resume RUN_DIR")
-            if args.config:
-                cfg = load_config(args.config, args.overrides)
-                if cfg.parallel == "ppll":
-                    if args.resume:
-                        raise ConfigError("resuming a PPLL run is not supported yet; start a new run")
-                    from ..parallel.ppll import fit_ppll
+            cfg = load_config(args.config, args.overrides) if args.config else None
+            from ..parallel import fit_parallel, wants_parallel  # ppll / dp runs, and resuming them
 
-                    fit_ppll(cfg)
-                else:
-                    fit(cfg, resume=args.resume)
+            if wants_parallel(cfg, args.resume):
+                fit_parallel(cfg, resume=args.resume, overrides=[] if cfg else args.overrides)
+            elif cfg is not None:
+                fit(cfg, resume=args.resume)
             else:
                 fit(resume=args.resume, overrides=args.overrides)
         elif args.command == "eval":
@@ -109,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import list_registries
 
             list_registries()
+        elif args.command == "bench" and args.kind == "pipeline":
+            from .commands import bench_pipeline
+
+            bench_pipeline(args)
         elif args.command == "bench":
             from ..bench.bench import run_bench
             from ..bench.report import command_line

@@ -2,6 +2,9 @@
 
 from . import (
     cifar,  # noqa: F401  (registers cifar10 and cifar100)
+    detection,  # noqa: F401  (registers shapes, voc and coco, object detection)
+    imagefolder,  # noqa: F401  (registers imagenet and imagefolder)
+    sr,  # noqa: F401  (registers sr_folder and skimage_samples, super-resolution)
     stl10,  # noqa: F401  (registers stl10)
     svhn,  # noqa: F401  (registers svhn and svhn_extra)
 )

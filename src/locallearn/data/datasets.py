@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,10 @@ from .idx import DataError, read_idx_split
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """``read(root, split)`` returns (uint8 images, labels) for classification. ``task``: ``classification`` or
+    ``super_resolution``; an SR dataset's ``read(root, split, scale=, limit=, test_root=)`` returns image pairs
+    (:mod:`locallearn.data.sr`), and its ``size`` is only the side of the probe input used to check a split."""
+
     name: str
     num_classes: int
     channels: int
@@ -29,8 +34,13 @@ class DatasetSpec:
     pad_mode: str
     flip: bool
     default_roots: tuple[str, ...]
-    read: Callable[[Path, str], tuple[np.ndarray, np.ndarray]]
+    read: Callable[..., Any]
     hint: str
+    task: str = "classification"
+    # Streamed datasets (class folders, :mod:`locallearn.data.imagefolder`): builds the (train, test) loaders and
+    # the spec with the class count found in the files; ``read`` then only explains that (eng. §7.3).
+    loaders: Callable[..., Any] | None = None
+    classes: tuple[str, ...] = ()  # class names where the files give them (detection: VOC/COCO categories)
 
 
 _DATASETS: dict[str, DatasetSpec] = {}

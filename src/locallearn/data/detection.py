@@ -17,13 +17,17 @@ import contextlib
 import io
 import json
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from .datasets import DatasetSpec, register_dataset
 from .idx import DataError
+from .loader import ResidentLoader, _generator
 
 VOC_CLASSES = [
     "aeroplane",
@@ -302,3 +306,98 @@ def coco_map(data: DetectionSet, detections: list[tuple[np.ndarray, np.ndarray, 
         evaluator.accumulate()
         evaluator.summarize()
     return {"map": max(float(evaluator.stats[0]), 0.0), "map50": max(float(evaluator.stats[1]), 0.0)}
+
+
+class DetectionLoader(ResidentLoader):
+    """Resident batches of ``(input, padded targets, raw_uint8)``: the classification loader's shuffling and
+    normalisation, with a horizontal flip that mirrors the boxes too (random per image, a pure function of
+    seed, epoch and batch like every augmentation here)."""
+
+    def __init__(self, data: DetectionSet, batch_size: int, *, train: bool, flip: bool, **kwargs) -> None:
+        super().__init__(
+            data.images, np.zeros(len(data), np.int64), batch_size, train=train, pad=0, flip=False, **kwargs
+        )
+        self.labels = data.targets().to(self.device)
+        self.flip_boxes = flip and train
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for i, (x, target, raw) in enumerate(super().batches(epoch, start), start):
+            if self.flip_boxes:
+                flipped = (torch.rand(len(x), generator=_generator(self.seed, epoch, i, 2)) < 0.5).to(self.device)
+                x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+                raw = torch.where(flipped[:, None, None, None], raw.flip(-1), raw)
+                mirrored = target.clone()
+                mirrored[..., 1], mirrored[..., 3] = self.w - target[..., 3], self.w - target[..., 1]
+                target = torch.where(flipped[:, None, None] & (target[..., :1] >= 0), mirrored, target)
+            yield x, target, raw
+
+
+def detection_loaders(spec: Any, data: Any, device: torch.device, seed: int, channels_last: bool):
+    """(train, test) :class:`DetectionLoader` s and the spec with the class count of the files, for
+    ``data.name`` = ``shapes`` (rendered: no files), ``voc`` or ``coco``; images resized to ``data.image_size``."""
+    size = data.image_size or (64 if spec.name == "shapes" else 256)
+    if spec.name == "shapes":
+        train = render_shapes(data.limit_train or 2048, size, seed=0)
+        test = render_shapes(data.limit_test or 256, size, seed=1)
+    else:
+        root = Path(data.root or next((r for r in spec.default_roots if Path(r).exists()), spec.default_roots[0]))
+        train, test = (_read_split(spec.name, root, names, size) for names in (("trainval", "train"), ("test", "val")))
+        if test.classes != train.classes:
+            test = _read_split(spec.name, root, ("test", "val"), size, classes=train.classes)
+        if data.limit_train:
+            train = _subset(train, data.limit_train)
+        if data.limit_test:
+            test = _subset(test, data.limit_test)
+    common = {"mean": spec.mean, "std": spec.std, "seed": seed, "device": device, "channels_last": channels_last}
+    flip = spec.flip if data.flip is None else data.flip
+    loaders = (
+        DetectionLoader(train, data.batch_size, train=True, flip=flip, **common),
+        DetectionLoader(test, data.eval_batch_size, train=False, flip=False, **common),
+    )
+    return (*loaders, replace(spec, num_classes=len(train.classes), size=size, classes=tuple(train.classes)))
+
+
+def _read_split(name: str, root: Path, splits: tuple[str, ...], size: int, classes: list[str] | None = None):
+    for split in splits:
+        if name == "voc" and (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+            return read_voc(root, split, size, classes)
+        for folder in (f"{split}2017", split):
+            ann = root / "annotations" / f"instances_{folder}.json"
+            if name == "coco" and ann.is_file():
+                return read_coco(root / folder, ann, size)
+    layout = "ImageSets/Main/<split>.txt" if name == "voc" else "annotations/instances_<split>2017.json"
+    raise DataError(f"{root}: no {name} split among {', '.join(splits)} ({layout}); set data.root to the dataset root")
+
+
+def _subset(data: DetectionSet, n: int) -> DetectionSet:
+    return DetectionSet(data.images[:n], data.boxes[:n], data.labels[:n], data.classes, data.names[:n])
+
+
+def _no_arrays(root: Path, split: str):
+    raise DataError("detection datasets stream through detection_loaders, not load_split; use build_loaders")
+
+
+for _name, _roots, _hint in (
+    ("shapes", (), "rendered on the fly: no files needed"),
+    ("voc", ("data/VOCdevkit/VOC2007", "data/voc"), "a VOC year folder (ImageSets/Main, Annotations, JPEGImages)"),
+    ("coco", ("data/coco",), "a COCO root (annotations/instances_train2017.json, train2017/, val2017/)"),
+):
+    register_dataset(
+        DatasetSpec(
+            name=_name,
+            num_classes=len(SHAPES) if _name == "shapes" else 20 if _name == "voc" else 80,  # nominal: files decide
+            channels=3,
+            size=64 if _name == "shapes" else 256,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            pad=0,
+            pad_mode="zero",
+            flip=True,
+            default_roots=_roots,
+            read=_no_arrays,
+            hint=_hint,
+            task="detection",
+            loaders=detection_loaders,
+            classes=tuple(SHAPES) if _name == "shapes" else tuple(VOC_CLASSES) if _name == "voc" else (),
+        )
+    )

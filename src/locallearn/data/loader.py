@@ -25,6 +25,19 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def uint8_normaliser(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(255·mean, 1/(255·std)) shaped (1, C, 1, 1): ``(x_uint8 - a) * b`` normalises in one pass."""
+    shape = (1, len(mean), 1, 1)
+    scaled_mean = torch.tensor(mean, dtype=torch.float32, device=device).view(shape) * 255
+    return scaled_mean, 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(shape) * 255)
+
+
+def batches_per_epoch(n: int, batch_size: int, train: bool) -> int:
+    """A trailing training batch of one sample is dropped (BatchNorm cannot train on it)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > (1 if train else 0) else 0)
+
+
 class ResidentLoader:
     """Batches of ``(input, target, raw_uint8)`` on ``device``.
 
@@ -73,14 +86,10 @@ class ResidentLoader:
         self.channels_last = channels_last
         if len(mean) != self.c or len(std) != self.c:
             raise ValueError(f"{len(mean)} mean and {len(std)} std values for {self.c}-channel images")
-        shape = (1, self.c, 1, 1)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape) * 255
-        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32, device=self.device).view(shape) * 255)
+        self.mean, self.inv_std = uint8_normaliser(mean, std, self.device)
 
     def __len__(self) -> int:
-        """Batches per epoch. A trailing training batch of one sample is dropped (BatchNorm cannot train on it)."""
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest > (1 if self.train else 0) else 0)
+        return batches_per_epoch(self.n, self.batch_size, self.train)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Triple]:
         """Yield the batches of ``epoch`` from batch index ``start`` on (used to resume mid-epoch)."""

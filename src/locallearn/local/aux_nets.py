@@ -6,6 +6,8 @@ and they are looked up by name in registries (never ``exec``/``eval``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,21 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.S
 
 
 INFOPRO_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+# The ImageNet aux pair of spec §2.2 (InfoPro ``Experiments on ImageNet``): this head and the ImageNet decoder.
+IMAGENET_AUX = "imagenet"
+
+
+def _imagenet_head(c: int, widen: int) -> tuple[list[nn.Module], int]:
+    """InfoPro's ImageNet head body (spec §2.2): 1×1 conv → 128, 3×3 stride-2 → 256, 3×3 stride-2 → 512, 1×1 →
+    2048 (each BN, ReLU). The first width is 256 above 512 input channels (HPFF's heads on layer3, spec §4.3), so
+    it fits any stage; widths are times ``widen``. Returns the layers and the output width."""
+    first = (128 if c <= 512 else 256) * widen
+    widths = [(first, 1, 1), (256 * widen, 3, 2), (512 * widen, 3, 2), (2048 * widen, 1, 1)]
+    layers: list[nn.Module] = []
+    for width, kernel, stride in widths:
+        layers.append(_conv_bn_relu(c, width, kernel, stride))
+        c = width
+    return layers, c
 
 
 class InfoProHead(nn.Module):
@@ -27,16 +44,22 @@ class InfoProHead(nn.Module):
 
     The conv goes to 2C with stride 2 before the last stage and keeps C with stride 1 in it (16→32, 32→64,
     64→64 in the paper's ResNets), times ``widen``. Hidden linear width is ``feature_dim·widen``.
+    ``config="imagenet"`` is the ImageNet head instead (:func:`_imagenet_head`, GAP, Linear → ``out_dim``).
     """
 
     def __init__(
         self, info: UnitInfo, num_stages: int, config: str, out_dim: int, widen: int = 1, feature_dim: int = 128
     ) -> None:
         super().__init__()
-        if config not in INFOPRO_CONFIGS:
-            raise ValueError(f"unknown InfoPro aux config {config!r}; choose one of {', '.join(INFOPRO_CONFIGS)}")
+        if config not in (*INFOPRO_CONFIGS, IMAGENET_AUX):
+            choices = ", ".join((*INFOPRO_CONFIGS, IMAGENET_AUX))
+            raise ValueError(f"unknown InfoPro aux config {config!r}; choose one of {choices}")
         if feature_dim < 1:
             raise ValueError(f"method.feature_dim must be >= 1 (the paper uses 128), got {feature_dim}")
+        if config == IMAGENET_AUX:
+            layers, c = _imagenet_head(info.channels, widen)
+            self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, out_dim))
+            return
         convs, fcs = int(config[0]), int(config[2])
         c = info.channels
         layers: list[nn.Module] = []
@@ -59,20 +82,50 @@ class InfoProHead(nn.Module):
         return self.net(h)
 
 
-class Decoder(nn.Module):
-    """InfoPro's reconstruction decoder: upsample to the image size, 3×3 conv C→12w, BN, ReLU, 3×3 conv →
-    image channels, sigmoid (spec §2.2). The image size comes from the batch, so any input size works."""
+DECODERS = ("infopro", IMAGENET_AUX)
 
-    def __init__(self, info: UnitInfo, image_channels: int, widen: int = 1) -> None:
+
+class Decoder(nn.Module):
+    """InfoPro's reconstruction decoder (spec §2.2). The image size comes from the batch, so any input size works.
+
+    * ``infopro`` (CIFAR/STL): upsample to the image size, 3×3 conv C→12w, BN, ReLU, 3×3 conv → image channels,
+      sigmoid.
+    * ``imagenet``: progressive. 1×1 conv C→128, then one 3×3 conv per further ×2 upsampling (32 wide, the last
+      12), each with BN, ReLU, the last upsampling landing exactly on the image size, and a 3×3 conv → image
+      channels, sigmoid. On the reference's 28×28 layer2 map of a 224 image (×8: 3 upsamplings) this is exactly
+      its 128 → 56², 32 → 112², 12 → 224², 3 decoder; other split points get as many ×2 steps as their reduction
+      needs (×4: 128, 12; ×32: 128, 32, 32, 32, 12), instead of the reference's assertion on 28×28 maps.
+      Widths times ``widen``.
+    """
+
+    def __init__(self, info: UnitInfo, image_channels: int, widen: int = 1, kind: str = "infopro") -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            _conv_bn_relu(info.channels, 12 * widen, 3),
-            nn.Conv2d(12 * widen, image_channels, 3, padding=1),
-            nn.Sigmoid(),
+        if kind not in DECODERS:
+            raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+        self.kind = kind
+        if kind == "infopro":
+            self.net = nn.Sequential(
+                _conv_bn_relu(info.channels, 12 * widen, 3),
+                nn.Conv2d(12 * widen, image_channels, 3, padding=1),
+                nn.Sigmoid(),
+            )
+            return
+        steps = max(1, round(math.log2(max(info.reduction, 1))))  # ×2 upsamplings back to the image size
+        widths = [w * widen for w in (128, *[32] * max(0, steps - 2), *[12] * (steps >= 2))]
+        cins = [info.channels, *widths[:-1]]
+        self.stages = nn.ModuleList(
+            _conv_bn_relu(cin, width, 1 if i == 0 else 3) for i, (cin, width) in enumerate(zip(cins, widths))
         )
+        self.out = nn.Sequential(nn.Conv2d(widths[-1], image_channels, 3, padding=1), nn.Sigmoid())
 
     def forward(self, h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return self.net(F.interpolate(h, size=size, mode="bilinear", align_corners=True))
+        if self.kind == "infopro":
+            return self.net(F.interpolate(h, size=size, mode="bilinear", align_corners=True))
+        for i, stage in enumerate(self.stages):
+            h = stage(h)
+            target = tuple(size) if i == len(self.stages) - 1 else (2 * h.shape[-2], 2 * h.shape[-1])
+            h = F.interpolate(h, size=target, mode="bilinear", align_corners=True)
+        return self.out(h)
 
 
 DGL_HEADS = ("mlp", "mlp-sr", "cnn")

@@ -3,11 +3,22 @@
 A split is the list of exclusive end indices of the modules; ``K = len(ends)`` is always the true module count.
 Two ways to get one:
 
-* a **preset** from the papers (``infopro``: ResNet-32/110, K = 2/3/4/8/16; ``infopro_star``: the
-  "balanced memory" ResNet-110 splits of Table 3; ``infopro_star_stl10``; ``man``: ResNet-32 K=8/15, ResNet-110
-  K=32/54 with the stem merged; ``manpp``: the same with the stem alone, K=9/16 and 33/55), written in the
-  paper's ``[stage, block]`` notation and converted here. The papers' labels that differ from the true count
-  (MAN "K=16" = 15 modules, MAN++ "K=8" = 9, ...) are accepted with a warning;
+* a **preset** from the papers, written in the paper's ``[stage, block]`` notation and converted here. Presets are
+  looked up per backbone *layout* (blocks per stage, read from the units' :class:`UnitInfo`), so one name covers
+  every family that has it:
+
+  - CIFAR ResNet-32/110 (spec §2.1, §3.1): ``infopro`` (K = 2/3/4/8/16), ``infopro_star`` and
+    ``infopro_star_stl10`` (the "balanced memory" ResNet-110 splits of Table 3), ``man`` (ResNet-32 K=8/15,
+    ResNet-110 K=32/54, stem merged), ``manpp`` (the same with the stem alone, K=9/16 and 33/55);
+  - ImageNet ResNets (spec §2.1, §3.1, §4.1, §5.1): ``infopro_star`` K=2 (ResNet-101/152, Table 4), ``man`` K=2/4
+    (ResNet-101/152; K=4 is MAN++'s config), ``hpff`` K=4/8 (ResNet-101/152) and K=4 (ResNet-34), ``mlaan``
+    (one module per block: ResNet-34 K=16, ResNet-101 K=33). ResNet-50 shares ResNet-34's layout (3, 4, 6, 3) and
+    so its presets, as the MAN reference does (spec §3.6-5); ResNet-18 has none;
+  - a 12-block ViT (spec §3.1): ``manpp`` K=4, four groups of three blocks (patch embedding in the first, head in
+    the last).
+
+  The papers' labels that differ from the true count (MAN "K=16" = 15 modules, MAN++ "K=8" = 9, MLAAN's ResNet-101
+  "K=34" = 33, ...) are accepted with a warning;
 * an **automatic** split that balances a per-unit cost (unit count, parameters, FLOPs or saved-activation bytes;
   the engine measures the cost with :mod:`locallearn.measure`): the partition minimising the largest module cost,
   and among those the most even one.
@@ -17,6 +28,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+
+from ..models.imagenet_resnet import LAYERS as IMAGENET_LAYERS
+from ..models.units import UnitInfo
 
 _K8_R32 = [(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2)]
 _MAN_R110_K32 = [
@@ -52,75 +66,147 @@ _MAN_R110_K32 = [
     (3, 13),
     (3, 15),
 ]
-# The papers' K labels that are not the true module count (spec §3.1, §3.6-3): label → true count.
-PAPER_K_ALIASES = {"man": {5: {16: 15}, 18: {55: 54}}, "manpp": {5: {8: 9}, 18: {32: 33}}}
+Position = tuple[int, int]  # [stage, block]: after block j of stage s; (0, 0) = after the stem / patch embedding
+Layout = tuple[int, ...]  # blocks per stage: (5, 5, 5) ResNet-32, (3, 4, 23, 3) ResNet-101, (12,) a 12-block ViT
 
-# Split positions "[s, j]" = after block j of stage s; [0, 0] = after the stem. The last module is implicit.
-_INFOPRO_POSITIONS: dict[str, dict[int, dict[int, list[tuple[int, int]]]]] = {
+_R32, _R110 = (5, 5, 5), (18, 18, 18)
+_R34, _R101, _R152 = (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
+_VIT12 = (12,)
+
+
+def _every_block(layout: Layout) -> list[Position]:
+    """One module per block, the stem merged into the first and the head into the last (MAN K=15/54, MLAAN)."""
+    return [(s, j) for s, n in enumerate(layout, start=1) for j in range(n)][:-1]
+
+
+# The papers' K labels that are not the true module count (spec §3.1, §3.6-3, §5.1): label → true count.
+_K_ALIASES: dict[str, dict[Layout, dict[int, int]]] = {
+    "man": {_R32: {16: 15}, _R110: {55: 54}},
+    "manpp": {_R32: {8: 9}, _R110: {32: 33}},
+    "mlaan": {_R101: {34: 33}},  # MLAAN's README says "K=34" for ResNet-101; the config key is 33 (spec §5.1)
+}
+# The CIFAR view (by blocks per stage), as methods.infopro's legacy MAN λ ratio reads it.
+PAPER_K_ALIASES = {
+    name: {layout[0]: labels for layout, labels in by_layout.items() if len(layout) == 3}
+    for name, by_layout in _K_ALIASES.items()
+}
+
+# Split positions per preset and layout; the last module is implicit.
+_PRESETS: dict[str, dict[Layout, dict[int, list[Position]]]] = {
     "infopro": {
-        5: {  # ResNet-32 (5 blocks per stage), InfoPro networks/configs.py
+        _R32: {  # InfoPro networks/configs.py (spec §2.1)
             2: [(2, 1)],
             3: [(1, 4), (2, 4)],
             4: [(1, 2), (2, 1), (3, 0)],
-            8: [(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2)],
-            16: [(0, 0)] + [(s, j) for s in (1, 2, 3) for j in range(5)][:-1],
+            8: _K8_R32,
+            16: [(0, 0), *_every_block(_R32)],
         },
-        18: {  # ResNet-110
+        _R110: {
             2: [(2, 8)],
             3: [(1, 17), (2, 17)],
             4: [(1, 11), (2, 7), (3, 3)],
             8: [(1, 4), (1, 11), (2, 0), (2, 7), (2, 14), (3, 3), (3, 10)],
             16: [
-                (1, 1),
-                (1, 4),
-                (1, 7),
-                (1, 10),
-                (1, 13),
-                (1, 16),
-                (2, 1),
-                (2, 4),
-                (2, 7),
-                (2, 11),
-                (2, 15),
-                (3, 1),
-                (3, 5),
-                (3, 9),
-                (3, 13),
+                *[(1, j) for j in (1, 4, 7, 10, 13, 16)],
+                *[(2, j) for j in (1, 4, 7, 11, 15)],
+                *[(3, j) for j in (1, 5, 9, 13)],
             ],
         },
     },
-    "infopro_star": {18: {2: [(1, 14)], 3: [(1, 9), (2, 2)], 4: [(1, 6), (1, 14), (2, 8)]}},
+    "infopro_star": {
+        _R110: {2: [(1, 14)], 3: [(1, 9), (2, 2)], 4: [(1, 6), (1, 14), (2, 8)]},
+        # ImageNet InfoPro* K=2 (spec §2.1, Table 4): stem + layer1 + layer2[0..k] | the rest.
+        _R101: {2: [(2, 0)]},
+        _R152: {2: [(2, 5)]},
+    },
+    "infopro_star_stl10": {_R110: {2: [(1, 14)], 3: [(1, 8), (2, 1)], 4: [(1, 6), (1, 14), (2, 8)]}},
     # MAN / HPFF / MLAAN (spec §3.1, §4.1, §5.1): the stem is merged into the first module.
     "man": {
-        5: {8: _K8_R32, 15: [(s, j) for s in (1, 2, 3) for j in range(5)][:-1]},
-        18: {32: _MAN_R110_K32, 54: [(s, j) for s in (1, 2, 3) for j in range(18)][:-1]},
+        _R32: {8: _K8_R32, 15: _every_block(_R32)},
+        _R110: {32: _MAN_R110_K32, 54: _every_block(_R110)},
+        # ImageNet (spec §3.1): K=2 from MAN, K=4 from MAN++'s configs (the K MAN's tables report).
+        _R101: {2: [(2, 0)], 4: [(2, 2), (3, 8), (3, 16)]},
+        _R152: {2: [(2, 5)], 4: [(2, 6), (3, 13), (3, 25)]},
     },
-    # MAN++ (spec §3.1): the stem is a module of its own, in front of the MAN split.
+    # MAN++ (spec §3.1): the stem is a module of its own, in front of the MAN split; ViT: 4 groups of 3 blocks.
     "manpp": {
-        5: {9: [(0, 0), *_K8_R32], 16: [(0, 0)] + [(s, j) for s in (1, 2, 3) for j in range(5)][:-1]},
-        18: {33: [(0, 0), *_MAN_R110_K32], 55: [(0, 0)] + [(s, j) for s in (1, 2, 3) for j in range(18)][:-1]},
+        _R32: {9: [(0, 0), *_K8_R32], 16: [(0, 0), *_every_block(_R32)]},
+        _R110: {33: [(0, 0), *_MAN_R110_K32], 55: [(0, 0), *_every_block(_R110)]},
+        _VIT12: {4: [(1, 2), (1, 5), (1, 8)]},
     },
-    "infopro_star_stl10": {18: {2: [(1, 14)], 3: [(1, 8), (2, 1)], 4: [(1, 6), (1, 14), (2, 8)]}},
+    # HPFF ImageNet (spec §4.1); the ResNet-34 entry is unusable in the reference (hard-coded widths), not here.
+    "hpff": {
+        _R34: {4: [(2, 0), (3, 0), (3, 5)]},
+        **{
+            layout: {
+                4: [(3, 0), (3, 9), (3, 17)],
+                8: [(2, 0), (3, 1), (3, 5), (3, 9), (3, 13), (3, 17), (3, 21)],
+            }
+            for layout in (_R101, _R152)
+        },
+    },
+    # MLAAN ImageNet (spec §5.1): one module per residual block (no split config exists for ResNet-152).
+    "mlaan": {_R34: {16: _every_block(_R34)}, _R101: {33: _every_block(_R101)}},
 }
 
 BALANCE_MODES = ("units", "params", "flops", "activations")
 
 
 def list_presets() -> list[str]:
-    return sorted(_INFOPRO_POSITIONS)
+    return sorted(_PRESETS)
 
 
-def preset_split(preset: str, blocks_per_stage: int, k: int) -> list[int]:
-    """End indices of a paper preset for a CIFAR ResNet with ``blocks_per_stage`` blocks (5 = ResNet-32)."""
-    if preset not in _INFOPRO_POSITIONS:
+def backbone_layout(infos: Sequence[UnitInfo]) -> Layout | None:
+    """Blocks per stage of a stem / blocks / head unit list (the presets' coordinates), or None if the units do
+    not have that shape (e.g. a user's ``nn.Sequential``)."""
+    if len(infos) < 3 or infos[0].stage != 0 or not infos[-1].is_head:
+        return None
+    stages = [info.stage for info in infos[1:-1]]
+    if any(info.is_head for info in infos[1:-1]) or stages != sorted(stages) or stages[0] != 1:
+        return None
+    if set(stages) != set(range(1, stages[-1] + 1)):
+        return None
+    return tuple(stages.count(s) for s in range(1, stages[-1] + 1))
+
+
+def layout_name(layout: Layout) -> str:
+    """``ResNet-110``, ``ResNet-34/50``, ``ViT (12 blocks)``: how error messages name a layout."""
+    if len(layout) == 3 and len(set(layout)) == 1:
+        return f"ResNet-{6 * layout[0] + 2}"
+    if len(layout) == 4:
+        depths = [str(d) for d, (_, blocks) in IMAGENET_LAYERS.items() if blocks == layout]
+        if depths:
+            return "ResNet-" + "/".join(depths)
+    if len(layout) == 1:
+        return f"ViT ({layout[0]} blocks)"
+    return f"the backbone with blocks per stage {layout}"
+
+
+def presets_for(layout: Layout | None) -> dict[str, list[int]]:
+    """The presets defined for a layout and their K (true module counts)."""
+    return {name: sorted(by[layout]) for name, by in sorted(_PRESETS.items()) if layout in by}
+
+
+def preset_split(preset: str, layout: int | Layout | None, k: int) -> list[int]:
+    """End indices of a paper preset for a backbone of ``layout`` (blocks per stage; an int n is the CIFAR
+    ResNet with n blocks in each of its 3 stages, 5 = ResNet-32). Unit 0 is the stem, the last is the head."""
+    if preset not in _PRESETS:
         raise ValueError(f"unknown split preset {preset!r}; choose one of {list_presets()} or 'auto'")
-    by_depth = _INFOPRO_POSITIONS[preset]
-    if blocks_per_stage not in by_depth:
-        depths = [6 * n + 2 for n in by_depth]
-        raise ValueError(f"split preset {preset!r} exists only for ResNet-{depths}; use method.split=auto")
+    if isinstance(layout, int):
+        layout = (layout,) * 3
+    by_layout = _PRESETS[preset]
+    if layout is None or layout not in by_layout:
+        where = ", ".join(layout_name(lay) for lay in by_layout)
+        if layout is None:
+            this = "this backbone is not a stem / blocks-by-stage / head unit list"
+        else:
+            available = ", ".join(f"{name} (K {ks})" for name, ks in presets_for(layout).items()) or "none"
+            this = f"presets for {layout_name(layout)}: {available}"
+        raise ValueError(f"split preset {preset!r} exists only for {where} ({this}); use method.split=auto")
+    units = sum(layout) + 2
     if k == 1:
-        return [1 + 3 * blocks_per_stage + 1]
-    alias = PAPER_K_ALIASES.get(preset, {}).get(blocks_per_stage, {}).get(k)
+        return [units]
+    alias = _K_ALIASES.get(preset, {}).get(layout, {}).get(k)
     if alias is not None:
         warnings.warn(
             f"split {preset!r}: the paper's label K={k} is {alias} gradient-isolated modules; training "
@@ -128,13 +214,13 @@ def preset_split(preset: str, blocks_per_stage: int, k: int) -> list[int]:
             stacklevel=2,
         )
         k = alias
-    if k not in by_depth[blocks_per_stage]:
+    if k not in by_layout[layout]:
         raise ValueError(
-            f"split preset {preset!r} has K in {sorted(by_depth[blocks_per_stage])}, not {k}; "
-            "use method.split=auto for other K"
+            f"split preset {preset!r} has K in {sorted(by_layout[layout])}, not {k}; use method.split=auto for other K"
         )
-    ends = [(0 if s == 0 else 1 + (s - 1) * blocks_per_stage + j) + 1 for s, j in by_depth[blocks_per_stage][k]]
-    return ends + [1 + 3 * blocks_per_stage + 1]
+    starts = [1 + sum(layout[:s]) for s in range(len(layout))]  # unit index of block 0 of each stage
+    ends = [(0 if s == 0 else starts[s - 1] + j) + 1 for s, j in by_layout[layout][k]]
+    return ends + [units]
 
 
 def check_k(k: int, num_units: int) -> None:
@@ -144,18 +230,23 @@ def check_k(k: int, num_units: int) -> None:
         raise ValueError(f"method.k={k} is more modules than the model has units ({num_units}); use k <= {num_units}")
 
 
-def balanced_split(costs: Sequence[float], k: int) -> list[int]:
+def balanced_split(costs: Sequence[float], k: int, end_costs: Sequence[float] | None = None) -> list[int]:
     """Contiguous partition of ``costs`` into ``k`` non-empty groups; returns exclusive end indices.
 
     Minimises the largest group cost (the bottleneck module), then the sum of squared group costs among
-    partitions with that bottleneck, so equal costs give groups within one unit of each other.
+    partitions with that bottleneck, so equal costs give groups within one unit of each other. ``end_costs[u]``
+    is added to a group that ends at unit u (the aux net a module closing there needs).
     """
     n = len(costs)
     check_k(k, n)
+    ends_cost = [0.0] * n if end_costs is None else [float(c) for c in end_costs]
+    if len(ends_cost) != n:
+        raise ValueError(f"end_costs has {len(ends_cost)} entries for {n} units")
     prefix = [0.0]
-    for c in costs:
+    for c in [*costs, *ends_cost]:
         if c < 0:
             raise ValueError("unit costs must be non-negative")
+    for c in costs:
         prefix.append(prefix[-1] + float(c))
 
     def solve(score, limit: float | None) -> list[int]:
@@ -169,7 +260,7 @@ def balanced_split(costs: Sequence[float], k: int) -> list[int]:
                 for m in range(j - 1, i):
                     if best[j - 1][m] == inf:
                         continue
-                    group = prefix[i] - prefix[m]
+                    group = prefix[i] - prefix[m] + ends_cost[i - 1]
                     if limit is not None and group > limit:
                         continue
                     value = score(best[j - 1][m], group)
@@ -182,7 +273,7 @@ def balanced_split(costs: Sequence[float], k: int) -> list[int]:
         return ends[::-1]
 
     ends = solve(lambda acc, g: max(acc, g), None)
-    bottleneck = max(prefix[e] - prefix[s] for s, e in zip([0] + ends[:-1], ends))
+    bottleneck = max(prefix[e] - prefix[s] + ends_cost[e - 1] for s, e in zip([0] + ends[:-1], ends))
     return solve(lambda acc, g: acc + g * g, bottleneck * (1 + 1e-9) + 1e-12)
 
 

@@ -1,13 +1,26 @@
 """What the network is trained to do. The engine and methods talk to a task, never to "classification" directly,
-so super-resolution and detection plug into the same engine (design rule: nothing assumes classification)."""
+so super-resolution and detection plug into the same engine (design rule: nothing assumes classification).
+
+A task supplies the loss of a prediction, a metric accumulator for evaluation (``metrics()``: ``update`` per
+batch on the device, ``compute`` once at the end), the per-sample train statistic the engine sums without a host
+sync (``train_stat``), what a backbone builder needs to fit it (``model_kwargs``) and the plainest aux head for
+a feature map (``plain_head``: the DGL-style baseline, spec methods.md §6). ``headline`` names the metric a run is
+judged by (``test_<headline>``, ``aux_<headline>`` by depth, ``train_<headline>``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..models.edsr import SubPixelHead
+from ..models.units import UnitInfo
+from .image_quality import psnr_y, ssim_y
 
 
 @dataclass
@@ -16,7 +29,7 @@ class Batch:
 
     Attributes:
         input: the normalised network input, already on the device.
-        target: the task target (class indices for classification).
+        target: the task target (class indices for classification, the HR image in [0, 1] for super-resolution).
         raw: the augmented input before normalisation as uint8 (for reconstruction losses), or None.
     """
 
@@ -35,8 +48,57 @@ class Batch:
         return len(self.target)
 
 
-class ClassificationTask:
+class Metric(Protocol):
+    """Accumulates a metric over evaluation batches (sums stay on the device until ``compute``)."""
+
+    def update(self, output: torch.Tensor, batch: Batch) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+class Task:
+    """The contract every task fulfils (see the module docstring)."""
+
+    kind: str = ""
+    headline: str = ""
+    higher_is_better: bool = True
+
+    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metrics(self) -> Metric:
+        raise NotImplementedError
+
+    def train_stat(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Sum over the batch of the per-sample headline metric (a device scalar); the loop divides by samples."""
+        raise NotImplementedError
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments a backbone builder needs for this task (class count, upscaling factor)."""
+        return {}
+
+    def plain_head(self, info: UnitInfo, image_channels: int) -> nn.Module:
+        """The plainest aux head mapping a feature map described by ``info`` to a prediction."""
+        raise NotImplementedError(f"the {self.kind} task has no plain aux head")
+
+
+class _Accuracy:
+    def __init__(self, task: ClassificationTask) -> None:
+        self.task, self.correct, self.seen = task, None, 0
+
+    def update(self, output: torch.Tensor, batch: Batch) -> None:
+        hits = self.task.correct(output, batch).float()
+        self.correct = hits if self.correct is None else self.correct + hits
+        self.seen += len(batch)
+
+    def compute(self) -> dict[str, float]:
+        return {"acc": 0.0 if self.correct is None else (self.correct / max(self.seen, 1)).item()}
+
+
+class ClassificationTask(Task):
     """Cross-entropy on class logits; ``correct`` counts top-1 hits for accuracy."""
+
+    kind, headline = "classification", "acc"
 
     def __init__(self, num_classes: int) -> None:
         if num_classes < 2:
@@ -48,3 +110,67 @@ class ClassificationTask:
 
     def correct(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return (logits.argmax(1) == batch.target).sum()
+
+    def metrics(self) -> Metric:
+        return _Accuracy(self)
+
+    def train_stat(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.correct(output, batch)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes}
+
+
+class _ImageQuality:
+    def __init__(self, shave: int) -> None:
+        self.shave, self.psnr, self.ssim, self.seen = shave, None, None, 0
+
+    def update(self, output: torch.Tensor, batch: Batch) -> None:
+        psnr = psnr_y(output, batch.target, self.shave).sum()
+        ssim = ssim_y(output, batch.target, self.shave).sum()
+        self.psnr = psnr if self.psnr is None else self.psnr + psnr
+        self.ssim = ssim if self.ssim is None else self.ssim + ssim
+        self.seen += len(batch)
+
+    def compute(self) -> dict[str, float]:
+        if self.psnr is None:
+            return {"psnr": 0.0, "ssim": 0.0}
+        return {"psnr": (self.psnr / self.seen).item(), "ssim": (self.ssim / self.seen).item()}
+
+
+class SuperResolutionTask(Task):
+    """Single-image super-resolution by ``scale``: L1 loss against the HR image (EDSR's loss), PSNR and SSIM on
+    Y with a border crop of ``shave`` pixels (default: the scale, the usual benchmark convention).
+
+    The model's output and the target are images in [0, 1]; metrics quantise both to 8 bits first
+    (:mod:`.image_quality`).
+    """
+
+    kind, headline = "super_resolution", "psnr"
+
+    def __init__(self, scale: int, shave: int | None = None) -> None:
+        if scale < 1:
+            raise ValueError(f"super-resolution scale must be >= 1, got {scale}")
+        self.scale = scale
+        self.shave = scale if shave is None else shave
+
+    def loss(self, sr: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if sr.shape != batch.target.shape:
+            raise ValueError(
+                f"SR output {tuple(sr.shape)} does not match the HR target {tuple(batch.target.shape)}; "
+                f"is the model built for scale {self.scale} (data.scale)?"
+            )
+        return F.l1_loss(sr.float(), batch.target.float())
+
+    def metrics(self) -> Metric:
+        return _ImageQuality(self.shave)
+
+    def train_stat(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return psnr_y(output, batch.target, self.shave).sum()
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"scale": self.scale}
+
+    def plain_head(self, info: UnitInfo, image_channels: int) -> nn.Module:
+        """One conv + pixel shuffle from the feature map's grid to the HR grid (ESPCN-style)."""
+        return SubPixelHead(info.channels, image_channels, self.scale * info.reduction)

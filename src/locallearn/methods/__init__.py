@@ -1,7 +1,7 @@
-"""Local-learning methods. Importing this package registers e2e, dgl and infopro; add-ons (man, lam, pff,
+"""Local-learning methods. Importing this package registers e2e, dgl, infopro and glcan; add-ons (man, lam, pff,
 cascade) compose with the bases through ``method.addons``."""
 
-from . import dgl, e2e, infopro  # noqa: F401  (registration)
+from . import dgl, e2e, glcan, infopro  # noqa: F401  (registration)
 from .base import (
     ADDONS,
     LocalLoss,

@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from ..local.task import Batch, ClassificationTask
+from ..local.task import Batch, Task
 from ..models.units import UnitInfo
 
 ADDONS = ("man", "lam", "pff", "cascade")
@@ -54,7 +54,9 @@ class MethodCfg:
         k: number of gradient-isolated local modules (the true count); None = the method's default (e2e 1, else 4).
         split: ``auto`` (balanced by ``balance``), a paper preset (``infopro``, ``infopro_star``, ``man``, ...) or
             ``ends`` (use the explicit ``ends`` list).
-        balance: cost an automatic split balances: ``units``, ``params``, ``flops`` or ``activations``.
+        balance: cost an automatic split balances: ``units``, ``params``, ``flops``, ``activations`` or ``time``
+            (measured forward + backward seconds per unit *and* of the aux net at each split point, for pipeline
+            throughput; resolved to explicit ``ends`` once, by ``locallearn train``/``summary``).
         ends: explicit exclusive end unit index of each module (with ``split: ends``).
         aux: InfoPro aux head config (``--aux_net_config``), e.g. ``1c2f``.
         widen: ``--aux_net_widen``. feature_dim: ``--aux_net_feature_dim``.
@@ -90,12 +92,20 @@ class MethodCfg:
             ``final_overwrite`` (MLAAN CIFAR: the last module's loss is the cascade CE only),
             ``triple_bn`` (HPFF/MLAAN: BN running statistics updated once per reference forward: 2–3 per step),
             ``ema_before_backward`` (MAN++ ViT: EMA moved after the aux forward, before its backward).
+        glcan_local: GLCAN's per-module local adapter in front of the global head (spec §6, docs/glcan.md):
+            ``resblock`` (residual blocks at the module's width), ``conv`` (3×3 conv + ReLU layers) or ``none``;
+            a 1×1 conv and a pooling/upsampling step are added when the width or stride differ from the head's.
+        glcan_local_depth: layers (blocks or convs) in the local adapter.
+        glcan_global: GLCAN's global part, the backbone's own task head (SR: the upsampler + reconstruction):
+            ``ema`` (one EMA copy of the live head shared by every module, never trained by the aux losses;
+            θ ← m·θ + (1−m)·θ_head after each step with m = ``ema_decay``) or ``per_module`` (a trainable copy
+            per module, starting from the head's initial weights).
     """
 
     name: str = "infopro"
     k: int | None = None
     split: str = "auto"
-    balance: Literal["units", "params", "flops", "activations"] = "units"
+    balance: Literal["units", "params", "flops", "activations", "time"] = "units"
     ends: list[int] = field(default_factory=list)
     aux: str = "1c2f"
     widen: int = 1
@@ -121,6 +131,9 @@ class MethodCfg:
     man_depth: int = 1
     pff_mode: Literal["paper", "decoder"] = "paper"
     legacy: list[str] = field(default_factory=list)
+    glcan_local: Literal["resblock", "conv", "none"] = "resblock"
+    glcan_local_depth: int = 1
+    glcan_global: Literal["ema", "per_module"] = "per_module"
 
 
 @dataclass
@@ -131,7 +144,7 @@ class MethodContext:
     module_infos: list[UnitInfo]
     num_stages: int
     image_channels: int
-    task: ClassificationTask
+    task: Task
     units: list[nn.Module] = field(default_factory=list)
     unit_infos: list[UnitInfo] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)

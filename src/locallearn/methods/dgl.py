@@ -4,6 +4,9 @@ Each module gets a DGL aux classifier (``mlp-sr`` by default) trained with cross
 steps right after its own backward (``step: module``). On a token map (a ViT block, ``UnitInfo.tokens``) the aux
 net is a :class:`~locallearn.local.aux_nets.TokenHead` whatever ``dgl_head`` says: LayerNorm, the CLS token (the
 token mean on the patch embedding's own output), Linear (MAN++ ViT, spec §3.1).
+
+For any other task (super-resolution) the aux net is the task's ``plain_head`` (SR: one conv + pixel shuffle to
+the HR image): the "DGL-style" baseline of GLCAN's comparisons, a task head per module without GLCAN's design.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class DGL(LocalMethod):
     default_step = "module"
 
     def build_objective(self, k: int, info: UnitInfo, independent: bool = False) -> Objective:
+        if self.ctx.task.kind != "classification":  # DGL-style baseline of other tasks: the task's plain head (§6)
+            return DGLObjective(self.ctx.task.plain_head(info, self.ctx.image_channels), self.ctx.task)
         num_classes = self.ctx.task.num_classes
         if info.tokens:
             return DGLObjective(TokenHead(info, num_classes, pool="auto"), self.ctx.task)

@@ -81,6 +81,10 @@ class InfoPro(LocalMethod):
 
     def build_objective(self, k: int, info: UnitInfo, independent: bool = False) -> Objective:
         cfg, ctx = self.cfg, self.ctx
+        if ctx.task.kind != "classification":
+            raise ValueError(
+                f"infopro's aux nets are class/contrastive heads; for the {ctx.task.kind} task use dgl or glcan"
+            )
         if len(cfg.lambdas) != 4:
             raise ValueError(f"method.lambdas must be [ixx_1, ixy_1, ixx_2, ixy_2], got {cfg.lambdas}")
         ratio = legacy_stage_ratio(ctx, cfg, k) if "stage_lambda" in cfg.legacy else None

@@ -2,6 +2,8 @@
 
 from . import (
     cifar_resnet,  # noqa: F401  (registers resnet8..resnet110)
+    detector,  # noqa: F401  (registers fcos_resnet18, object detection)
+    edsr,  # noqa: F401  (registers edsr4..edsr32, super-resolution)
     imagenet_resnet,  # noqa: F401  (registers resnet18..resnet152)
     vit,  # noqa: F401  (registers vit_tiny, vit_small, vit_base)
 )

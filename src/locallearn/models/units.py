@@ -54,6 +54,11 @@ class UnitBackbone(nn.Module):
             x = unit(x)
         return x
 
+    def configure_split(self, ends: list[int]) -> None:
+        """Told by the engine where the local modules end (exclusive unit indices). Plain chains need nothing;
+        a backbone with skip connections across units (a detector's FPN taps) detaches those that cross a
+        module boundary, so no gradient leaves its module."""
+
     @classmethod
     def from_sequential(cls, seq: nn.Sequential | list[nn.Module], input_shape: tuple[int, int, int]) -> UnitBackbone:
         """Wrap a user's own ``nn.Sequential`` (or list of modules): each child is a unit, the last is the head.

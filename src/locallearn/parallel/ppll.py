@@ -1,158 +1,144 @@
-"""PPLL: pipeline-parallel local learning, one process per local module (spec methods.md §7, §10.2).
+"""PPLL: pipeline-parallel local learning, one process per local module (spec methods.md §7, §10.2; pipeline.md
+§1.4, §6; issue 6).
 
     torchrun --nproc-per-node 4 -m locallearn train -c configs/fmnist/demo.yaml parallel=ppll
+    torchrun --nproc-per-node 4 -m locallearn train --resume runs/<run>             # per-stage checkpoints
     locallearn train -c configs/fmnist/demo.yaml parallel=ppll ppll.procs=4      # spawns the ranks itself
+    locallearn train -c ... parallel=ppll ppll.procs=8 ppll.replicas=2           # 4 stages × 2 replicas
 
 Rank k owns local module k, its aux net and its optimizer. Per batch it receives module k-1's detached output,
 runs forward, sends its own detached output downstream *before* its backward (early forwarding), then does its
-local backward and optimizer step. No gradient ever travels back, so stages work concurrently with no flush.
-Labels and the raw image come from each rank's own, identically seeded loader (the data stream is a pure
-function of seed, epoch and batch index), so only activations cross the wire.
+local backward and optimizer step. Labels and the raw image come from each rank's own, identically seeded loader
+(the data stream is a pure function of seed, epoch and batch index), so only activations cross the wire
+(protocol, window and failure handling: :mod:`.link`).
 
-Semantics: module k+1 sees, for batch t, module k's output computed with module k's parameters after t-1 steps —
+Semantics: module k+1 sees, for batch t, module k's output computed with module k's parameters after t steps —
 exactly what the sequential engine does — so PPLL gives bitwise the same parameters as sequential local learning
-on CPU (tested). Methods whose losses reach across modules (cascades) or read a neighbour's weights (MAN/LAM EMA
-of the next module's unit) are refused for now with a clear error.
+on CPU (pipeline.md §1.4; tested for DGL and InfoPro, K = 2..4). Add-ons whose state crosses stages run with
+their own messages and documented semantics (:mod:`.cross_stage`): MAN/LAM EMA copies get the later stage's
+weights every ``ppll.ema_every`` steps (1 = bitwise the sequential engine), and cascades send one-hop input
+gradients upstream (bitwise the sequential engine, at the cost of a backward dependency).
+:func:`~.cross_stage.check_supported` refuses, with one line, what cannot run faithfully.
 
-Protocol: every message is a header (int64: kind, step, ndim, shape...) then the payload. Kinds: TRAIN, EVAL,
-STOP. A step id that does not match the receiver's is an error, never silent misalignment. Sends are ``isend``s
-with at most ``ppll.window`` in flight (back-pressure). A peer that stops answering makes ``recv`` time out after
-``ppll.timeout`` seconds; the rank then exits non-zero naming the stage it waited for.
+Checkpoints and resume: after every epoch (and every ``run.ckpt_every`` steps) each stage writes
+``ckpt_stage{k}.pt`` into the shared run directory: its module, aux net, optimizer, GradScaler, torch RNG state
+(one per replica), the replicated units its EMA copies follow (with their version), and (epoch, step in epoch,
+global step). Every stage saves its state after the same global step (at different wall times); before saving it
+receives every weight message already sent, and activations still in flight are simply recomputed after a
+resume. So ``--resume`` restores each rank at the same step and continues bitwise as if never stopped (tested);
+stage checkpoints of different steps (a crash between two stages' saves) are refused. Only ``run.*`` schedule
+keys and ``ppll.timeout/window/procs`` may change on resume.
+
+Replicated pipelines (2-D mesh, ``ppll.replicas = R``): world = K·R, **rank = replica·K + stage**. Replica r's
+pipeline runs on shard r of every global batch (:func:`~.data_parallel.shard`), P2P stays within the replica,
+and right before each optimizer step stage k's gradients are averaged over the R replicas of stage k (one
+all-reduce in that stage's group, weighted by shard size: :class:`~.data_parallel.GradAverager`). As in
+data-parallel training, BatchNorm statistics are per replica; replica 0's BN buffers are broadcast to the
+others before evaluation and checkpoints, and replica 0 writes the stage checkpoints and the metrics.
+
+Failure: a receive, send or all-reduce whose peer died fails at once (gloo sees the closed connection) or after
+``ppll.timeout`` seconds (a hung peer); the rank then exits non-zero with one line naming itself, what it waited
+for, and the ranks whose heartbeat stopped (:class:`~.launch.Heartbeat`), e.g. ``stage 0: stage 1 stopped
+answering (Connection closed by peer ...); stage 1 died or hangs (no heartbeat)``. Tested for a rank dying at
+start-up and in the middle of a cascade's gradient exchange.
+
+Balance: ``method.balance: time`` is measured once on rank 0 and broadcast (:func:`~.launch.agreed_config`).
+Timing: :class:`~.link.Link` counts the seconds a rank sits blocked, so each stage reports a busy fraction,
+compute / wall (pipeline.md §6.4). :func:`bench_step` runs the same stage step on fixed batches for ``locallearn
+bench pipeline``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import os
-import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ..local.task import Batch
-from ..train.checkpoint import save_checkpoint
-from ..train.config import ConfigError, TrainCfg, config_from_dict, dump_config, to_dict
+from ..train.checkpoint import load_checkpoint, save_checkpoint
+from ..train.config import ConfigError, TrainCfg, dump_config, to_dict
 from ..train.engine import LocalEngine
-from ..train.loop import build_engine, build_loaders, resolve_device, run_name
+from ..train.loop import build_engine, build_loaders, run_name
 from ..train.rundir import MetricsLog, environment, new_run_dir
 from ..train.schedule import lr_at
+from .cross_stage import CrossStage, check_supported
+from .data_parallel import GradAverager, broadcast_buffers, shard
+from .launch import agreed_config, agreed_run_dir, name_ranks, new_group, rank_device, run_torchrun, spawn
+from .link import EVAL, TRAIN, Link, StageError, free_port
 
-TRAIN, EVAL, STOP = 0, 1, 2
-HEADER = 8  # kind, step, ndim, up to 5 dims
-
-
-class StageError(RuntimeError):
-    """A pipeline peer failed or stopped answering (one line: which stage, what happened)."""
-
-
-def _header(kind: int, step: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
-    if len(shape) > HEADER - 3:
-        raise ValueError(f"PPLL sends activations of at most {HEADER - 3} dims, got shape {shape}")
-    return torch.tensor([kind, step, len(shape), *shape] + [0] * (HEADER - 3 - len(shape)), dtype=torch.int64)
+__all__ = ["Link", "StageError", "bench_step", "check_supported", "fit_ppll", "run_stage", "spawn_ppll", "stage_step"]
+_free_port = free_port  # the name pipeline_baselines imports
 
 
-class Link:
-    """Point-to-point traffic of one rank: receive from k-1, send to k+1, with a bounded send window."""
-
-    def __init__(self, rank: int, world: int, window: int, channels_last: bool, device: torch.device) -> None:
-        self.rank, self.world, self.window, self.channels_last = rank, world, max(1, window), channels_last
-        self.device = device  # NCCL moves CUDA tensors; gloo on CPU moves CPU tensors
-        self.pending: list[Any] = []
-
-    def send(self, kind: int, step: int, tensor: torch.Tensor | None = None) -> None:
-        if self.rank == self.world - 1:
-            return
-        payload = None if tensor is None else tensor.detach().contiguous()
-        header = _header(kind, step, () if payload is None else tuple(payload.shape)).to(self.device)
-        self.pending.append((dist.isend(header, self.rank + 1), header))
-        if payload is not None:
-            self.pending.append((dist.isend(payload, self.rank + 1), payload))  # keep the buffer alive
-        while len(self.pending) > 2 * self.window:  # back-pressure: at most `window` messages in flight
-            self._wait(self.pending.pop(0)[0])
-
-    def recv(self, expect_kind: int | None, expect_step: int | None) -> tuple[int, int, torch.Tensor | None]:
-        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
-        try:
-            dist.recv(header, self.rank - 1)
-            kind, step, ndim = (int(v) for v in header[:3])
-            payload = None
-            if kind != STOP:
-                payload = torch.empty(tuple(int(v) for v in header[3 : 3 + ndim]), device=self.device)
-                dist.recv(payload, self.rank - 1)
-        except RuntimeError as e:
-            raise StageError(
-                f"stage {self.rank}: stage {self.rank - 1} stopped answering ({str(e).splitlines()[0]})"
-            ) from None
-        if expect_kind is not None and (kind, step) != (expect_kind, expect_step):
-            raise StageError(
-                f"stage {self.rank}: expected message ({expect_kind}, step {expect_step}) from stage "
-                f"{self.rank - 1}, got ({kind}, step {step}); the ranks' configs differ"
-            )
-        if payload is not None and payload.dim() == 4 and self.channels_last:
-            payload = payload.contiguous(memory_format=torch.channels_last)
-        return kind, step, payload
-
-    def flush(self) -> None:
-        for item in self.pending:
-            self._wait(item[0])
-        self.pending.clear()
-
-    def _wait(self, work: Any) -> None:
-        try:
-            work.wait()
-        except RuntimeError as e:
-            raise StageError(
-                f"stage {self.rank}: stage {self.rank + 1} stopped receiving ({str(e).splitlines()[0]})"
-            ) from None
-
-
-def check_supported(engine: LocalEngine) -> None:
-    if engine.method.max_reach > 1:
-        raise ConfigError(
-            "PPLL does not run cascades yet (their gradient crosses stages); drop 'cascade' "
-            "from method.addons or train without parallel=ppll"
-        )
-    if any(a in engine.method.cfg.addons for a in ("man", "lam")):
-        raise ConfigError(
-            "PPLL does not yet ship the next stage's weights to MAN/LAM EMA copies; drop 'man'/'lam' "
-            "from method.addons or train without parallel=ppll"
-        )
-
-
-def stage_step(engine: LocalEngine, k: int, x: torch.Tensor, batch: Batch, link: Link, step: int) -> torch.Tensor:
-    """Module k on one batch: forward, send downstream at once, local backward, optimizer step."""
+def stage_step(
+    engine: LocalEngine, k: int, x: torch.Tensor, batch: Batch, link: Link, step: int, cross: CrossStage | None = None
+) -> torch.Tensor:
+    """Module k on one batch: forward, send downstream at once, local backward, optimizer step. With ``cross``,
+    the cross-stage messages of MAN/LAM and cascades happen at their documented points (:mod:`.cross_stage`);
+    without it every loss stays on this stage (timing probes)."""
     module, opt = engine.modules[k], engine.optimizers[k]
     engine.backbone.train()
     engine.method.train()
     opt.zero_grad(set_to_none=True)
+    cascade = None if cross is None else cross.cascade
+    if cascade is not None:  # cascades reach back through this module's input
+        x = x.detach().requires_grad_(k > 0)
     with engine._autocast():
         out = module(x)
         link.send(TRAIN, step, out)
+        if cross is not None:
+            cross.pull("loss", step)
         losses = engine.method.local_losses(k, out, batch)
-    for loss, _ in losses:
-        (loss if engine.scaler is None else engine.scaler.scale(loss)).backward()
-        engine._stats[k] += loss.detach().float()
+    if cascade is None:  # (a timing probe of a cascade method: its two losses share the graph)
+        for i, (loss, _) in enumerate(losses):
+            (loss if engine.scaler is None else engine.scaler.scale(loss)).backward(retain_graph=i < len(losses) - 1)
+            engine._stats[k] += loss.detach().float()
+    else:
+        cascade.own(step, losses, x)
+    if cross is not None:
+        cross.pull("backward", step)
     engine.method.after_backward(k)
+    if cascade is not None:
+        cascade.downstream(step, x, out)
     engine._step(k)
     if engine.scaler is not None:
         engine.scaler.update()
+    if cross is not None:
+        cross.stepped(step)
     engine.method.after_iteration()
     return out.detach()
 
 
+def bench_step(engine: LocalEngine, batches: list[Batch], link: Link) -> Callable[[int], None]:
+    """This rank's training step ``i`` on ``batches[i % len]``: the loop body of :func:`run_stage` on fixed batches,
+    for ``locallearn bench pipeline`` (every rank holds the same batches, so labels need not travel). Every rank
+    must call it (it creates the upstream process group when the method needs one)."""
+    if CrossStage.needed(engine) and link.back is None:
+        link.back = dist.new_group()
+    cross = CrossStage.build(engine, link)
+
+    def step(i: int) -> None:
+        batch = batches[i % len(batches)]
+        x = batch.input if link.stage == 0 else link.recv(TRAIN, i)[2]
+        stage_step(engine, link.stage, x, batch, link, i, cross)
+
+    return step
+
+
 @torch.no_grad()
-def stage_evaluate(engine: LocalEngine, k: int, loader, link: Link, epoch: int) -> torch.Tensor:
+def stage_evaluate(engine: LocalEngine, k: int, loader, link: Link) -> torch.Tensor:
     """Forward-only chain: counts of correct aux (or final) predictions of stage k, and samples seen."""
     engine.backbone.eval()
     engine.method.eval()
     counts = torch.zeros(2)
     for i, (x, y, raw) in enumerate(loader.batches()):
+        image = x
         if k > 0:
             _, _, x = link.recv(EVAL, i)
         with engine._autocast():
@@ -160,144 +146,185 @@ def stage_evaluate(engine: LocalEngine, k: int, loader, link: Link, epoch: int) 
             link.send(EVAL, i, h)
             logits = h if k == engine.k - 1 else engine.method.aux_logits(k, h)
             if logits is not None:
-                counts[0] += engine.task.correct(logits, Batch(x, y, raw)).float().cpu()
+                counts[0] += engine.task.correct(logits, Batch(image, y, raw)).float().cpu()
         counts[1] += len(y)
     return counts
 
 
-def run_stage(cfg: TrainCfg, out_dir: str | None = None) -> dict[str, Any] | None:
-    """The body of one rank (the process group must be initialised). Returns the metrics on rank 0."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    device = resolve_device(cfg.run.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        torch.cuda.set_device(device)
+class _Stage:
+    """One rank's place in the mesh and its per-stage checkpoint (module doc)."""
+
+    def __init__(self, cfg: TrainCfg, engine: LocalEngine, device: torch.device) -> None:
+        rank, world, k = dist.get_rank(), dist.get_world_size(), engine.k
+        replicas = cfg.ppll.replicas
+        if replicas < 1 or world != k * replicas:
+            raise ConfigError(
+                f"PPLL runs one process per module and replica: K={k} modules × ppll.replicas={replicas} needs "
+                f"{k * max(replicas, 1)} processes, got {world}; launch with --nproc-per-node {k * max(replicas, 1)} "
+                f"(or ppll.procs={k * max(replicas, 1)})"
+            )
+        check_supported(engine)
+        self.cfg, self.engine, self.k, self.replicas = cfg, engine, rank % k, replicas
+        name_ranks(lambda r: f"stage {r % k}" + (f" (replica {r // k})" if replicas > 1 else ""))
+        self.replica = rank // k
+        back = new_group(cfg) if CrossStage.needed(engine) else None
+        groups = [new_group(cfg, [r * k + s for r in range(replicas)]) for s in range(k)] if replicas > 1 else []
+        self.group = groups[self.k] if groups else None
+        self.link = Link(rank, world, cfg.ppll.window, cfg.model.channels_last, device, stages=k, back=back)
+        self.cross = CrossStage.build(engine, self.link, cfg.ppll.ema_every)
+        if self.group is not None:
+            engine.grad_sync = GradAverager(engine, self.group, self.link.name)
+        aux = engine.method.aux[self.k]
+        self.parts = [engine.modules[self.k]] + ([] if aux is None else [aux])
+
+    def sync(self, steps_done: int, flush: bool = True) -> None:
+        """Before an evaluation or a checkpoint: no weight message in flight (and, with ``flush``, no activation),
+        replica 0's BN buffers everywhere."""
+        if self.cross is not None:
+            self.cross.drain(steps_done)
+        if flush:
+            self.link.flush()
+        if self.group is not None:
+            broadcast_buffers(self.parts, src=self.k, group=self.group)
+
+    def save(self, path: Path, epoch: int, in_epoch: int, step: int) -> None:
+        engine, k = self.engine, self.k
+        rngs = [torch.get_rng_state()]
+        if self.group is not None:
+            rngs = [None] * self.replicas
+            dist.all_gather_object(rngs, torch.get_rng_state(), group=self.group)
+        if self.replica > 0:
+            return
+        shipping = None if self.cross is None or self.cross.shipping is None else self.cross.shipping
+        state = {
+            "stage": k,
+            "model": engine.modules[k].state_dict(),
+            "aux": self.parts[1].state_dict() if len(self.parts) > 1 else {},
+            "optim": engine.optimizers[k].state_dict(),
+            "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
+            "rng_torch": rngs,
+            "ema_sources": shipping.state_dict() if shipping is not None else None,
+            "epoch": epoch,
+            "step_in_epoch": in_epoch,
+            "step": step,
+            "ends": engine.ends,
+            "config": to_dict(self.cfg),
+        }
+        save_checkpoint(state, path)
+
+    def load(self, path: Path) -> tuple[int, int, int]:
+        engine, k, state = self.engine, self.k, load_checkpoint(path)
+        if list(state["ends"]) != engine.ends or state["stage"] != k:
+            raise ConfigError(
+                f"{path}: stage {state['stage']} of split {state['ends']}, not stage {k} of split {engine.ends}"
+            )
+        engine.modules[k].load_state_dict(state["model"])
+        if len(self.parts) > 1:
+            self.parts[1].load_state_dict(state["aux"])
+        engine.optimizers[k].load_state_dict(state["optim"])
+        if engine.scaler is not None and state.get("scaler"):
+            engine.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng_torch"]
+        torch.set_rng_state(rngs[self.replica % len(rngs)])
+        if state.get("ema_sources") is not None and self.cross is not None and self.cross.shipping is not None:
+            self.cross.shipping.load_state_dict(state["ema_sources"])
+        return state["epoch"], state["step_in_epoch"], state["step"]
+
+
+def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> dict[str, Any] | None:
+    """The body of one rank (the process group must be initialised). ``resume``: continue the run in
+    ``out_dir`` from its per-stage checkpoints. Returns the metrics on rank 0."""
+    device = rank_device(cfg)
     train_loader, test_loader, spec = build_loaders(cfg, device)
+    cfg = agreed_config(cfg, spec, device, train_loader)
     engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
-    if engine.k != world:
-        raise ConfigError(
-            f"PPLL runs one process per module: K={engine.k} modules but {world} processes; "
-            f"launch with --nproc-per-node {engine.k} (or ppll.procs={engine.k})"
-        )
-    check_supported(engine)
-    link = Link(rank, world, cfg.ppll.window, cfg.model.channels_last, device)
-    # Rank 0 names the run directory and tells the others, so every stage writes into the same one.
-    names = [out_dir or (str(new_run_dir(cfg.run.out, run_name(cfg) + "_ppll")) if rank == 0 else None)]
-    dist.broadcast_object_list(names, src=0)
-    run_dir = Path(names[0])
+    me = _Stage(cfg, engine, device)
+    k, link, rank = me.k, me.link, dist.get_rank()
+    run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg) + "_ppll", device)
+    epoch = in_epoch = step = 0
+    if resume:
+        epoch, in_epoch, step = me.load(run_dir / f"ckpt_stage{k}.pt")
+        steps = [None] * dist.get_world_size()
+        dist.all_gather_object(steps, step)
+        if len(set(steps)) > 1:  # a crash between two stages' saves of a run.ckpt_every checkpoint
+            raise ConfigError(f"{run_dir}: the stage checkpoints are at different steps {steps}; resume needs one step")
+    elif rank == 0:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl") if rank == 0 else None
     if rank == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        (run_dir / "env.json").write_text(json.dumps({**environment(device), "world_size": world}, indent=2))
-    steps_per_epoch, step, result = len(train_loader), 0, None
-    for epoch in range(cfg.run.epochs):
-        start = time.perf_counter()
-        for i, (x, y, raw) in enumerate(train_loader.batches(epoch)):
-            engine.set_lr(lr_at(cfg.optim, epoch, i, steps_per_epoch, cfg.run.epochs))
-            if rank > 0:
-                _, _, x = link.recv(TRAIN, step)
-            stage_step(engine, rank, x, Batch(x, y, raw), link, step)
-            step += 1
+        env = {**environment(device), "world_size": dist.get_world_size(), "replicas": me.replicas}
+        (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    ckpt = run_dir / f"ckpt_stage{k}.pt"
+    spe, result, stop = len(train_loader), None, False
+    while epoch < cfg.run.epochs and not stop:
+        start, idle, done = time.perf_counter(), link.idle, 0
+        for image, y, raw in train_loader.batches(epoch, in_epoch):
+            engine.set_lr(lr_at(cfg.optim, epoch, in_epoch, spe, cfg.run.epochs))
+            batch, weight = shard(Batch(image, y, raw), me.replica, me.replicas)
+            if engine.grad_sync is not None:
+                engine.grad_sync.weight = weight
+            x = batch.input if k == 0 else link.recv(TRAIN, step)[2]
+            stage_step(engine, k, x, batch, link, step, me.cross)
+            in_epoch, step, done = in_epoch + 1, step + 1, done + 1
+            if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0:
+                me.sync(step, flush=False)  # activations in flight need not land: a resume recomputes them
+                me.save(ckpt, epoch, in_epoch, step)
             if cfg.run.max_steps and step >= cfg.run.max_steps:
+                stop = True
                 break
+        me.sync(step)
+        train_time, idle = time.perf_counter() - start, link.idle - idle
+        seen = min(in_epoch * cfg.data.batch_size, train_loader.n) - (in_epoch - done) * cfg.data.batch_size
+        if in_epoch == spe:
+            epoch, in_epoch = epoch + 1, 0
+        evaluate = in_epoch == 0 and (epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs) or stop
+        counts = stage_evaluate(engine, k, test_loader, link) if evaluate else torch.zeros(2)
         link.flush()
-        train_time = time.perf_counter() - start
-        counts = stage_evaluate(engine, rank, test_loader, link, epoch)
-        link.flush()
-        stats = torch.zeros(world, 4)  # per stage: mean loss, eval correct, eval seen, train seconds
-        steps_done = max(1, min(step - epoch * steps_per_epoch, steps_per_epoch))
-        stats[rank] = torch.tensor([engine._stats[rank].item() / steps_done, counts[0], counts[1], train_time])
+        stats = torch.zeros(engine.k, 5)  # per stage: mean loss, eval correct, eval seen, train seconds, idle
+        if me.replica == 0:
+            loss = engine._stats[k].item() / max(1, done)
+            stats[k] = torch.tensor([loss, counts[0], counts[1], train_time, idle])
         engine._stats.zero_()
+        stats = stats.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(stats)
-        save_checkpoint(
-            {
-                "stage": rank,
-                "model": {n: t for n, t in engine.modules[rank].state_dict().items()},
-                "aux": engine.method.aux[rank].state_dict() if engine.method.aux[rank] is not None else {},
-                "optim": engine.optimizers[rank].state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "ends": engine.ends,
-                "config": to_dict(cfg),
-            },
-            run_dir / f"ckpt_stage{rank}.pt",
-        )
+        stats = stats.cpu()
+        me.save(ckpt, epoch, in_epoch, step)
         if rank == 0:
-            seen = min(step, (epoch + 1) * steps_per_epoch) * cfg.data.batch_size
-            record = {
-                "epoch": epoch + 1,
+            wall = max(stats[:, 3].max().item(), 1e-9)
+            record: dict[str, Any] = {
+                "epoch": epoch + (1 if in_epoch else 0),
                 "step": step,
                 "train_loss": stats[:, 0].tolist(),
-                "test_acc": (stats[-1, 1] / stats[-1, 2]).item(),
-                "aux_acc": [(s[1] / s[2]).item() if s[1] > 0 else None for s in stats[:-1]],
-                "epoch_time_s": stats[:, 3].max().item(),
-                "imgs_per_s": min(seen, train_loader.n) / max(stats[:, 3].max().item(), 1e-9)
-                if epoch == 0
-                else train_loader.n / max(stats[:, 3].max().item(), 1e-9),
-                "busy_fraction": (stats[:, 3] / stats[:, 3].max()).tolist(),
+                "epoch_time_s": wall,
+                "imgs_per_s": seen / wall,
+                "busy_fraction": ((stats[:, 3] - stats[:, 4]) / stats[:, 3].clamp(min=1e-9)).tolist(),
             }
+            if evaluate:
+                record["test_acc"] = (stats[-1, 1] / stats[-1, 2]).item()
+                record["aux_acc"] = [(s[1] / s[2]).item() if s[1] > 0 else None for s in stats[:-1]]
             log.log(record)
-            print(
-                f"[ppll] epoch {epoch + 1} step {step} test_acc {record['test_acc']:.4f} "
-                f"{record['imgs_per_s']:.0f} img/s",
-                flush=True,
-            )
+            acc = f" test_acc {record['test_acc']:.4f}" if evaluate else ""
+            print(f"[ppll] epoch {record['epoch']} step {step}{acc} {record['imgs_per_s']:.0f} img/s", flush=True)
             result = {**record, "run_dir": str(run_dir), "ends": engine.ends}
-        if cfg.run.max_steps and step >= cfg.run.max_steps:
-            break
-    if rank > 0:  # orderly shutdown: STOP travels down the pipe, so no rank exits with a send in flight
-        link.recv(STOP, step)
-    link.send(STOP, step)
-    link.flush()
-    dist.barrier()
+    link.shutdown(step)
     return result
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spawn_ppll(
+    cfg: TrainCfg, world: int | None = None, resume: str | None = None, timeout: float | None = None
+) -> dict[str, Any]:
+    """Run PPLL with ``world`` (default ``ppll.procs``) local processes on loopback (tests, one machine), or
+    continue the run directory ``resume``; returns rank 0's metrics. ``timeout``: seconds before every rank is
+    killed (None: rely on ``ppll.timeout`` per message)."""
+    out_dir = resume or str(new_run_dir(cfg.run.out, run_name(cfg) + "_ppll"))
+    return spawn(run_stage, cfg, world or cfg.ppll.procs, out_dir, resume is not None, timeout)
 
 
-def _spawned(rank: int, world: int, port: int, data: dict[str, Any], out_dir: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cfg = config_from_dict(data)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=cfg.ppll.timeout))
-    try:
-        result = run_stage(cfg, out_dir)
-        if rank == 0:
-            queue.put(result)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn_ppll(cfg: TrainCfg, world: int | None = None) -> dict[str, Any]:
-    """Run PPLL with ``world`` local processes on loopback (tests, a single machine); returns rank 0's metrics."""
-    world = world or cfg.ppll.procs
-    out_dir = str(new_run_dir(cfg.run.out, run_name(cfg) + "_ppll"))
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(
-        _spawned,
-        args=(world, _free_port(), to_dict(cfg), out_dir, queue),
-        nprocs=world,
-        join=True,
-        start_method="spawn",
-    )
-    return queue.get()
-
-
-def fit_ppll(cfg: TrainCfg) -> dict[str, Any] | None:
-    """``locallearn train ... parallel=ppll``: under torchrun, join its process group; else spawn the ranks."""
+def fit_ppll(cfg: TrainCfg, resume: str | None = None) -> dict[str, Any] | None:
+    """``locallearn train ... parallel=ppll``: under torchrun, join its process group; else spawn the ranks.
+    ``resume``: a PPLL run directory (``cfg`` is then its merged config: :func:`locallearn.parallel.fit_parallel`)."""
     if "RANK" not in os.environ:
         if not cfg.ppll.procs:
             raise ConfigError("parallel=ppll needs torchrun (--nproc-per-node K) or ppll.procs=K to spawn locally")
-        return spawn_ppll(cfg)
-    backend = "nccl" if resolve_device(cfg.run.device).type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.ppll.timeout))
-    try:
-        return run_stage(cfg)
-    finally:
-        dist.destroy_process_group()
+        return spawn_ppll(cfg, resume=resume)
+    return run_torchrun(run_stage, cfg, resume)

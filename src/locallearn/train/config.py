@@ -32,7 +32,16 @@ class ConfigError(ValueError):
 class DataCfg:
     """``name``: registered dataset; ``root``: folder with its files (None = the standard locations).
     ``pad``/``pad_mode``/``flip``: None = the dataset's recipe (spec §0.3). ``limit_train``/``limit_test``:
-    use only the first N samples (quick runs and tests)."""
+    use only the first N samples (quick runs and tests).
+
+    Super-resolution datasets (:mod:`locallearn.data.sr`): ``scale`` (2, 3, 4), ``patch_size`` (HR side of a
+    random training patch, a multiple of ``scale``; EDSR: 96 for ×2), ``repeat`` (patches per training image per
+    epoch), ``test_root`` (evaluation image folder; None = the dataset's own test split). ``flip`` then means
+    random flips and 90° rotations; the limits count images.
+
+    Class-folder datasets (``imagenet``, ``imagefolder``; :mod:`locallearn.data.imagefolder`, engineering.md
+    §7.3): ``num_workers`` DataLoader processes decode the JPEGs; ``image_size`` is the crop side (None = the
+    dataset's, 224; evaluation resizes the short side to image_size/0.875, 256 for 224, spec §0.4)."""
 
     name: str = "fashion_mnist"
     root: str | None = None
@@ -43,6 +52,12 @@ class DataCfg:
     flip: bool | None = None
     limit_train: int | None = None
     limit_test: int | None = None
+    num_workers: int = 4
+    image_size: int | None = None
+    scale: int = 2
+    patch_size: int = 96
+    repeat: int = 16
+    test_root: str | None = None
 
 
 @dataclass
@@ -54,10 +69,17 @@ class ModelCfg:
 
 @dataclass
 class OptimCfg:
-    """SGD (Nesterov) with the spec §0.4 schedules. ``schedule``: ``cosine`` (``warmup_epochs`` of InfoPro's
-    blend warm-up from ``warmup_lr``), ``step`` (×``gamma`` at ``milestones``) or ``constant``. ``per_step``:
-    update the lr every step (smooth, for short runs) instead of once per epoch (the reference)."""
+    """The optimizer and the spec §0.4 schedules.
 
+    ``name``: ``sgd`` (``momentum``, ``nesterov``; the ResNet recipes, spec §0.4) or ``adamw`` (``betas``,
+    ``eps``; MAN++'s ViT recipe, spec §3.4: lr 1e-3, betas (0.9, 0.999), weight decay 0.05). ``weight_decay``
+    applies to every parameter, aux nets included, as in the references. ``schedule``: ``cosine``
+    (``warmup_epochs`` of InfoPro's blend warm-up from ``warmup_lr``), ``step`` (×``gamma`` at ``milestones``)
+    or ``constant``. ``per_step``: update the lr every step (smooth, for short runs) instead of once per epoch (the
+    reference). ``first_epoch``: the index a per-epoch cosine gives the first epoch: 1 in InfoPro's CIFAR scripts
+    (the first epoch already decays), 0 in the ImageNet scripts (the first epoch runs at lr0)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -68,6 +90,9 @@ class OptimCfg:
     milestones: list[int] = field(default_factory=lambda: [80, 120])
     gamma: float = 0.1
     per_step: bool = True
+    first_epoch: Literal[0, 1] = 1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
 
 
 @dataclass
@@ -92,25 +117,30 @@ class RunCfg:
 
 @dataclass
 class PPLLCfg:
-    """Pipeline-parallel local learning (``parallel: ppll``). ``procs``: ranks to spawn when not under torchrun
-    (0 = require torchrun). ``window``: sends in flight per rank (back-pressure). ``timeout``: seconds a rank
-    waits for a peer before it exits naming the silent stage."""
+    """Multi-process runs (``parallel: ppll`` and ``dp``; :mod:`locallearn.parallel`). ``procs``: ranks to spawn
+    when not under torchrun (0 = require torchrun). ``window``: sends in flight per rank and direction
+    (back-pressure). ``timeout``: seconds a rank waits for a peer before it exits naming the silent stage.
+    ``ema_every``: a later stage ships the weights that MAN/LAM EMA copies follow every N steps (1 = the
+    single-process semantics). ``replicas``: data-parallel copies of the pipeline (world = K · replicas)."""
 
     procs: int = 0
     window: int = 2
     timeout: float = 120.0
+    ema_every: int = 1
+    replicas: int = 1
 
 
 @dataclass
 class TrainCfg:
-    """``parallel``: ``none`` (one process, the sequential engine) or ``ppll`` (one process per module)."""
+    """``parallel``: ``none`` (one process, the sequential engine), ``ppll`` (one process per module) or ``dp``
+    (data-parallel local learning: every process runs all modules on a shard of each batch)."""
 
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     method: MethodCfg = field(default_factory=MethodCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     run: RunCfg = field(default_factory=RunCfg)
-    parallel: Literal["none", "ppll"] = "none"
+    parallel: Literal["none", "ppll", "dp"] = "none"
     ppll: PPLLCfg = field(default_factory=PPLLCfg)
 
 

@@ -17,17 +17,19 @@ made from the user's own ``nn.Sequential``::
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..local.split import balanced_split, check_k, preset_split, validate_ends
-from ..local.task import Batch, ClassificationTask
+from ..local.split import backbone_layout, balanced_split, check_k, preset_split, validate_ends
+from ..local.task import Batch, Task
 from ..measure.memory import SavedTensorMeter
 from ..measure.profile import unit_costs
 from ..methods.base import LocalMethod, MethodCfg, MethodContext, build_method, method_class, resolve_k
 from ..models.units import UnitBackbone
 from .config import OptimCfg
+from .schedule import build_optimizer
 
 
 def resolve_split(backbone: UnitBackbone, cfg: MethodCfg, sample: torch.Tensor | None = None) -> list[int]:
@@ -42,22 +44,25 @@ def resolve_split(backbone: UnitBackbone, cfg: MethodCfg, sample: torch.Tensor |
     if cfg.ends:
         raise ValueError("method.ends is only used with method.split=ends")
     if cfg.split == "auto":
+        if cfg.balance == "time":
+            raise ValueError(
+                "method.balance=time is measured before the engine is built (locallearn train/summary do it); in "
+                "Python use locallearn.train.partition.time_balanced_method, or pass method.split=ends"
+            )
         if cfg.balance in ("flops", "activations") and sample is None:
             raise ValueError(f"method.balance={cfg.balance} needs a sample input to measure the units")
         return balanced_split(unit_costs(list(backbone.units), sample, cfg.balance), k)
-    blocks = sum(info.stage == 1 for info in backbone.infos)
-    if backbone.num_stages != 3 or len(backbone) != 3 * blocks + 2:
-        raise ValueError(f"split preset {cfg.split!r} is defined for CIFAR ResNets only; use method.split=auto")
-    return preset_split(cfg.split, blocks, k)
+    # Presets are looked up by the backbone's layout (blocks per stage): CIFAR/ImageNet ResNets, ViT.
+    return preset_split(cfg.split, backbone_layout(backbone.infos), k)
 
 
 class LocalEngine:
-    """K gradient-isolated modules of ``backbone``, the method's aux nets, one SGD optimizer per module.
+    """K gradient-isolated modules of ``backbone``, the method's aux nets, one optimizer per module.
 
     Args:
         backbone: the network as ordered units (already initialised: the caller owns the backbone RNG stream).
         method_cfg: method, K and split.
-        task: the task loss of the last module (and of classifier aux heads).
+        task: the task (loss of the last module and of task-head aux nets, metrics; :mod:`~locallearn.local.task`).
         optim: optimiser settings.
         aux_seed: seeds aux-net initialisation on its own stream, so the method never shifts the backbone's
             or the data's randomness.
@@ -69,7 +74,7 @@ class LocalEngine:
         self,
         backbone: UnitBackbone,
         method_cfg: MethodCfg,
-        task: ClassificationTask,
+        task: Task,
         optim: OptimCfg,
         *,
         aux_seed: int = 1,
@@ -82,6 +87,7 @@ class LocalEngine:
         self.device = torch.device(device)
         self.backbone, self.task = backbone, task
         self.ends = resolve_split(backbone, method_cfg, sample)
+        backbone.configure_split(self.ends)
         starts = [0, *self.ends[:-1]]
         self.modules = [nn.Sequential(*backbone.units[s:e]) for s, e in zip(starts, self.ends)]
         ctx = MethodContext(
@@ -107,22 +113,16 @@ class LocalEngine:
                 for objective in (aux.independent, aux.cascade) if aux is not None else ():
                     if objective is not None:
                         objective.outputs = torch.compile(objective.outputs)
-        self.optimizers = [
-            torch.optim.SGD(
-                self.module_parameters(k),
-                lr=optim.lr,
-                momentum=optim.momentum,
-                nesterov=optim.nesterov and optim.momentum > 0,
-                weight_decay=optim.weight_decay,
-            )
-            for k in range(self.k)
-        ]
+        self.optimizers = [build_optimizer(self.module_parameters(k), optim) for k in range(self.k)]
         if amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"run.amp must be none, bf16 or fp16, got {amp!r}")
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.meter: SavedTensorMeter | None = None
-        self._stats = torch.zeros(self.k + 2, device=self.device)  # per-module loss sums, correct, seen
+        self._stats = torch.zeros(self.k + 2, device=self.device)  # per-module loss sums, train_stat sum, steps
+        # Called with k right before module k's optimizer step; a data-parallel runtime (locallearn.parallel) sets
+        # it to average module k's gradients across replicas. None in a single process.
+        self.grad_sync: Callable[[int], None] | None = None
 
     @property
     def k(self) -> int:
@@ -146,6 +146,8 @@ class LocalEngine:
                 group["lr"] = lr
 
     def _step(self, k: int) -> None:
+        if self.grad_sync is not None:
+            self.grad_sync(k)
         if self.scaler is None:
             self.optimizers[k].step()
         else:
@@ -196,7 +198,7 @@ class LocalEngine:
         if self.scaler is not None:
             self.scaler.update()
         self.method.after_iteration()
-        self._stats[-2] += self.task.correct(h.detach(), batch)
+        self._stats[-2] += self.task.train_stat(h.detach(), batch)
         self._stats[-1] += 1
 
     def _backward(
@@ -230,37 +232,41 @@ class LocalEngine:
                 grad, prev_x.grad = prev_x.grad, None
 
     def pop_train_stats(self) -> dict[str, object]:
-        """Mean loss per module and final-head train accuracy since the last call (one host sync)."""
+        """Mean loss per module and the sum of the final head's per-sample ``task.train_stat`` (top-1 hits for
+        classification, PSNR for super-resolution) since the last call (one host sync)."""
         stats = self._stats.tolist()
         self._stats.zero_()
         steps = max(stats[-1], 1.0)
-        return {"train_loss": [s / steps for s in stats[:-2]], "train_correct": stats[-2]}
+        return {"train_loss": [s / steps for s in stats[:-2]], "train_stat_sum": stats[-2]}
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, object]:
-        """Test accuracy and loss of the final head, and accuracy of every aux classifier (accuracy by depth)."""
+        """The final head's test metrics (``test_acc``; ``test_psnr``, ``test_ssim``) and loss, and the task's
+        headline metric of every aux net that predicts the task (``aux_acc``, ``aux_psnr``: quality by depth)."""
         self.backbone.eval()
         self.method.eval()
-        correct = torch.zeros(self.k, device=self.device)
+        final = self.task.metrics()
+        aux = [self.task.metrics() for _ in range(self.k - 1)]
+        has_head = [False] * (self.k - 1)
         loss_sum, seen = torch.zeros((), device=self.device), 0
-        has_head = [False] * self.k
         for x, y, raw in batches:
             batch = Batch(x, y, raw)
             h = x
             with self._autocast():
                 for k, module in enumerate(self.modules):
                     h = module(h)
-                    logits = h if k == self.k - 1 else self.method.aux_logits(k, h)
-                    if logits is not None:
+                    prediction = self.method.aux_logits(k, h) if k < self.k - 1 else None
+                    if prediction is not None:
                         has_head[k] = True
-                        correct[k] += self.task.correct(logits, batch)
+                        aux[k].update(prediction, batch)
+                final.update(h, batch)
                 loss_sum += self.task.loss(h, batch) * len(batch)
             seen += len(batch)
-        acc = (correct / max(seen, 1)).tolist()
+        name = self.task.headline
         return {
-            "test_acc": acc[-1],
+            **{f"test_{key}": value for key, value in final.compute().items()},
             "test_loss": loss_sum.item() / max(seen, 1),
-            "aux_acc": [a if ok else None for a, ok in zip(acc[:-1], has_head[:-1])],
+            f"aux_{name}": [m.compute()[name] if ok else None for m, ok in zip(aux, has_head)],
         }
 
     def state_dict(self) -> dict[str, object]:

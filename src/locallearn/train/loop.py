@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,16 @@ from tqdm import tqdm
 
 from ..data.datasets import dataset_spec, load_split
 from ..data.loader import ResidentLoader
-from ..local.task import Batch, ClassificationTask
+from ..data.sr import sr_loaders
+from ..local.detection import DetectionTask
+from ..local.task import Batch, ClassificationTask, SuperResolutionTask, Task
 from ..measure.memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
-from ..methods.base import resolve_k
+from ..methods.base import MethodCfg, resolve_k
 from ..models.registry import create_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
 from .engine import LocalEngine
+from .partition import time_balanced_method
 from .rundir import MetricsLog, environment, new_run_dir
 from .schedule import lr_at
 
@@ -60,8 +64,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_loaders(cfg: TrainCfg, device: torch.device) -> tuple[ResidentLoader, ResidentLoader, Any]:
+def build_loaders(cfg: TrainCfg, device: torch.device) -> tuple[Any, Any, Any]:
     spec = dataset_spec(cfg.data.name)
+    if spec.task == "super_resolution":  # image pairs, random patches / whole images (data/sr.py)
+        d = cfg.data
+        train, test = sr_loaders(
+            spec,
+            d.root,
+            scale=d.scale,
+            patch_size=d.patch_size,
+            batch_size=d.batch_size,
+            repeat=d.repeat,
+            augment=spec.flip if d.flip is None else d.flip,
+            limit_train=d.limit_train,
+            limit_test=d.limit_test,
+            test_root=d.test_root,
+            seed=stream_seed(cfg.run.seed, "data"),
+            device=device,
+            channels_last=cfg.model.channels_last,
+        )
+        return train, test, spec
+    if spec.loaders is not None:  # class folders (ImageNet): decoded in DataLoader workers (data/imagefolder.py)
+        return spec.loaders(spec, cfg.data, device, stream_seed(cfg.run.seed, "data"), cfg.model.channels_last)
+    if cfg.data.image_size is not None:
+        raise ConfigError(f"data.image_size applies to class-folder datasets only, not {cfg.data.name}; unset it")
     loaders = []
     for split, limit, train in (("train", cfg.data.limit_train, True), ("test", cfg.data.limit_test, False)):
         images, labels = load_split(cfg.data.name, cfg.data.root, split)
@@ -86,17 +112,32 @@ def build_loaders(cfg: TrainCfg, device: torch.device) -> tuple[ResidentLoader, 
     return loaders[0], loaders[1], spec
 
 
+def build_task(cfg: TrainCfg, spec: Any) -> Task:
+    """The dataset's task: classification with its class count, or super-resolution by ``data.scale``."""
+    if spec.task == "super_resolution":
+        return SuperResolutionTask(cfg.data.scale)
+    if spec.task == "detection":
+        return DetectionTask(list(spec.classes))
+    return ClassificationTask(spec.num_classes)
+
+
 def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.Tensor) -> LocalEngine:
     """Backbone on its own RNG stream, then the engine (which builds the aux nets on theirs)."""
+    task = build_task(cfg, spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(cfg.run.seed, "backbone"))
-        backbone = create_model(
-            cfg.model.name, num_classes=spec.num_classes, in_channels=spec.channels, width=cfg.model.width
-        )
+        try:
+            backbone = create_model(
+                cfg.model.name, in_channels=spec.channels, width=cfg.model.width, **task.model_kwargs()
+            )
+        except TypeError as e:  # e.g. a classifier asked for a scale: the model does not fit the dataset's task
+            raise ConfigError(
+                f"model.name={cfg.model.name} cannot be built for the {task.kind} dataset {cfg.data.name} ({e})"
+            ) from None
     return LocalEngine(
         backbone,
         cfg.method,
-        ClassificationTask(spec.num_classes),
+        task,
         cfg.optim,
         aux_seed=stream_seed(cfg.run.seed, "aux"),
         device=device,
@@ -105,6 +146,24 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
         compile=cfg.run.compile,
         channels_last=cfg.model.channels_last,
     )
+
+
+def resolve_time_balance(cfg: TrainCfg, spec: Any, device: torch.device, loader: Any, quiet: bool = True) -> TrainCfg:
+    """``method.balance: time`` with ``split: auto``: measure per-unit and aux-net times once on a real batch and
+    record the split as explicit ends, so the saved config, a resumed run and every pipeline rank use the same
+    split (:mod:`.partition`). Other configs are returned unchanged."""
+    if cfg.method.balance != "time" or cfg.method.split != "auto":
+        return cfg
+    batch = Batch(*next(iter(loader)))
+
+    def build(method: MethodCfg) -> LocalEngine:
+        return build_engine(replace(cfg, method=method), spec, device, batch.input)
+
+    method, seconds = time_balanced_method(cfg.method, build, batch)
+    if not quiet:
+        ms = ", ".join(f"{1000 * s:.1f}" for s in seconds)
+        print(f"method.balance=time: ends {method.ends}, measured ms per module (fwd+bwd+aux) [{ms}]", flush=True)
+    return replace(cfg, method=method)
 
 
 def run_name(cfg: TrainCfg) -> str:
@@ -117,6 +176,26 @@ def checkpoint_path(run: str | Path) -> Path:
     """A run directory's ``ckpt_last.pt``, or the checkpoint file itself."""
     path = Path(run)
     return path / "ckpt_last.pt" if path.is_dir() else path
+
+
+def resumed_config(
+    saved: dict[str, Any],
+    cfg: TrainCfg | None,
+    overrides: list[str] | tuple = (),
+    run_dir: str | Path = "",
+    resumable: set[str] = RESUMABLE_CHANGES,
+) -> TrainCfg:
+    """The config of a resumed run: ``cfg``, or the ``saved`` one with ``overrides``; refused if anything but the
+    ``resumable`` keys differ from the saved config (also used by the multi-process runtimes)."""
+    saved = to_dict(config_from_dict(saved))  # a fresh copy (overrides edit nested dicts in place)
+    cfg = config_from_dict(apply_overrides(to_dict(config_from_dict(saved)), list(overrides))) if cfg is None else cfg
+    changed = changed_keys(saved, to_dict(cfg)) - resumable
+    if changed:
+        raise ConfigError(
+            f"--resume {run_dir}: {', '.join(sorted(changed))} differ from the run's config; "
+            f"only {', '.join(sorted(resumable))} may change on resume"
+        )
+    return cfg
 
 
 def fit(
@@ -134,14 +213,7 @@ def fit(
         ckpt = checkpoint_path(resume)
         state = load_checkpoint(ckpt)
         run_dir = ckpt.parent
-        saved = config_from_dict(state["config"])
-        cfg = config_from_dict(apply_overrides(to_dict(saved), list(overrides))) if cfg is None else cfg
-        changed = changed_keys(to_dict(saved), to_dict(cfg))
-        if changed - RESUMABLE_CHANGES:
-            raise ConfigError(
-                f"--resume {run_dir}: {', '.join(sorted(changed - RESUMABLE_CHANGES))} differ from the "
-                f"run's config; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume"
-            )
+        cfg = resumed_config(state["config"], cfg, overrides, run_dir)
     if cfg is None:
         raise ConfigError("fit needs a config or a run to resume")
     if cfg.parallel != "none":
@@ -152,6 +224,7 @@ def fit(
 
     # ---- data and model ------------------------------------------------------------------------------------
     train_loader, test_loader, spec = build_loaders(cfg, device)
+    cfg = resolve_time_balance(cfg, spec, device, train_loader, quiet)
     sample = next(iter(test_loader))[0][: cfg.data.batch_size]
     engine = build_engine(cfg, spec, device, sample)
     epoch, step_in_epoch, global_step = 0, 0, 0
@@ -227,7 +300,7 @@ def fit(
             "step": global_step,
             "lr": engine.optimizers[0].param_groups[0]["lr"],
             "train_loss": stats["train_loss"],
-            "train_acc": stats["train_correct"]
+            f"train_{engine.task.headline}": stats["train_stat_sum"]
             / max(1, _seen(train_loader, epoch, step_in_epoch - steps_this_epoch, step_in_epoch)),
             "epoch_time_s": train_time,
             "imgs_per_s": _seen(train_loader, epoch, step_in_epoch - steps_this_epoch, step_in_epoch)
@@ -242,24 +315,25 @@ def fit(
         log.log(record)
         result.update(record)
         if not quiet:
-            print(_row(record), flush=True)
+            print(_row(record, engine.task.headline), flush=True)
         checkpoint()
     result["peak_act_bytes"] = peak_act
     return result
 
 
-def _seen(loader: ResidentLoader, epoch: int, first: int, last: int) -> int:
+def _seen(loader: Any, epoch: int, first: int, last: int) -> int:
     """Samples in batches ``first..last-1`` of an epoch (the last batch may be short)."""
     return max(0, min(last * loader.batch_size, loader.n) - first * loader.batch_size)
 
 
-def _row(r: dict[str, Any]) -> str:
+def _row(r: dict[str, Any], metric: str = "acc") -> str:
+    """One progress line; ``metric`` is the task's headline (``acc``, ``psnr``)."""
     losses = " ".join(f"{v:.3f}" for v in r["train_loss"])
-    test = f"  test_acc {r['test_acc']:.4f}" if "test_acc" in r else ""
+    test = f"  test_{metric} {r[f'test_{metric}']:.4f}" if f"test_{metric}" in r else ""
     aux = ""
-    if any(a is not None for a in r.get("aux_acc", [])):
-        aux = "  aux_acc " + " ".join("-" if a is None else f"{a:.3f}" for a in r["aux_acc"])
+    if any(a is not None for a in r.get(f"aux_{metric}", [])):
+        aux = f"  aux_{metric} " + " ".join("-" if a is None else f"{a:.3f}" for a in r[f"aux_{metric}"])
     return (
         f"epoch {r['epoch']:3d}  step {r['step']:6d}  lr {r['lr']:.4f}  loss [{losses}]  "
-        f"train_acc {r['train_acc']:.4f}{test}{aux}  {r['imgs_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s"
+        f"train_{metric} {r[f'train_{metric}']:.4f}{test}{aux}  {r['imgs_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s"
     )

@@ -1,10 +1,36 @@
-"""Learning-rate schedules of spec methods.md §0.4 (InfoPro ``adjust_learning_rate``)."""
+"""Optimizers and learning-rate schedules of spec methods.md §0.4 (InfoPro ``adjust_learning_rate``) and §3.4
+(MAN++'s AdamW for ViTs)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+
+import torch
 
 from .config import OptimCfg
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimCfg) -> torch.optim.Optimizer:
+    """The optimizer ``optim.name`` names, over ``params`` (one local module and its aux net; the engine builds
+    one per module). ``sgd``: Nesterov only with momentum (torch rejects Nesterov without it), spec §0.4.
+    ``adamw``: decoupled weight decay, spec §3.4. The learning rate is set per step by :func:`lr_at`."""
+    params = list(params)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    if cfg.name == "adamw":
+        if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {cfg.betas}")
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    raise ValueError(f"unknown optimizer optim.name={cfg.name!r}; choose sgd or adamw")
 
 
 def lr_at(cfg: OptimCfg, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -12,9 +38,10 @@ def lr_at(cfg: OptimCfg, epoch: int, step: int, steps_per_epoch: int, epochs: in
 
     Per epoch (``per_step: false``) this is the reference exactly: with e = epoch + 1 in 1..E,
     cosine lr = ½·lr0·(1 + cos(π·e/E)), blended for e ≤ W with ``warmup_lr`` as
-    lr·(e−1)/W + warmup_lr·(W+1−e)/W. Per step, e is the continuous progress epoch + step/steps, starting at 0,
-    so the curve is smooth and the first step uses ``warmup_lr`` (or lr0 without warm-up).
-    """
+    lr·(e−1)/W + warmup_lr·(W+1−e)/W. With ``first_epoch: 0`` the cosine index is epoch (0..E−1) instead, as
+    the ImageNet scripts (no warm-up there; the blend keeps counting e from 1). Per step, e is the continuous
+    progress epoch + step/steps, starting at 0, so the curve is smooth and the first step uses ``warmup_lr`` (or
+    lr0 without warm-up)."""
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "step":
@@ -25,5 +52,5 @@ def lr_at(cfg: OptimCfg, epoch: int, step: int, steps_per_epoch: int, epochs: in
         lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * t / epochs))
         return lr * t / warm + cfg.warmup_lr * (1 - t / warm) if t < warm else lr
     e = epoch + 1
-    lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * e / epochs))
+    lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch + cfg.first_epoch) / epochs))
     return lr * (e - 1) / warm + cfg.warmup_lr * (warm + 1 - e) / warm if e <= warm else lr

@@ -1,0 +1,306 @@
+"""``locallearn bench pipeline``: PPLL against sequential local learning, GPipe, 1F1B, DDP and single-process E2E,
+side by side on the same model, split, data and global batch (issue 6; pipeline.md §3, §6.4).
+
+    locallearn bench pipeline -c configs/fmnist/demo.yaml --k 2 --threads 1 --simulate 4 method.name=dgl
+
+Rows, each timed by :func:`~locallearn.parallel.pipeline_baselines.spawn_run` on the same fixed training batches
+(full batches only, cycled) after ``--warmup`` steps:
+
+* ``e2e`` and ``sequential`` (local learning) in one process, with ``--threads`` and with K × ``--threads``
+  threads: the honest CPU comparison, "K processes × T threads" against "one process × K·T threads" (§3.4);
+* ``ppll``, ``gpipe M=..``, ``1f1b M=..`` (M from ``--micro``, default {K, 2K, 4K}; 1F1B needs M ≥ K) and ``ddp``
+  in K processes × ``--threads``; GPipe/1F1B use the local method's split, so every pipeline has the same stages.
+
+The single-process rows share one spawned process and the K-process rows one group of K processes per round;
+``--repeats`` rounds alternate their order, and every figure is the median over rounds (a ratio: the median of
+the per-round ratios, both runs of a round having seen about the same load). Each round records the CPU load of
+other processes (``foreign_cores``), so contaminated multi-core runs can be spotted and discarded (§6.4).
+
+``--simulate K`` adds :mod:`.simulate`'s predictions for K devices and, for validation, for the measured K, printed
+beside the measured throughput. ``results.json`` holds every round; ``results.md`` is rendered from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.datasets import dataset_spec
+from ..local.task import Batch
+from ..parallel.pipeline_baselines import RunOpts, spawn_run, steady_state
+from ..parallel.ppll import check_supported
+from ..train.config import ConfigError, TrainCfg, load_config, to_dict
+from ..train.loop import build_engine, resolve_device
+from .bench import Variant, bench_batches, variant_config
+from .pipeline_report import render_markdown
+from .report import _write_atomic, machine_info
+from .simulate import default_micro, measure_stage_costs, ppll_fill, predict
+
+DISTINCT_BATCHES = 8  # fixed batches cycled, as in pipeline.md §3.1
+
+
+@dataclass(frozen=True)
+class Row:
+    """One timed configuration: ``kind`` on ``procs`` processes × ``threads`` threads, ``micro`` micro-batches."""
+
+    kind: str
+    procs: int
+    threads: int
+    micro: int = 1
+
+    @property
+    def name(self) -> str:
+        """The simulator's key: ``ppll``, ``gpipe M=4``, ..."""
+        return f"{self.kind} M={self.micro}" if self.kind in ("gpipe", "1f1b") else self.kind
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.procs}×{self.threads})"
+
+
+def plan_rows(k: int, threads: int, micro: list[int]) -> list[Row]:
+    rows = [Row(kind, 1, t) for t in (threads, k * threads) for kind in ("e2e", "sequential")]
+    rows.append(Row("ppll", k, threads))
+    rows += [Row("gpipe", k, threads, m) for m in micro]
+    rows += [Row("1f1b", k, threads, m) for m in micro if m >= k]  # Schedule1F1B needs M >= K (§2.1)
+    return [*rows, Row("ddp", k, threads)]
+
+
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process and its reaped children)."""
+    try:
+        ticks = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        busy = math.nan
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def _foreign_cores(before: tuple[float, float, float]) -> float | None:
+    """Cores other processes kept busy since ``before`` (None where /proc/stat is unavailable)."""
+    after = _cpu_seconds()
+    value = ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
+    return None if math.isnan(value) else max(0.0, value)
+
+
+def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    ips = [r["samples_per_s"] for r in rounds]
+    busy = [[r["busy_fraction"][k] for r in rounds] for k in range(len(rounds[0]["busy_fraction"]))]
+    return {
+        "samples_per_s": statistics.median(ips),
+        "samples_per_s_min": min(ips),
+        "samples_per_s_max": max(ips),
+        "step_ms": statistics.median(r["step_ms"] for r in rounds),
+        "fill_s": statistics.median(r["fill_s"] for r in rounds),
+        "busy_fraction": [None if None in b else statistics.median(b) for b in busy],
+    }
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median over rounds of a's samples/s divided by b's in the same round."""
+    return statistics.median(x["samples_per_s"] / y["samples_per_s"] for x, y in zip(a["rounds"], b["rounds"]))
+
+
+def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str], dict[str, Any]]:
+    """Every row against each reference (the columns), and the headline ratios of issue 6."""
+    by = {r["label"]: r for r in rows}
+    best: dict[str, dict[str, Any]] = {}  # the fastest M of each schedule (no 1F1B row when every M < K)
+    for row in rows:
+        kind = row["kind"]
+        if kind in ("gpipe", "1f1b") and (kind not in best or row["samples_per_s"] > best[kind]["samples_per_s"]):
+            best[kind] = row
+    best_pp = max((best[kind] for kind in ("gpipe", "1f1b") if kind in best), key=lambda r: r["samples_per_s"])
+    one, many = f"(1×{threads})", f"(1×{k * threads})"
+    refs = {
+        f"e2e {one}": by[f"e2e {one}"],
+        f"sequential {one}": by[f"sequential {one}"],
+        f"e2e {many}": by[f"e2e {many}"],
+        f"sequential {many}": by[f"sequential {many}"],
+        f"best GPipe/1F1B: {best_pp['label']}": best_pp,
+        f"ddp ({k}×{threads})": by[f"ddp ({k}×{threads})"],
+    }
+    for row in rows:
+        row["ratios"] = {name: _ratio(row, ref) for name, ref in refs.items()}
+    ppll = by[f"ppll ({k}×{threads})"]
+    headline = {
+        "ppll / sequential LL, one thread per process": _ratio(ppll, by[f"sequential {one}"]),
+        f"ppll / sequential LL in one process with {k * threads} threads": _ratio(ppll, by[f"sequential {many}"]),
+        f"ppll / best of GPipe and 1F1B ({best_pp['label']})": _ratio(ppll, best_pp),
+        "ppll / single-process E2E, same threads per process": _ratio(ppll, by[f"e2e {one}"]),
+        f"ppll / single-process E2E with {k * threads} threads": _ratio(ppll, by[f"e2e {many}"]),
+        "ppll / DDP E2E": _ratio(ppll, refs[f"ddp ({k}×{threads})"]),
+        "best GPipe/1F1B / single-process E2E": _ratio(best_pp, by[f"e2e {one}"]),
+        "DDP / single-process E2E": _ratio(refs[f"ddp ({k}×{threads})"], by[f"e2e {one}"]),
+    }
+    for kind, name in (("gpipe", "GPipe"), ("1f1b", "1F1B")):
+        if kind in best:
+            headline[f"ppll / best {name} ({best[kind]['label']})"] = _ratio(ppll, best[kind])
+    return list(refs), headline
+
+
+def simulate(
+    ll_cfg: TrainCfg, ks: list[int], batches: list, threads: int, micro: dict[int, list[int]], timeout: float
+) -> dict[str, Any]:
+    """Stage costs (this process, ``threads`` threads) and transfer times (two processes) → predictions per K."""
+    out: dict[str, Any] = {}
+    previous, device, b = torch.get_num_threads(), resolve_device(ll_cfg.run.device), batches[0]
+    for k in ks:
+        cfg = variant_config(ll_cfg, Variant(ll_cfg.method.name, None, k))
+        ms = sorted({1, *micro[k]})
+        jobs = [("transfer", cfg, RunOpts(warmup=3, steps=15, micro=m, threads=threads)) for m in ms]
+        probe = spawn_run(jobs, 2, batches[:1], timeout=timeout)
+        comm = {m: ranks[0]["comm_s"] for m, ranks in zip(ms, probe)}
+        torch.set_num_threads(threads)
+        batch = Batch(*(None if t is None else t.to(device) for t in (b.input, b.target, b.raw)))
+        before = _cpu_seconds()
+        try:
+            costs = measure_stage_costs(cfg, batch, micro[k], comm)
+        finally:
+            torch.set_num_threads(previous)
+        foreign = _foreign_cores(before)
+        out[str(k)] = {
+            "micro": micro[k],
+            "costs": costs.to_dict(),
+            "predicted_samples_per_s": predict(costs, micro[k]),
+            "ppll_fill_s": ppll_fill(costs),
+            "foreign_cores": foreign,
+            "shapes": {str(m): ranks[0]["shapes"] for m, ranks in zip(ms, probe)},
+        }
+        print(
+            f"  simulated K={k}: "
+            + ", ".join(f"{n} {v:.0f}" for n, v in out[str(k)]["predicted_samples_per_s"].items()),
+            flush=True,
+        )
+    return out
+
+
+def run_pipeline_bench(
+    config: str | None,
+    overrides: list[str] | tuple = (),
+    *,
+    k: int = 2,
+    steps: int = 30,
+    warmup: int = 3,
+    repeats: int = 5,
+    threads: int = 1,
+    micro: list[int] | None = None,
+    simulate_ks: list[int] | tuple = (),
+    simulate_only: bool = False,
+    out_dir: str | Path | None = None,
+    timeout: float = 900.0,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the comparison (and the simulation) into ``out_dir``; returns the ``results.json`` dict."""
+    if k < 2 or steps < 1 or warmup < 1 or repeats < 1 or threads < 1:
+        raise ConfigError("bench pipeline needs --k >= 2 and --steps, --warmup, --repeats, --threads >= 1")
+    base = load_config(config, list(overrides))
+    if base.method.name == "e2e":
+        raise ConfigError("bench pipeline needs a local method to split the network, e.g. method.name=dgl")
+    ll_cfg = variant_config(base, Variant(base.method.name, None, k))
+    e2e_cfg = variant_config(base, Variant("e2e", None, 1))
+    size = base.data.batch_size
+    micro = sorted(set(micro or default_micro(k, size)))
+    bad = [m for m in micro if m < 1 or size % m] + ([k] if size % k else [])
+    if bad or not micro:
+        raise ConfigError(
+            f"batch {size} must split into K={k} DDP shards and into M equal micro-batches for some M in "
+            f"{{K, 2K, 4K}} or --micro; {bad or [k, 2 * k, 4 * k]} do not divide it"
+        )
+    batches, note = bench_batches(ll_cfg, torch.device("cpu"), DISTINCT_BATCHES)
+    batches = [b for b in batches if len(b) == size][:DISTINCT_BATCHES]
+    if not batches:
+        raise ConfigError(f"no full training batch of {size}; lower data.batch_size")
+    engine = build_engine(ll_cfg, dataset_spec(ll_cfg.data.name), torch.device("cpu"), batches[0].input)
+    check_supported(engine)  # refuse here, with one line, what PPLL cannot run
+    out = Path(out_dir) if out_dir else Path(base.run.out) / f"bench_pipeline_{Path(config or 'default').stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "format": 1,
+        "kind": "pipeline",
+        "config": to_dict(base),
+        "k": k,
+        "module_ends": list(engine.ends),
+        "batch_size": size,
+        "threads_per_process": threads,
+        "micro": micro,
+        "warmup": warmup,
+        "steps": steps,
+        "repeats": repeats,
+        "data": note + f", {len(batches)} distinct full batches cycled",
+        "machine": machine_info(resolve_device(base.run.device)),
+        "command": command,
+        "rows": [],
+    }
+    del engine
+    print(f"bench pipeline: K={k}, split {results['module_ends']}, batch {size}, {threads} thread(s)/process -> {out}")
+    if not simulate_only:
+        results["rows"] = measure(ll_cfg, e2e_cfg, plan_rows(k, threads, micro), batches, results, timeout, out)
+        results["ratio_columns"], results["headline"] = ratios(results["rows"], k, threads)
+        _save(out, results)
+    if simulate_ks or simulate_only:
+        ks = sorted({k, *simulate_ks})
+        print(f"simulation for K = {ks}:", flush=True)
+        sim_micro = {kk: micro if kk == k else default_micro(kk, size) for kk in ks}
+        results["simulation"] = simulate(ll_cfg, ks, batches, threads, sim_micro, timeout)
+        for row in results["rows"]:
+            predicted = results["simulation"][str(k)]["predicted_samples_per_s"].get(row["name"])
+            row["predicted_samples_per_s"] = predicted if row["threads"] == threads else None
+    results["machine"]["load_avg_end"] = machine_info(resolve_device(base.run.device))["load_avg"]
+    _save(out, results)
+    print(f"\nsaved {out / 'results.md'} and results.json\n")
+    print((out / "results.md").read_text())
+    return results
+
+
+def measure(
+    ll_cfg: TrainCfg,
+    e2e_cfg: TrainCfg,
+    rows: list[Row],
+    batches: list,
+    results: dict[str, Any],
+    timeout: float,
+    out: Path,
+) -> list[dict[str, Any]]:
+    """``repeats`` rounds: the one-process rows in one spawned process, the K-process rows in one group."""
+    warmup, steps, size = results["warmup"], results["steps"], results["batch_size"]
+    records = [{**asdict(row), "name": row.name, "label": row.label, "rounds": []} for row in rows]
+    groups = [[i for i, r in enumerate(rows) if r.procs == 1], [i for i, r in enumerate(rows) if r.procs > 1]]
+    for round_ in range(results["repeats"]):
+        for group in groups if round_ % 2 == 0 else groups[::-1]:
+            world = rows[group[0]].procs
+            jobs = []
+            for i in group:
+                row = rows[i]
+                cfg = e2e_cfg if row.kind in ("e2e", "ddp") else ll_cfg
+                opts = RunOpts(warmup, steps, row.micro, row.threads, window=ll_cfg.ppll.window)
+                jobs.append((row.kind, cfg, opts))
+            before = _cpu_seconds()
+            per_job = spawn_run(jobs, world, batches, timeout=timeout)
+            foreign = _foreign_cores(before)
+            for i, ranks in zip(group, per_job):
+                measured = {**steady_state(ranks, warmup, size), "foreign_cores": foreign}
+                records[i]["rounds"].append(measured)
+                records[i]["module_ends"] = ranks[0]["module_ends"]
+            line = ", ".join(f"{rows[i].label} {records[i]['rounds'][-1]['samples_per_s']:.0f}" for i in group)
+            load = "?" if foreign is None else f"{foreign:.2f}"
+            print(f"  round {round_ + 1}/{results['repeats']} (foreign load {load} cores): {line}", flush=True)
+        for record in records:
+            if record["rounds"]:
+                record.update(_summary(record["rounds"]))
+        results["rows"] = records
+        _save(out, results)  # every finished round is on disk
+    return records
+
+
+def _save(out: Path, results: dict[str, Any]) -> None:
+    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _write_atomic(out / "results.md", render_markdown(results) + "\n")

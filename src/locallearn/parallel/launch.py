@@ -1,0 +1,246 @@
+"""Starting the ranks of a multi-process run, and what they must agree on before training (issue 6; spec
+pipeline.md §5.3 item 4, §6.1).
+
+Two entry points run the same rank body (:func:`~.ppll.run_stage`, :func:`~.data_parallel.run_dp`):
+
+* ``torchrun --nproc-per-node W -m locallearn train ...`` (multi-node through torchrun's rendezvous): every rank
+  joins the process group named by the environment (:func:`run_torchrun`; NCCL on CUDA, gloo on CPU);
+* ``ppll.procs=W`` without torchrun (tests, one machine): :func:`spawn` starts W processes on loopback with
+  ``torch.multiprocessing`` and returns rank 0's result.
+
+Every process group gets ``ppll.timeout`` seconds, so a collective or receive whose peer died or hangs fails that
+rank with a non-zero exit instead of waiting for ever. A :class:`ConfigError` raised by a spawned rank reaches
+the parent as the same one-line ConfigError.
+
+Agreement (:func:`agreed_config`): ``method.balance: time`` is measured **once, on rank 0**, on one global batch,
+and the resulting ends are broadcast, so every rank builds the same split (timings differ from process to
+process, and a split measured per rank could differ); the run's saved config holds the explicit ends, so a
+resumed run does not measure again. Rank 0 measures while the others wait in the broadcast, so the measurement
+must fit in ``ppll.timeout`` (raise it for very deep networks), and it assumes the devices are alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+from ..train.config import ConfigError, TrainCfg, config_from_dict, to_dict
+from ..train.loop import resolve_device, resolve_time_balance
+from ..train.rundir import new_run_dir
+from .link import StageError, short_error
+
+Body = Callable[[TrainCfg, "str | None", bool], "dict[str, Any] | None"]
+
+
+def rank_device(cfg: TrainCfg) -> torch.device:
+    """This rank's device: ``run.device``, with CUDA pinned to ``LOCAL_RANK`` (one GPU per process)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _timeout(cfg: TrainCfg) -> datetime.timedelta:
+    return datetime.timedelta(seconds=cfg.ppll.timeout)
+
+
+def new_group(cfg: TrainCfg, ranks: list[int] | None = None) -> Any:
+    """A process group with the run's timeout; every rank must call it, in the same order."""
+    return dist.new_group(ranks, timeout=_timeout(cfg))
+
+
+def _broadcast(objects: list[Any], device: torch.device) -> None:
+    dist.broadcast_object_list(objects, src=0, device=device if device.type == "cuda" else None)
+
+
+def agreed_config(cfg: TrainCfg, spec: Any, device: torch.device, loader: Any) -> TrainCfg:
+    """``method.balance: time``: rank 0 measures and broadcasts the split (module doc); other configs unchanged."""
+    if cfg.method.balance != "time" or cfg.method.split != "auto":
+        return cfg
+    method = [resolve_time_balance(cfg, spec, device, loader, quiet=False).method if dist.get_rank() == 0 else None]
+    _broadcast(method, device)
+    return replace(cfg, method=method[0])
+
+
+def agreed_run_dir(cfg: TrainCfg, out_dir: str | None, name: str, device: torch.device) -> Path:
+    """The run directory: ``out_dir``, or a new one made by rank 0, told to every rank."""
+    names = [out_dir or (str(new_run_dir(cfg.run.out, name)) if dist.get_rank() == 0 else None)]
+    _broadcast(names, device)
+    return Path(names[0])
+
+
+class Heartbeat:
+    """Names the ranks that died or hang when a rank fails (issue 6 "Failure"). A daemon thread bumps this rank's
+    counter in the rendezvous store every ``interval`` seconds; after a failure, :meth:`silent` reads every
+    counter twice, ``3·interval`` apart, and returns the ranks whose counter did not move (or never appeared). The
+    counters are compared with themselves, never across clocks, so it works across machines; a gloo error alone
+    only says "connection closed", not which rank is gone."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.rank, self.world, self.interval = dist.get_rank(), dist.get_world_size(), interval
+        self.describe: Callable[[int], str] = lambda r: f"rank {r}"
+        self.store = dist.distributed_c10d._get_default_store()
+        self._stop = threading.Event()
+        self.store.set(self._key(self.rank), "0")
+        threading.Thread(target=self._beat, daemon=True, name="locallearn-heartbeat").start()
+
+    @staticmethod
+    def _key(rank: int, what: str = "heartbeat") -> str:
+        return f"locallearn/{what}/{rank}"
+
+    def _beat(self) -> None:
+        count = 0
+        while not self._stop.wait(self.interval):
+            count += 1
+            try:
+                self.store.set(self._key(self.rank), str(count))
+            except Exception:  # the store is gone (its host died): nothing left to tell
+                return
+
+    def _read(self) -> list[str | None]:
+        keys = [self._key(r) for r in range(self.world)]
+        return [self.store.get(k).decode() if self.store.check([k]) else None for k in keys]
+
+    def silent(self) -> list[int] | None:
+        """Ranks (other than this one) whose heartbeat stopped; None if the store itself is unreachable."""
+        try:
+            first = self._read()
+            time.sleep(3 * self.interval)
+            second = self._read()
+        except Exception:
+            return None
+        failed = [self.store.check([self._key(r, "failed")]) for r in range(self.world)]
+        return [
+            r
+            for r in range(self.world)
+            if r != self.rank and not failed[r] and (second[r] is None or first[r] == second[r])
+        ]
+
+    def failed(self) -> None:
+        """This rank failed by itself (it is not the one that died): keep it out of the others' diagnosis."""
+        with contextlib.suppress(Exception):
+            self.store.set(self._key(self.rank, "failed"), "1")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+_HEARTBEAT: list[Heartbeat] = []
+
+
+def name_ranks(describe: Callable[[int], str]) -> None:
+    """How failure messages name a rank (``stage 2``, ``stage 1 (replica 1)``); called by a rank body."""
+    for beat in _HEARTBEAT:
+        beat.describe = describe
+
+
+def run_body(body: Body, cfg: TrainCfg, out_dir: str | None, resume: bool) -> dict[str, Any] | None:
+    """Run ``body`` in this rank with a heartbeat; any failure but a ConfigError becomes one :class:`StageError`
+    line naming this rank, the error, and the ranks that died or hang."""
+    beat = Heartbeat()
+    _HEARTBEAT[:] = [beat]
+    try:
+        return body(cfg, out_dir, resume)
+    except ConfigError:
+        raise
+    except Exception as e:
+        beat.failed()
+        silent = beat.silent()
+        if silent is None:
+            who = "the rendezvous store is unreachable (rank 0 or the launcher died)"
+        elif silent:
+            who = ", ".join(beat.describe(r) for r in silent) + " died or hangs (no heartbeat)"
+        else:
+            who = "every other rank is still alive"
+        message = short_error(e)
+        if not isinstance(e, StageError):
+            message = f"{beat.describe(beat.rank)}: {message}"
+        raise StageError(f"{message}; {who}") from e
+    finally:
+        beat.stop()
+        _HEARTBEAT.clear()
+
+
+def run_torchrun(body: Body, cfg: TrainCfg, resume: str | None) -> dict[str, Any] | None:
+    """Join torchrun's process group (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``... in the environment; NCCL on
+    CUDA, gloo on CPU) and run ``body`` in it."""
+    backend = "nccl" if resolve_device(cfg.run.device).type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=_timeout(cfg))
+    try:
+        return run_body(body, cfg, resume, resume is not None)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawned(
+    rank: int, world: int, port: int, body: Body, data: dict, out_dir: str | None, resume: bool, queue: Any
+) -> None:
+    os.environ.update(LOCAL_RANK=str(rank))
+    cfg = config_from_dict(data)
+    backend = "nccl" if resolve_device(cfg.run.device).type == "cuda" else "gloo"
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=_timeout(cfg))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=_timeout(cfg))
+    try:
+        result = run_body(body, cfg, out_dir, resume)
+        if rank == 0 and queue is not None:
+            queue.put(("result", result))
+    except ConfigError as e:
+        if queue is not None:
+            queue.put(("error", str(e)))
+        raise
+    except StageError as e:  # torch.multiprocessing keeps the traceback for the parent: say it here, in one line
+        print(f"locallearn: error: {e}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(
+    body: Body, cfg: TrainCfg, world: int, out_dir: str | None, resume: bool = False, timeout: float | None = None
+) -> dict[str, Any]:
+    """Run ``body`` on ``world`` local processes (loopback); rank 0's result. A rank that fails ends the others;
+    so does an exception here (Ctrl-C, a test's timeout) or, with ``timeout``, running longer than that many
+    seconds: no rank outlives the call. This process hosts the rendezvous store (as torchrun's agent does), so
+    it outlives any rank and the survivors can still tell which rank died."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=_timeout(cfg), wait_for_workers=False)
+    args = (world, store.port, body, to_dict(cfg), out_dir, resume, queue)
+    context = mp.start_processes(_spawned, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = None if timeout is None else time.perf_counter() + timeout
+    try:
+        while not context.join(timeout=1.0):
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError(f"{world} spawned ranks still running after {timeout:.0f} s")
+    except ProcessException:
+        while not queue.empty():
+            kind, value = queue.get()
+            if kind == "error":
+                raise ConfigError(value) from None
+        raise
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    while not queue.empty():
+        kind, value = queue.get()
+        if kind == "result":
+            return value
+    raise RuntimeError("the spawned ranks ended without a result from rank 0")

@@ -1,0 +1,207 @@
+"""The PPLL wire protocol: typed, step-stamped point-to-point messages between the stages of one pipeline
+(spec pipeline.md §5.2 lessons, §6.1 header and window; methods.md §10.2 ``PipelineLocalTrainer``).
+
+Every message is a header, then (unless the kind carries none) one payload tensor. The header is
+``HEADER`` int64 values: ``kind, step, dtype code, a, b, ndim, d0..d4``; ``a``/``b`` are kind-specific (a
+gradient's origin stage and remaining reach). The receiver allocates the payload from the header (shape and
+dtype), so ragged last batches and bf16 activations need no agreement beforehand, and checks kind and step: a
+mismatch is an error naming both stages, never a silent misalignment.
+
+Kinds and channels:
+
+* downstream, stage k → k+1, default process group, tag 0: ``TRAIN`` (activation of step t), ``EVAL``
+  (activation of evaluation batch i), ``STOP`` (end of run, no payload);
+* upstream, on a second process group (``back``) so that NCCL never orders them against the downstream traffic
+  on one communicator: ``GRAD``/``NOGRAD`` (tag 1; a cascade's input gradient, or the marker that this origin
+  has none this step) and ``WEIGHTS`` (tag 2; a later stage's unit parameters for EMA copies), from any later
+  stage of the same pipeline.
+
+Sends are ``isend`` with at most ``window`` messages in flight per direction (back-pressure: a stage never runs
+more than ``window`` messages ahead of its consumer). A receive or a send that fails (a peer died: gloo reports
+the closed connection) or that exceeds the process group's timeout raises :class:`StageError`, one line naming
+this stage and the silent one; the runtime lets it end the process with a non-zero status.
+
+With replicated pipelines (``ppll.replicas``), rank = replica · stages + stage, and a link only talks to the
+stages of its own replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TRAIN, EVAL, STOP, GRAD, NOGRAD, WEIGHTS = range(6)
+KINDS = ("TRAIN", "EVAL", "STOP", "GRAD", "NOGRAD", "WEIGHTS")
+EMPTY = (STOP, NOGRAD)  # kinds without a payload
+TAGS = {GRAD: 1, NOGRAD: 1, WEIGHTS: 2}  # upstream tags; downstream messages use tag 0
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64)
+MAX_DIMS = 5
+HEADER = 6 + MAX_DIMS
+
+
+class StageError(RuntimeError):
+    """A pipeline peer failed or stopped answering (one line: which stage, what happened)."""
+
+
+def _header(kind: int, step: int, payload: torch.Tensor | None, extra: tuple[int, int]) -> torch.Tensor:
+    shape = () if payload is None else tuple(payload.shape)
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"PPLL sends tensors of at most {MAX_DIMS} dims, got shape {shape}")
+    dtype = 0 if payload is None else DTYPES.index(payload.dtype)
+    values = [kind, step, dtype, *extra, len(shape), *shape] + [0] * (MAX_DIMS - len(shape))
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def short_error(e: BaseException) -> str:
+    """The first line of an error, without gloo's source location and advice."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[^\]]*\] ", "", text).split(". This is typically")[0]
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Link:
+    """Point-to-point traffic of one rank: activations from stage k-1 and to stage k+1, and the upstream messages
+    of the cross-stage add-ons (:mod:`.cross_stage`), each direction with a bounded send window.
+
+    ``stages``: length of one pipeline (default ``world``: one pipeline); ``back``: the process group of the
+    upstream messages (None when nothing travels upstream).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        window: int,
+        channels_last: bool,
+        device: torch.device,
+        *,
+        stages: int | None = None,
+        back: Any = None,
+    ) -> None:
+        self.rank, self.world, self.window, self.channels_last = rank, world, max(1, window), channels_last
+        self.stages = stages or world
+        self.stage, self.replica = rank % self.stages, rank // self.stages
+        self.device, self.back = device, back  # NCCL moves CUDA tensors; gloo on CPU moves CPU tensors
+        self.pending: list[Any] = []  # (work, buffer, peer stage) of downstream sends
+        self.pending_up: list[Any] = []  # the same for upstream sends
+        self.idle = 0.0  # seconds blocked in recv or on a send window: wall - idle = this stage's busy time
+        self.on_shutdown: list[Callable[[int], None]] = []  # run first in shutdown (drain upstream messages)
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.stage}" + (f" (replica {self.replica})" if self.stages < self.world else "")
+
+    def _rank_of(self, stage: int) -> int:
+        return self.replica * self.stages + stage
+
+    # ---- generic send / receive ------------------------------------------------------------------------------
+    def _post(
+        self,
+        stage: int,
+        kind: int,
+        step: int,
+        tensor: torch.Tensor | None,
+        extra: tuple[int, int],
+        group: Any,
+        queue: list[Any],
+    ) -> None:
+        payload = None if tensor is None else tensor.detach().contiguous()
+        header = _header(kind, step, payload, extra).to(self.device)
+        peer, tag = self._rank_of(stage), TAGS.get(kind, 0)
+        queue.append((dist.isend(header, peer, group=group, tag=tag), header, stage))
+        if payload is not None:
+            queue.append((dist.isend(payload, peer, group=group, tag=tag), payload, stage))  # keep buffer alive
+        while len(queue) > 2 * self.window:  # back-pressure: at most `window` messages in flight
+            self._wait(queue.pop(0))
+
+    def _take(
+        self, stage: int, kinds: tuple[int, ...], step: int | None, group: Any, tag: int
+    ) -> tuple[int, int, tuple[int, int], torch.Tensor | None]:
+        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+        peer, start = self._rank_of(stage), time.perf_counter()
+        try:
+            dist.recv(header, peer, group=group, tag=tag)
+            kind, got_step, dtype, a, b, ndim = (int(v) for v in header[:6])
+            payload = None
+            if kind not in EMPTY:
+                shape = tuple(int(v) for v in header[6 : 6 + ndim])
+                payload = torch.empty(shape, dtype=DTYPES[dtype], device=self.device)
+                dist.recv(payload, peer, group=group, tag=tag)
+        except RuntimeError as e:
+            raise StageError(f"{self.name}: stage {stage} stopped answering ({short_error(e)})") from None
+        finally:
+            self.idle += time.perf_counter() - start
+        if kind not in kinds or (step is not None and got_step != step):
+            want = "/".join(KINDS[k] for k in kinds)
+            raise StageError(
+                f"{self.name}: expected {want} of step {step} from stage {stage}, got "
+                f"{KINDS[kind] if 0 <= kind < len(KINDS) else kind} of step {got_step}; the ranks' configs differ"
+            )
+        return kind, got_step, (a, b), payload
+
+    def _wait(self, item: Any) -> None:
+        work, _, stage = item
+        start = time.perf_counter()
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise StageError(f"{self.name}: stage {stage} stopped receiving ({short_error(e)})") from None
+        finally:
+            self.idle += time.perf_counter() - start
+
+    # ---- downstream: activations -----------------------------------------------------------------------------
+    def send(self, kind: int, step: int, tensor: torch.Tensor | None = None) -> None:
+        """To stage k+1 (nothing on the last stage)."""
+        if self.stage < self.stages - 1:
+            self._post(self.stage + 1, kind, step, tensor, (0, 0), None, self.pending)
+
+    def recv(self, expect_kind: int | None, expect_step: int | None) -> tuple[int, int, torch.Tensor | None]:
+        """From stage k-1: ``(kind, step, payload)``; a 4-D payload comes back channels_last when the model is."""
+        kinds = tuple(range(len(KINDS))) if expect_kind is None else (expect_kind,)
+        kind, step, _, payload = self._take(self.stage - 1, kinds, expect_step, None, 0)
+        if payload is not None and payload.dim() == 4 and self.channels_last:
+            payload = payload.contiguous(memory_format=torch.channels_last)
+        return kind, step, payload
+
+    # ---- upstream: cascade gradients and EMA weights ---------------------------------------------------------
+    def post_up(
+        self, stage: int, kind: int, step: int, tensor: torch.Tensor | None = None, extra: tuple[int, int] = (0, 0)
+    ) -> None:
+        """To an earlier ``stage`` of this pipeline, on the ``back`` group (never blocks beyond the window)."""
+        self._post(stage, kind, step, tensor, extra, self.back, self.pending_up)
+
+    def take_up(
+        self, stage: int, kinds: tuple[int, ...], step: int
+    ) -> tuple[int, int, tuple[int, int], torch.Tensor | None]:
+        """From a later ``stage``: ``(kind, step, (a, b), payload)``."""
+        return self._take(stage, kinds, step, self.back, TAGS[kinds[0]])
+
+    # ---- end of epoch, end of run ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        for queue in (self.pending, self.pending_up):
+            for item in queue:
+                self._wait(item)
+            queue.clear()
+
+    def shutdown(self, step: int) -> None:
+        """Orderly end: pending upstream messages are drained, then STOP travels down the pipe, so no rank exits
+        with a send in flight (pipeline.md §3.2)."""
+        for hook in self.on_shutdown:
+            hook(step)
+        if self.stage > 0:
+            self.recv(STOP, step)
+        self.send(STOP, step)
+        self.flush()
+        dist.barrier()

@@ -1,0 +1,103 @@
+"""Split points from measured time (``method.balance: time``; issue 6, spec pipeline.md §4, §6.1).
+
+In a pipeline the slowest stage sets the pace, and a stage's time is its units' forward + backward *plus its aux
+net*, which parameter or FLOP counts of the backbone do not see (InfoPro's decoder on a 32×32 map costs more than
+the block it trains). So we measure: a probe engine with one module per unit (the method's aux net at every
+possible split point) times, on a real batch,
+
+* ``unit[u]``: forward + backward of unit u alone (gradient of a fixed random projection of its output);
+* ``aux[u]``: forward + backward of the method's losses on unit u's output (the aux net, or the task loss on
+  the last unit), i.e. what closing a module at u adds.
+
+A module over units [s, e) then costs Σ unit[s..e-1] + aux[e-1], and :func:`~locallearn.local.split.balanced_split`
+minimises the largest module. Times are medians of ``repeats`` after a warm-up, so one noisy step does not move
+a split; the probe's InfoPro λ schedule is that of K = number of units, so a term whose λ is 0 only at the final
+K is still timed (a small overestimate, never an omission).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from ..local.split import balanced_split, check_k
+from ..local.task import Batch
+from ..methods.base import MethodCfg, resolve_k
+from .engine import LocalEngine
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: allocator, oneDNN primitive cache, lazy init
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_unit_times(probe: LocalEngine, batch: Batch, repeats: int = 3) -> tuple[list[float], list[float]]:
+    """(unit seconds, aux seconds) per unit of ``probe``, an engine with one module per unit."""
+    if probe.k != len(probe.backbone):
+        raise ValueError(f"the time probe needs one module per unit, got K={probe.k} for {len(probe.backbone)} units")
+    probe.backbone.train()
+    probe.method.train()
+    unit_s, aux_s = [], []
+    h = batch.input
+    for k, module in enumerate(probe.modules):
+        x = h.detach()
+        with torch.no_grad():
+            out = module(x)
+        grad = torch.randn_like(out) if out.is_floating_point() else None
+
+        def unit_step(module=module, x=x, grad=grad) -> None:
+            y = module(x)
+            if grad is not None:
+                y.backward(grad)
+
+        def aux_step(k=k, out=out) -> None:
+            leaf = out.detach().requires_grad_(out.is_floating_point())
+            loss = probe.method.local_loss(k, leaf, batch)
+            if loss.requires_grad:
+                loss.backward()
+
+        unit_s.append(_median_time(unit_step, probe.device, repeats))
+        aux_s.append(_median_time(aux_step, probe.device, repeats))
+        h = out
+    for module in probe.modules:
+        module.zero_grad(set_to_none=True)
+    return unit_s, aux_s
+
+
+def time_balanced_ends(unit_s: list[float], aux_s: list[float], k: int) -> list[int]:
+    """The contiguous K-module split minimising the slowest module, a module over [s, e) costing
+    Σ unit_s[s:e] + aux_s[e-1]."""
+    return balanced_split(unit_s, k, end_costs=aux_s)
+
+
+def time_balanced_method(
+    cfg: MethodCfg, build: Callable[[MethodCfg], LocalEngine], batch: Batch, repeats: int = 3
+) -> tuple[MethodCfg, list[float]]:
+    """``cfg`` with ``balance: time`` resolved to explicit ends (so a resumed run, or every pipeline rank, uses the
+    same split without measuring again), and the predicted seconds per module. ``build`` makes an engine for a
+    method config (the caller's backbone and task)."""
+    probe_k = len(build(replace(cfg, k=1, split="auto", balance="units", ends=[])).backbone)
+    k = resolve_k(cfg)
+    check_k(k, probe_k)
+    probe = build(replace(cfg, k=probe_k, split="ends", ends=list(range(1, probe_k + 1))))
+    unit_s, aux_s = measure_unit_times(probe, batch, repeats)
+    ends = time_balanced_ends(unit_s, aux_s, k)
+    starts = [0, *ends[:-1]]
+    per_module = [sum(unit_s[s:e]) + aux_s[e - 1] for s, e in zip(starts, ends)]
+    return replace(cfg, k=k, split="ends", ends=ends), per_module

@@ -1,0 +1,85 @@
+"""Throughput partitioning (``method.balance: time``): split points from measured unit and aux-net times."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from locallearn import ClassificationTask, MethodCfg, create_model
+from locallearn.local.split import balanced_split
+from locallearn.train.config import OptimCfg, load_config
+from locallearn.train.engine import LocalEngine
+from locallearn.train.loop import fit
+from locallearn.train.partition import measure_unit_times, time_balanced_ends, time_balanced_method
+
+from .conftest import tiny_overrides
+from .test_engine import make_batch
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=8).flatmap(
+        lambda c: st.tuples(st.just(c), st.integers(1, len(c)))
+    )
+)
+def test_split_with_end_costs_minimises_the_slowest_module(case: tuple[list[tuple[int, int]], int]) -> None:
+    """A module over [s, e) costs Σ unit[s:e] + end[e-1]; the split is optimal against brute force."""
+    pairs, k = case
+    unit, end = [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def bottleneck(ends: tuple[int, ...]) -> int:
+        return max(sum(unit[s:e]) + end[e - 1] for s, e in zip((0, *ends[:-1]), ends))
+
+    ends = balanced_split(unit, k, end_costs=end)
+    best = min(bottleneck((*cuts, len(unit))) for cuts in itertools.combinations(range(1, len(unit)), k - 1))
+    assert bottleneck(tuple(ends)) == best
+
+
+def test_an_expensive_aux_net_moves_the_split_point() -> None:
+    """Unit time alone puts the cut after the heavy unit 0; closing a module there also costs its aux net (a
+    decoder on a large map), so the time-balanced split moves the cut one unit later."""
+    assert time_balanced_ends([3.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], 2) == [1, 4]
+    assert time_balanced_ends([3.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0], 2) == [2, 4]
+    assert time_balanced_ends([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 10.0, 0.0], 2) == [2, 4]
+    with pytest.raises(ValueError, match="end_costs has 3 entries for 4 units"):
+        balanced_split([1, 1, 1, 1], 2, end_costs=[0, 0, 0])
+
+
+def _build(method: MethodCfg) -> LocalEngine:
+    torch.manual_seed(0)
+    backbone = create_model("resnet8", num_classes=4, in_channels=1, width=4)
+    return LocalEngine(backbone, method, ClassificationTask(4), OptimCfg())
+
+
+def test_probe_times_every_unit_and_its_aux_net() -> None:
+    probe = _build(MethodCfg(name="infopro", k=5, split="ends", ends=[1, 2, 3, 4, 5]))
+    unit_s, aux_s = measure_unit_times(probe, make_batch(n=8), repeats=1)
+    assert len(unit_s) == len(aux_s) == 5 and all(t > 0 for t in unit_s + aux_s)
+    assert all(p.grad is None for p in probe.backbone.parameters())  # the probe leaves no gradients behind
+    with pytest.raises(ValueError, match="one module per unit"):
+        measure_unit_times(_build(MethodCfg(name="dgl", k=2)), make_batch(n=8))
+
+
+def test_time_balanced_method_returns_explicit_ends() -> None:
+    method, seconds = time_balanced_method(MethodCfg(name="dgl", k=3, balance="time"), _build, make_batch(n=8), 1)
+    assert method.split == "ends" and len(method.ends) == 3 and method.ends[-1] == 5 and method.k == 3
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
+    assert _build(method).ends == method.ends
+    with pytest.raises(ValueError, match="balance=time is measured before the engine is built"):
+        _build(MethodCfg(name="dgl", k=3, balance="time"))
+
+
+def test_fit_records_the_measured_split_so_resume_reuses_it(synthetic_root: Path, tmp_path: Path) -> None:
+    overrides = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "method.k=2", "method.balance=time"]
+    cfg = load_config("configs/fmnist/demo.yaml", [*overrides, "run.epochs=1", "data.limit_train=128"])
+    result = fit(cfg, quiet=True)
+    saved = yaml.safe_load((Path(result["run_dir"]) / "config.yaml").read_text())
+    assert saved["method"]["split"] == "ends" and len(saved["method"]["ends"]) == 2
+    resumed = fit(resume=result["run_dir"], overrides=["run.epochs=2"], quiet=True)
+    assert resumed["epoch"] == 2
