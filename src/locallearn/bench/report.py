@@ -26,6 +26,10 @@ MiB = 2**20
 FORMAT = 1
 
 
+# Table header per task headline: accuracy in percent, PSNR in dB, COCO mAP@[.5:.95] as a fraction.
+METRIC_LABELS = {"acc": "acc", "psnr": "PSNR dB", "map": "mAP"}
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """:func:`~locallearn.train.rundir.environment` plus all three load averages and the exact command line."""
     env = environment(device)
@@ -135,7 +139,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         head,
         "",
         "| method | K | peak activation MiB | vs E2E | images/s | vs E2E | aux FLOPs overhead "
-        f"| test {'acc' if metric == 'acc' else metric.upper() + ' dB'} (mean ± std, n) |",
+        f"| test {METRIC_LABELS.get(metric, metric)} (mean ± std, n) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table_rows(results):
