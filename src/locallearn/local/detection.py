@@ -172,8 +172,9 @@ class DetectionTask(Task):
         return _MeanAP(self)
 
     def train_stat(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """No per-sample mAP exists; the loop logs train loss for detection (returns 0 per batch)."""
-        return output.new_zeros(())
+        """mAP has no per-sample value, so there is no train metric: NaN, logged as ``train_map nan`` rather than a
+        made-up 0 (the per-module train losses are the training signal to watch)."""
+        return output.new_full((), float("nan"))
 
     def model_kwargs(self) -> dict[str, int]:
         return {"num_classes": self.num_classes}
