@@ -210,3 +210,23 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
     md = (out / "results.md").read_text()
     assert "ppll (2×1)" in md and "Predicted samples/s at K=2" in md and "predicted / measured" in md
     assert results["machine"]["torch"] == torch.__version__ and "git" in results["machine"]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pipeline_stage_sends_contiguous_tensors_both_ways(channels_last: bool) -> None:
+    """gloo refuses non-contiguous receive buffers, which the pipeline stages allocate with the sender's strides:
+    the activation a stage sends downstream and the input gradient it sends upstream must both be contiguous (a
+    channels_last input gradient crashed GPipe on ResNet-32 split [8, 17])."""
+    from locallearn.parallel.pipeline_baselines import _GlooSafe
+
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+    stage = _GlooSafe(conv, channels_last)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    out = stage(x)
+    (grad,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert out.is_contiguous() and grad.is_contiguous()
+    (reference,) = torch.autograd.grad(conv(x), x, torch.ones_like(out))
+    (ones,) = torch.autograd.grad(stage(x), x, torch.ones_like(out))
+    torch.testing.assert_close(ones, reference)  # the wrapper changes layouts, not values

@@ -17,6 +17,7 @@ from ..measure.memory import SavedTensorMeter
 from ..measure.profile import count_params, forward_flops
 from ..methods.base import ADDON_PRESETS, list_methods, resolve_k
 from ..models.registry import list_models
+from ..parallel.ppll import load_stages, read_stage_checkpoints
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
 from ..train.loop import build_engine, build_loaders, checkpoint_path, fit, resolve_device, resolve_time_balance
@@ -27,8 +28,12 @@ EVAL_OVERRIDABLE = ("data.", "run.device", "run.threads")
 
 
 def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
-    """Rebuild a run from its checkpoint and evaluate the final head and every aux classifier."""
-    state = load_checkpoint(checkpoint_path(run))
+    """Rebuild a run from its checkpoint (a PPLL run: from its per-stage checkpoints, assembled into one
+    process) and evaluate the final head and every aux head."""
+    stages = None
+    if Path(run).is_dir() and not checkpoint_path(run).exists() and any(Path(run).glob("ckpt_stage*.pt")):
+        stages = read_stage_checkpoints(run)
+    state = stages[0] if stages else load_checkpoint(checkpoint_path(run))
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
     if bad:
         raise ConfigError(f"eval accepts only data.*, run.device and run.threads overrides, not {bad[0]!r}")
@@ -38,13 +43,16 @@ def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
     device = resolve_device(cfg.run.device)
     _, test_loader, spec = build_loaders(cfg, device)
     engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
-    engine.load_state_dict(state)
+    if stages:
+        load_stages(engine, stages)
+    else:
+        engine.load_state_dict(state)
     result = engine.evaluate(test_loader.batches())
     name = engine.task.headline  # acc, psnr
     aux = " ".join("-" if a is None else f"{a:.4f}" for a in result[f"aux_{name}"])
     tests = "  ".join(f"{key} {value:.4f}" for key, value in result.items() if key.startswith("test_"))
     print(
-        f"{checkpoint_path(run)} (epoch {state['epoch']}, step {state['step']}): {tests}"
+        f"{run if stages else checkpoint_path(run)} (epoch {state['epoch']}, step {state['step']}): {tests}"
         + (f"  aux_{name} by depth [{aux}]" if aux else "")
     )
     return result

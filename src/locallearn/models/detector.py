@@ -117,12 +117,20 @@ class FCOSHead(nn.Module):
 class DetectorBackbone(UnitBackbone):
     """A :class:`UnitBackbone` whose FPN taps learn where the local modules end (``configure_split``)."""
 
-    def configure_split(self, ends: list[int]) -> None:
-        head = len(self.units) - 1
+    def _crossing_taps(self, ends: list[int]) -> list[Tap]:
+        """The taps in another module than the head's."""
         module_of = [sum(1 for e in ends if e <= i) for i in range(len(self.units))]
-        for i, unit in enumerate(self.units):
+        head = module_of[len(self.units) - 1]
+        return [unit for i, unit in enumerate(self.units) if isinstance(unit, Tap) and module_of[i] != head]
+
+    def configure_split(self, ends: list[int]) -> None:
+        crossing = self._crossing_taps(ends)
+        for unit in self.units:
             if isinstance(unit, Tap):
-                unit.detach = module_of[i] != module_of[head]
+                unit.detach = unit in crossing
+
+    def cross_module_reads(self, ends: list[int]) -> list[str]:
+        return [tap.key for tap in self._crossing_taps(ends)]
 
 
 def fcos_resnet(

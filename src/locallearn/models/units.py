@@ -59,6 +59,11 @@ class UnitBackbone(nn.Module):
         a backbone with skip connections across units (a detector's FPN taps) detaches those that cross a
         module boundary, so no gradient leaves its module."""
 
+    def cross_module_reads(self, ends: list[int]) -> list[str]:
+        """Names of unit outputs that a later module reads besides the chain's activation (a detector's FPN taps).
+        Only the chain's activation crosses processes under PPLL, which therefore refuses a split with any."""
+        return []
+
     @classmethod
     def from_sequential(cls, seq: nn.Sequential | list[nn.Module], input_shape: tuple[int, int, int]) -> UnitBackbone:
         """Wrap a user's own ``nn.Sequential`` (or list of modules): each child is a unit, the last is the head.

@@ -49,6 +49,12 @@ from .link import GRAD, NOGRAD, WEIGHTS, Link, StageError
 def check_supported(engine: LocalEngine) -> None:
     """Refuse, with one line, what PPLL cannot run faithfully."""
     cfg = engine.method.cfg
+    reads = engine.backbone.cross_module_reads(engine.ends)
+    if reads:
+        raise ConfigError(
+            f"PPLL cannot split this backbone at {engine.ends}: a later stage reads {', '.join(reads)} from an earlier "
+            "one besides the chain's activation, and only that crosses processes; train without parallel=ppll"
+        )
     if engine.method.name == "glcan" and cfg.glcan_global == "ema":
         raise ConfigError(
             "PPLL cannot run GLCAN's shared EMA head (every stage would follow the last stage's head); "

@@ -161,15 +161,30 @@ def _ppll(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torc
     return result
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (the input gradient a stage sends upstream)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class _GlooSafe(torch.nn.Module):
-    """Module k with contiguous tensors at its boundary: the stage allocates receive buffers with the sender's
-    strides, and gloo refuses channels_last buffers. Inside, the input is channels_last again when the engine is."""
+    """Module k with contiguous tensors at its boundary, both ways: the stages allocate receive buffers with the
+    sender's strides (activation and input gradient), and gloo refuses any other layout, such as channels_last.
+    Inside, the input is channels_last again when the engine is."""
 
     def __init__(self, module: torch.nn.Module, channels_last: bool) -> None:
         super().__init__()
         self.module, self.channels_last = module, channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            x = _ContiguousGrad.apply(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.module(x).contiguous()

@@ -72,7 +72,18 @@ from .data_parallel import GradAverager, broadcast_buffers, shard
 from .launch import agreed_config, agreed_run_dir, name_ranks, new_group, rank_device, run_torchrun, spawn
 from .link import EVAL, TRAIN, Link, StageError, free_port
 
-__all__ = ["Link", "StageError", "bench_step", "check_supported", "fit_ppll", "run_stage", "spawn_ppll", "stage_step"]
+__all__ = [
+    "Link",
+    "StageError",
+    "bench_step",
+    "check_supported",
+    "fit_ppll",
+    "load_stages",
+    "read_stage_checkpoints",
+    "run_stage",
+    "spawn_ppll",
+    "stage_step",
+]
 _free_port = free_port  # the name pipeline_baselines imports
 
 
@@ -308,6 +319,33 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
             result = {**record, "run_dir": str(run_dir), "ends": engine.ends}
     link.shutdown(step)
     return result
+
+
+def read_stage_checkpoints(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``ckpt_stage{k}.pt`` of a PPLL run, in stage order, checked to form one model at one step (for
+    ``locallearn eval``)."""
+    paths = sorted(Path(run_dir).glob("ckpt_stage*.pt"), key=lambda p: int(p.stem.removeprefix("ckpt_stage")))
+    states = [load_checkpoint(p) for p in paths]
+    k = len(states[0]["ends"]) if states else 0
+    if not states or [s["stage"] for s in states] != list(range(k)):
+        found = [s["stage"] for s in states]
+        raise ConfigError(f"{run_dir}: a PPLL run needs ckpt_stage0..{max(k, 1) - 1}.pt, found stages {found}")
+    steps = [s["step"] for s in states]
+    if len(set(steps)) > 1:
+        raise ConfigError(
+            f"{run_dir}: the stage checkpoints are at different steps {steps}; evaluate after a full save"
+        )
+    return states
+
+
+def load_stages(engine: LocalEngine, states: list[dict[str, Any]]) -> None:
+    """Put every stage's module and aux net (from :func:`read_stage_checkpoints`) into one single-process engine."""
+    if list(states[0]["ends"]) != engine.ends:
+        raise ConfigError(f"stage checkpoints split at {states[0]['ends']}, this config at {engine.ends}")
+    for k, state in enumerate(states):
+        engine.modules[k].load_state_dict(state["model"])
+        if engine.method.aux[k] is not None:
+            engine.method.aux[k].load_state_dict(state["aux"])
 
 
 def spawn_ppll(
