@@ -158,3 +158,23 @@ def test_infopro_on_tokens_needs_zero_reconstruction_weight() -> None:
     engine, size = make_engine("vit_small", MethodCfg(name="infopro", loss_mode="contrast", lambdas=[0, 1, 0, 1]), 3)
     engine.train_step(make_batch(size))
     assert all(math.isfinite(float(v)) for v in engine.pop_train_stats()["train_loss"])
+
+
+def test_model_patch_size_builds_a_vit_for_the_dataset_images() -> None:
+    """``model.patch_size`` gives CIFAR ViTs (patch 4 on 32×32: 64 tokens + CLS); a patch that does not tile the
+    image, or a patch size for a backbone without patches, is a one-line ConfigError."""
+    from locallearn.data.datasets import dataset_spec
+    from locallearn.train.config import ConfigError, load_config
+    from locallearn.train.loop import build_engine
+
+    def engine(*overrides: str) -> LocalEngine:
+        cfg = load_config(None, ["model.name=vit_tiny", "model.width=64", "method.name=dgl", "method.k=2", *overrides])
+        spec = dataset_spec(cfg.data.name)
+        return build_engine(cfg, spec, torch.device("cpu"), torch.zeros(2, spec.channels, spec.size, spec.size))
+
+    tokens = engine("data.name=cifar10", "model.patch_size=4").modules[0](torch.zeros(2, 3, 32, 32))
+    assert tokens.shape == (2, 8 * 8 + 1, 64)
+    with pytest.raises(ConfigError, match="multiple of patch_size 5"):
+        engine("data.name=fashion_mnist", "model.patch_size=5")
+    with pytest.raises(ConfigError, match="patch_size"):
+        engine("model.name=resnet20", "model.width=16", "model.patch_size=4")

@@ -159,7 +159,7 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
         repeat=4,
         test_root="/tmp/set5",
     )
-    assert d["model"] == dict(name="resnet32", width=32, channels_last=False)
+    assert d["model"] == dict(name="resnet32", width=32, channels_last=False, patch_size=None)
     method_keys = (
         "name",
         "k",

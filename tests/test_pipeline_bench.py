@@ -230,3 +230,19 @@ def test_pipeline_stage_sends_contiguous_tensors_both_ways(channels_last: bool) 
     (reference,) = torch.autograd.grad(conv(x), x, torch.ones_like(out))
     (ones,) = torch.autograd.grad(stage(x), x, torch.ones_like(out))
     torch.testing.assert_close(ones, reference)  # the wrapper changes layouts, not values
+
+
+@pytest.mark.timeout(300)
+def test_bench_pipeline_simulates_time_balanced_splits_per_k(synthetic_root: Path, tmp_path: Path) -> None:
+    """``method.balance=time`` is measured (not refused) and re-split for every simulated K, and each simulation
+    records the split its stages were timed on."""
+    out = tmp_path / "bench"
+    args = ["bench", "pipeline", "-c", DEMO, "--k", "2", "--simulate", "3", "--simulate-only", "--micro", "2"]
+    over = ["model.width=4", "method.name=dgl", "method.balance=time", "run.device=cpu"]
+    assert main([*args, "--out", str(out), *tiny_overrides(synthetic_root, tmp_path), *over]) == 0
+    sim = json.loads((out / "results.json").read_text())["simulation"]
+    assert sorted(sim) == ["2", "3"]
+    for k, record in sim.items():
+        ends = record["costs"]["ends"]
+        assert len(ends) == int(k) == len(record["costs"]["ll"]) and ends == sorted(ends)
+    assert "stages ending at units" in (out / "results.md").read_text()

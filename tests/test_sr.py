@@ -358,6 +358,10 @@ def test_fit_eval_on_skimage_samples(tmp_path: Path, capsys) -> None:
     assert {"test_psnr", "test_ssim", "aux_psnr", "train_psnr"} <= set(result) and result["peak_act_bytes"] > 0
     assert main(["eval", result["run_dir"]]) == 0
     assert "test_psnr" in capsys.readouterr().out
+    # wrong scale: a ×2 model evaluated on ×3 data is one line naming the trained scale, not a load_state_dict dump
+    assert main(["eval", result["run_dir"], "data.scale=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained at ×2" in err and "data.scale=2" in err and len(err.splitlines()) == 1
 
 
 @needs_skimage

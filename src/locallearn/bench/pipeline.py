@@ -35,10 +35,11 @@ import torch
 
 from ..data.datasets import dataset_spec
 from ..local.task import Batch
+from ..parallel.cross_stage import CrossStage
 from ..parallel.pipeline_baselines import RunOpts, spawn_run, steady_state
 from ..parallel.ppll import check_supported
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
-from ..train.loop import build_engine, resolve_device
+from ..train.loop import build_engine, resolve_device, resolve_time_balance
 from .bench import Variant, bench_batches, variant_config
 from .pipeline_report import render_markdown
 from .report import _write_atomic, machine_info
@@ -147,14 +148,35 @@ def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str],
     return list(refs), headline
 
 
+def split_for(cfg: TrainCfg, batches: list[Batch], threads: int) -> TrainCfg:
+    """``method.balance: time`` resolved to explicit ends, measured on the first batch with ``threads`` threads (the
+    threads of one process of the multi-process runs); other configs unchanged."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = [(batches[0].input, batches[0].target, batches[0].raw)]
+        return resolve_time_balance(cfg, dataset_spec(cfg.data.name), batches[0].input.device, first, quiet=False)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def simulate(
-    ll_cfg: TrainCfg, ks: list[int], batches: list, threads: int, micro: dict[int, list[int]], timeout: float
+    ll_cfg: TrainCfg,
+    ks: list[int],
+    batches: list,
+    threads: int,
+    micro: dict[int, list[int]],
+    timeout: float,
+    split: dict[int, TrainCfg] | None = None,
 ) -> dict[str, Any]:
-    """Stage costs (this process, ``threads`` threads) and transfer times (two processes) → predictions per K."""
+    """Stage costs (this process, ``threads`` threads) and transfer times (two processes) → predictions per K.
+    ``split``: configs already split for some K (the measured runs' split), reused instead of measured again."""
     out: dict[str, Any] = {}
     previous, device, b = torch.get_num_threads(), resolve_device(ll_cfg.run.device), batches[0]
     for k in ks:
-        cfg = variant_config(ll_cfg, Variant(ll_cfg.method.name, None, k))
+        cfg = (split or {}).get(k) or split_for(
+            variant_config(ll_cfg, Variant(ll_cfg.method.name, None, k)), batches, threads
+        )
         ms = sorted({1, *micro[k]})
         jobs = [("transfer", cfg, RunOpts(warmup=3, steps=15, micro=m, threads=threads)) for m in ms]
         probe = spawn_run(jobs, 2, batches[:1], timeout=timeout)
@@ -219,8 +241,10 @@ def run_pipeline_bench(
     batches = [b for b in batches if len(b) == size][:DISTINCT_BATCHES]
     if not batches:
         raise ConfigError(f"no full training batch of {size}; lower data.batch_size")
+    auto_cfg, ll_cfg = ll_cfg, split_for(ll_cfg, batches, threads)  # the simulation re-splits per K
     engine = build_engine(ll_cfg, dataset_spec(ll_cfg.data.name), torch.device("cpu"), batches[0].input)
     check_supported(engine)  # refuse here, with one line, what PPLL cannot run
+    cross_stage = CrossStage.needed(engine)  # EMA weights or cascade gradients cross stages: not simulated
     out = Path(out_dir) if out_dir else Path(base.run.out) / f"bench_pipeline_{Path(config or 'default').stem}"
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -238,6 +262,7 @@ def run_pipeline_bench(
         "data": note + f", {len(batches)} distinct full batches cycled",
         "machine": machine_info(resolve_device(base.run.device)),
         "command": command,
+        "cross_stage_messages": cross_stage,
         "rows": [],
     }
     del engine
@@ -250,7 +275,7 @@ def run_pipeline_bench(
         ks = sorted({k, *simulate_ks})
         print(f"simulation for K = {ks}:", flush=True)
         sim_micro = {kk: micro if kk == k else default_micro(kk, size) for kk in ks}
-        results["simulation"] = simulate(ll_cfg, ks, batches, threads, sim_micro, timeout)
+        results["simulation"] = simulate(auto_cfg, ks, batches, threads, sim_micro, timeout, {k: ll_cfg})
         for row in results["rows"]:
             predicted = results["simulation"][str(k)]["predicted_samples_per_s"].get(row["name"])
             row["predicted_samples_per_s"] = predicted if row["threads"] == threads else None

@@ -65,7 +65,8 @@ def _simulation(results: dict[str, Any]) -> list[str]:
         ms = sim["micro"]
         lines += [
             "",
-            f"Simulation, K={k} (stage times measured in one process with {results['threads_per_process']} "
+            f"Simulation, K={k}, stages ending at units {c.get('ends', '?')} (stage times measured in one process "
+            f"with {results['threads_per_process']} "
             f"thread(s) while other processes used {_f(sim.get('foreign_cores'), '.2f')} cores; transfers between "
             "two processes; ms):",
             "",
@@ -82,6 +83,12 @@ def _simulation(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {s} | " + " | ".join(_f(None if v is None else 1000 * v, ".2f") for v in cells) + " |")
         pred = sim["predicted_samples_per_s"]
         seq = pred["sequential"]
+        if results.get("cross_stage_messages"):
+            lines += [
+                "",
+                "This method also sends messages upstream (EMA weights of later units, cascade gradients); the "
+                "simulation counts activations only, so its PPLL prediction is an upper bound.",
+            ]
         lines += [
             "",
             f"Predicted samples/s at K={k} (PPLL fill {sim['ppll_fill_s']:.3f} s, paid once):",

@@ -3,13 +3,17 @@
 Inputs may be run directories (``metrics.jsonl``), bench folders or their ``results.json`` (a bench folder's
 ``runs/`` are read too), or any folder holding run directories. Figures, each written only when its data exists:
 
-* ``accuracy_vs_epoch.png``: test accuracy of the final head per run;
-* ``aux_accuracy_by_depth.png``: last-epoch accuracy of every aux classifier by module, and the final head;
-* ``accuracy_vs_memory.png``: test accuracy (mean ± std over seeds) vs peak activation memory, the headline chart
-  of every local-learning paper. Memory is the saved-tensor meter's peak (activations only, no parameters or
+* ``accuracy_vs_epoch.png``: the test metric of the final head per run;
+* ``aux_accuracy_by_depth.png``: the last-epoch metric of every aux head by module, and the final head;
+* ``accuracy_vs_memory.png``: the test metric (mean ± std over seeds) vs peak activation memory, the headline
+  chart of every local-learning paper. Memory is the saved-tensor meter's peak (activations only, no parameters or
   data), so it is the same on any device;
 * ``throughput.png``: images/s per (method, K), ratio to E2E on each bar;
 * ``memory_vs_k.png``: peak activation memory vs K per method, E2E as a line.
+
+The metric is the task's headline (``Task.headline``): accuracy in %, PSNR in dB or mAP@[.5:.95], read from the
+records (``test_<name>`` with its ``aux_<name>`` list; a bench's ``metric``). The file names keep "accuracy" for
+every task, so links to them stay valid. Inputs of different tasks are refused: one call, one metric axis.
 
 matplotlib is an optional extra (``pip install 'locallearn[plot]'``), imported only here and with the Agg backend.
 """
@@ -22,7 +26,10 @@ from typing import Any
 
 import yaml
 
-from .report import table_rows
+from .report import shown_value, table_rows, task_metric
+
+# What a headline metric is called on an axis, and its unit (None: a fraction, shown as logged).
+METRIC_AXES = {"acc": ("accuracy", "%"), "psnr": ("PSNR", "dB"), "map": ("mAP@[.5:.95]", None)}
 
 
 def _import_pyplot():
@@ -43,6 +50,26 @@ def _run_label(run_dir: Path, records: list[dict[str, Any]]) -> str:
         return f"{cfg['method']['name']} K={k} seed {cfg['run']['seed']}"
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return run_dir.name
+
+
+def run_metric(records: list[dict[str, Any]]) -> str | None:
+    """The headline a run was evaluated on: the name logged both as ``test_<name>`` and as the ``aux_<name>``
+    list (``test_ssim``, ``test_map50`` have no aux list); None when the run never evaluated."""
+    for r in records:
+        for key in r:
+            if key.startswith("aux_") and f"test_{key[4:]}" in r:
+                return key[4:]
+    return None
+
+
+def inputs_metric(runs: dict[Path, list[dict[str, Any]]], benches: list[tuple[Path, dict[str, Any]]]) -> str:
+    """The one headline every evaluated run and bench with accuracy runs shares (``acc`` when there are none)."""
+    found = {m for m in map(run_metric, runs.values()) if m} | {task_metric(r) for _, r in benches if r["runs"]}
+    if len(found) > 1:
+        raise ValueError(
+            f"the inputs mix tasks with different metrics ({', '.join(sorted(found))}); plot each task separately"
+        )
+    return found.pop() if found else "acc"
 
 
 def collect(inputs: list[str | Path]) -> tuple[dict[Path, list[dict[str, Any]]], list[tuple[Path, dict[str, Any]]]]:
@@ -79,35 +106,41 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
     """Write every figure the inputs support into ``out_dir``; return their paths."""
     plt = _import_pyplot()
     runs, benches = collect(inputs)
+    metric = inputs_metric(runs, benches)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
-    def save(fig, name: str) -> None:
+    def save(fig, filename: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+        fig.savefig(out / filename, dpi=120)
         plt.close(fig)
-        written.append(out / name)
+        written.append(out / filename)
 
-    labelled = {d: (_run_label(d, recs), [r for r in recs if "test_acc" in r]) for d, recs in runs.items()}
+    name, unit = METRIC_AXES.get(metric, (metric, None))
+    axis = name + (f" ({unit})" if unit else "")
+    test, aux = f"test_{metric}", f"aux_{metric}"
+
+    labelled = {d: (_run_label(d, recs), [r for r in recs if test in r]) for d, recs in runs.items()}
     if any(evals for _, evals in labelled.values()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, evals in labelled.values():
             if evals:
-                ax.plot([r["epoch"] for r in evals], [100 * r["test_acc"] for r in evals], marker="o", label=label)
-        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy of the final head")
+                values = [shown_value(metric, r[test]) for r in evals]
+                ax.plot([r["epoch"] for r in evals], values, marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel=f"test {axis}", title=f"Test {name} of the final head")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, "accuracy_vs_epoch.png")
 
-    with_aux = {lab: ev[-1] for lab, ev in labelled.values() if ev and any(a is not None for a in ev[-1]["aux_acc"])}
+    with_aux = {lab: ev[-1] for lab, ev in labelled.values() if ev and any(a is not None for a in ev[-1][aux])}
     if with_aux:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, last in with_aux.items():
-            accs = [*last["aux_acc"], last["test_acc"]]
-            pts = [(i + 1, 100 * a) for i, a in enumerate(accs) if a is not None]
+            values = [*last[aux], last[test]]
+            pts = [(i + 1, shown_value(metric, v)) for i, v in enumerate(values) if v is not None]
             ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set(xlabel="module (depth)", ylabel="accuracy (%)", title="Aux classifier accuracy by depth (last = head)")
+        ax.set(xlabel="module (depth)", ylabel=axis, title=f"Aux {name} by depth (last = head)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, "aux_accuracy_by_depth.png")
@@ -118,19 +151,19 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
     if pts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for path, r in pts:
-            acc = r["accuracy"]
-            ax.errorbar(r["peak_act_mib"], 100 * acc["mean"], yerr=100 * acc["std"], fmt="o", capsize=3)
+            mean, std = (shown_value(metric, r["accuracy"][key]) for key in ("mean", "std"))
+            ax.errorbar(r["peak_act_mib"], mean, yerr=std, fmt="o", capsize=3)
             ax.annotate(
                 _name(path, r, tag),
-                (r["peak_act_mib"], 100 * acc["mean"]),
+                (r["peak_act_mib"], mean),
                 fontsize=7,
                 xytext=(4, 4),
                 textcoords="offset points",
             )
         ax.set(
             xlabel="peak activation memory (MiB, saved-tensor meter)",
-            ylabel="test accuracy (%)",
-            title="Accuracy vs training memory",
+            ylabel=f"test {axis}",
+            title=f"Test {name} vs training memory",
         )
         ax.grid(alpha=0.3)
         save(fig, "accuracy_vs_memory.png")

@@ -28,6 +28,24 @@ FORMAT = 1
 
 # Table header per task headline: accuracy in percent, PSNR in dB, COCO mAP@[.5:.95] as a fraction.
 METRIC_LABELS = {"acc": "acc", "psnr": "PSNR dB", "map": "mAP"}
+# How a headline is shown: factor from the logged value, decimals, unit after the number.
+_SHOWN = {"acc": (100, 2, "%"), "psnr": (1, 2, ""), "map": (1, 3, "")}
+_AS_LOGGED = (1, 2, "")  # a headline not listed above
+
+
+def shown_value(metric: str, value: float) -> float:
+    """A logged headline value in the unit tables and figures show (accuracy: fraction → percent)."""
+    return _SHOWN.get(metric, _AS_LOGGED)[0] * value
+
+
+def format_metric(metric: str, value: float, std: float | None = None) -> str:
+    """``value`` (± ``std``) as the bench and compare tables print it: ``91.23%``, ``91.23 ± 0.40 %``,
+    ``32.10 ± 0.05`` (PSNR, the header says dB), ``0.412`` (mAP needs the third decimal to tell methods apart)."""
+    factor, decimals, unit = _SHOWN.get(metric, _AS_LOGGED)
+    text = f"{factor * value:.{decimals}f}"
+    if std is not None:
+        text += f" ± {factor * std:.{decimals}f}" + (" " if unit else "")
+    return text + unit
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -75,8 +93,8 @@ def save_results(out: Path, results: dict[str, Any]) -> None:
 
 
 def task_metric(results: dict[str, Any]) -> str:
-    """The task's headline metric: ``acc`` (classification; also records written before ``metric`` existed)
-    or ``psnr`` (super-resolution)."""
+    """The task's headline metric: ``acc`` (classification; also records written before ``metric`` existed),
+    ``psnr`` (super-resolution) or ``map`` (detection)."""
     return results.get("metric") or next((r.get("metric", "acc") for r in results["runs"]), "acc")
 
 
@@ -144,10 +162,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     for r in table_rows(results):
         acc = r["accuracy"]
-        unit, factor = (" %", 100) if metric == "acc" else ("", 1)  # accuracy in percent, PSNR in dB
-        acc_text = (
-            "-" if acc is None else f"{factor * acc['mean']:.2f} ± {factor * acc['std']:.2f}{unit} (n={acc['n']})"
-        )
+        acc_text = "-" if acc is None else f"{format_metric(metric, acc['mean'], acc['std'])} (n={acc['n']})"
         lines.append(
             f"| {r['label']} | {r['k']} | {_fmt(r['peak_act_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.3f')} | "
             f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['speed_ratio'], '.3f')} | "

@@ -18,6 +18,10 @@ Formulas (every transfer is counted on the receiving stage's critical path, i.e.
 * GPipe and 1F1B (same step time, §4): with ``T_k = fwd[M][k] + bwd[M][k] + comm[M][k-1] + comm[M][k]`` (the
   activation in from k-1, the gradient in from k+1), step ``Σ_k T_k + (M−1)·max_k T_k + max_k opt[k]``; balanced
   stages give the familiar ``(M+K−1)·T``.
+
+Not modelled: the upstream messages of add-ons across stages (MAN/LAM EMA weights every ``ppll.ema_every`` steps,
+cascade input gradients, :mod:`locallearn.parallel.cross_stage`); for such methods the PPLL prediction is an upper
+bound and the report says so.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +51,7 @@ class StageCosts:
     bwd: dict[int, list[float]]
     opt: list[float]
     comm: dict[int, list[float]]
+    ends: list[int] = field(default_factory=list)  # the split the stages were measured on
 
     @property
     def k(self) -> int:
@@ -155,7 +160,7 @@ def measure_stage_costs(
         opt.append(_median_time(engine.optimizers[k].step, repeats))
         with torch.no_grad():
             x = module(x)
-    return StageCosts(len(batch), ll, fwd, bwd, opt, comm)
+    return StageCosts(len(batch), ll, fwd, bwd, opt, comm, list(engine.ends))
 
 
 def default_micro(k: int, batch_size: int) -> list[int]:

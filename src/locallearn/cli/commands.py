@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..bench.report import METRIC_LABELS, format_metric
 from ..data.datasets import dataset_spec, list_datasets
 from ..local.split import list_presets, module_sizes
 from ..measure.memory import SavedTensorMeter
@@ -20,7 +21,15 @@ from ..models.registry import list_models
 from ..parallel.ppll import load_stages, read_stage_checkpoints
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
-from ..train.loop import build_engine, build_loaders, checkpoint_path, fit, resolve_device, resolve_time_balance
+from ..train.loop import (
+    build_engine,
+    build_loaders,
+    build_task,
+    checkpoint_path,
+    fit,
+    resolve_device,
+    resolve_time_balance,
+)
 from ..train.rundir import environment, new_run_dir
 
 MiB = 2**20
@@ -37,7 +46,13 @@ def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
     if bad:
         raise ConfigError(f"eval accepts only data.*, run.device and run.threads overrides, not {bad[0]!r}")
+    trained = config_from_dict(state["config"]).data.scale  # before the overrides (they edit the dict in place)
     cfg = config_from_dict(apply_overrides(state["config"], overrides))
+    if cfg.data.scale != trained and build_task(cfg, dataset_spec(cfg.data.name)).kind == "super_resolution":
+        raise ConfigError(
+            f"data.scale={cfg.data.scale}, but {run} was trained at ×{trained} (its model upsamples ×{trained}); "
+            f"evaluate with data.scale={trained}"
+        )
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
@@ -64,11 +79,16 @@ def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[
     ``e2e`` always runs with K=1; the others use the preset's ``method.k``. A method may name add-on presets
     (``dgl+man``, ``infopro+hpff``, ``dgl+mlaan``). Memory is the saved-tensor meter's
     peak (activations autograd keeps for backward), so it is exact and comparable on any device.
+
+    The test column is the task's headline (accuracy, PSNR, mAP). ``compare.json`` names it in ``metric`` and each
+    row keeps the final ``test_*`` metrics under their logged keys (``test_acc``; ``test_psnr``, ``test_ssim``;
+    ``test_map``, ``test_map50``).
     """
     if not methods:
         raise ConfigError("--methods is empty; e.g. --methods e2e,dgl,infopro,dgl+man,infopro+hpff")
     variants = [method_variant(m) for m in methods]
     base = load_config(config, overrides)
+    metric = build_task(base, dataset_spec(base.data.name)).headline  # every variant trains on the same data
     out_dir = new_run_dir(base.run.out, "compare")
     env = environment(resolve_device(base.run.device))  # at the start: the commit and load the runs begin with
     rows = []
@@ -84,7 +104,8 @@ def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[
             {
                 "method": label,
                 "k": len(result["ends"]),
-                "test_acc": result.get("test_acc"),
+                f"test_{metric}": result.get(f"test_{metric}"),  # None when the run never evaluated
+                **{key: value for key, value in result.items() if key.startswith("test_") and key != "test_loss"},
                 "peak_act_mib": result["peak_act_bytes"] / MiB,
                 "imgs_per_s": _mean_throughput(result),
                 "wall_s": wall,
@@ -92,10 +113,11 @@ def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[
             }
         )
     e2e = next((r for r in rows if r["method"] == "e2e"), None)
-    table = _table(rows, e2e)
+    table = _table(rows, e2e, metric)
     print("\n" + table)
     (out_dir / "compare.md").write_text(table + "\n")
-    (out_dir / "compare.json").write_text(json.dumps({"config": to_dict(base), "rows": rows, "env": env}, indent=2))
+    record = {"config": to_dict(base), "metric": metric, "rows": rows, "env": env}
+    (out_dir / "compare.json").write_text(json.dumps(record, indent=2))
     print(f"\nsaved {out_dir / 'compare.md'} and compare.json")
     return rows
 
@@ -121,17 +143,20 @@ def _mean_throughput(result: dict[str, Any]) -> float:
     return images / max(seconds, 1e-9)
 
 
-def _table(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> str:
+def _table(rows: list[dict[str, Any]], e2e: dict[str, Any] | None, metric: str) -> str:
+    """The compare table; ``metric`` is the task's headline (``acc``, ``psnr``, ``map``), labelled as in bench."""
     lines = [
-        "| method | K | test acc (final head) | peak activation MiB | vs E2E | images/s | vs E2E | wall s |",
+        f"| method | K | test {METRIC_LABELS.get(metric, metric)} (final head) | peak activation MiB | vs E2E "
+        "| images/s | vs E2E | wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mem_ratio = f"{r['peak_act_mib'] / e2e['peak_act_mib']:.3f}" if e2e else "-"
         speed_ratio = f"{r['imgs_per_s'] / e2e['imgs_per_s']:.3f}" if e2e else "-"
-        acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
+        value = r[f"test_{metric}"]
+        test = "-" if value is None else format_metric(metric, value)
         lines.append(
-            f"| {r['method']} | {r['k']} | {acc} | {r['peak_act_mib']:.1f} | {mem_ratio} | "
+            f"| {r['method']} | {r['k']} | {test} | {r['peak_act_mib']:.1f} | {mem_ratio} | "
             f"{r['imgs_per_s']:.0f} | {speed_ratio} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)

@@ -42,6 +42,10 @@ for, and the ranks whose heartbeat stopped (:class:`~.launch.Heartbeat`), e.g. `
 answering (Connection closed by peer ...); stage 1 died or hangs (no heartbeat)``. Tested for a rank dying at
 start-up and in the middle of a cascade's gradient exchange.
 
+Evaluation, for any task: each stage scores its aux head (the last stage: the final output) on the whole test
+set and rank 0 logs the sequential engine's keys (``test_<metric>``, ``test_loss``, ``aux_<headline>``;
+:mod:`.stage_eval`).
+
 Balance: ``method.balance: time`` is measured once on rank 0 and broadcast (:func:`~.launch.agreed_config`).
 Timing: :class:`~.link.Link` counts the seconds a rank sits blocked, so each stage reports a busy fraction,
 compute / wall (pipeline.md §6.4). :func:`bench_step` runs the same stage step on fixed batches for ``locallearn
@@ -70,7 +74,8 @@ from ..train.schedule import lr_at
 from .cross_stage import CrossStage, check_supported
 from .data_parallel import GradAverager, broadcast_buffers, shard
 from .launch import agreed_config, agreed_run_dir, name_ranks, new_group, rank_device, run_torchrun, spawn
-from .link import EVAL, TRAIN, Link, StageError, free_port
+from .link import TRAIN, Link, StageError, free_port
+from .stage_eval import gather_evaluation, stage_evaluate
 
 __all__ = [
     "Link",
@@ -140,26 +145,6 @@ def bench_step(engine: LocalEngine, batches: list[Batch], link: Link) -> Callabl
         stage_step(engine, link.stage, x, batch, link, i, cross)
 
     return step
-
-
-@torch.no_grad()
-def stage_evaluate(engine: LocalEngine, k: int, loader, link: Link) -> torch.Tensor:
-    """Forward-only chain: counts of correct aux (or final) predictions of stage k, and samples seen."""
-    engine.backbone.eval()
-    engine.method.eval()
-    counts = torch.zeros(2)
-    for i, (x, y, raw) in enumerate(loader.batches()):
-        image = x
-        if k > 0:
-            _, _, x = link.recv(EVAL, i)
-        with engine._autocast():
-            h = engine.modules[k](x)
-            link.send(EVAL, i, h)
-            logits = h if k == engine.k - 1 else engine.method.aux_logits(k, h)
-            if logits is not None:
-                counts[0] += engine.task.correct(logits, Batch(image, y, raw)).float().cpu()
-        counts[1] += len(y)
-    return counts
 
 
 class _Stage:
@@ -289,33 +274,32 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
         if in_epoch == spe:
             epoch, in_epoch = epoch + 1, 0
         evaluate = in_epoch == 0 and (epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs) or stop
-        counts = stage_evaluate(engine, k, test_loader, link) if evaluate else torch.zeros(2)
+        report = stage_evaluate(engine, k, test_loader, link) if evaluate else None
         link.flush()
-        stats = torch.zeros(engine.k, 5)  # per stage: mean loss, eval correct, eval seen, train seconds, idle
+        tests = gather_evaluation(engine.task, report, engine.k, me.replica) if evaluate else {}
+        stats = torch.zeros(engine.k, 3)  # per stage: mean loss, train seconds, idle
         if me.replica == 0:
-            loss = engine._stats[k].item() / max(1, done)
-            stats[k] = torch.tensor([loss, counts[0], counts[1], train_time, idle])
+            stats[k] = torch.tensor([engine._stats[k].item() / max(1, done), train_time, idle])
         engine._stats.zero_()
         stats = stats.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(stats)
         stats = stats.cpu()
         me.save(ckpt, epoch, in_epoch, step)
         if rank == 0:
-            wall = max(stats[:, 3].max().item(), 1e-9)
+            wall = max(stats[:, 1].max().item(), 1e-9)
             record: dict[str, Any] = {
                 "epoch": epoch + (1 if in_epoch else 0),
                 "step": step,
                 "train_loss": stats[:, 0].tolist(),
                 "epoch_time_s": wall,
                 "imgs_per_s": seen / wall,
-                "busy_fraction": ((stats[:, 3] - stats[:, 4]) / stats[:, 3].clamp(min=1e-9)).tolist(),
+                "busy_fraction": ((stats[:, 1] - stats[:, 2]) / stats[:, 1].clamp(min=1e-9)).tolist(),
+                **tests,
             }
-            if evaluate:
-                record["test_acc"] = (stats[-1, 1] / stats[-1, 2]).item()
-                record["aux_acc"] = [(s[1] / s[2]).item() if s[1] > 0 else None for s in stats[:-1]]
             log.log(record)
-            acc = f" test_acc {record['test_acc']:.4f}" if evaluate else ""
-            print(f"[ppll] epoch {record['epoch']} step {step}{acc} {record['imgs_per_s']:.0f} img/s", flush=True)
+            metric = f"test_{engine.task.headline}"
+            test = f" {metric} {record[metric]:.4f}" if metric in record else ""
+            print(f"[ppll] epoch {record['epoch']} step {step}{test} {record['imgs_per_s']:.0f} img/s", flush=True)
             result = {**record, "run_dir": str(run_dir), "ends": engine.ends}
     link.shutdown(step)
     return result

@@ -37,7 +37,8 @@ class DataCfg:
     Super-resolution datasets (:mod:`locallearn.data.sr`): ``scale`` (2, 3, 4), ``patch_size`` (HR side of a
     random training patch, a multiple of ``scale``; EDSR: 96 for ×2), ``repeat`` (patches per training image per
     epoch), ``test_root`` (evaluation image folder; None = the dataset's own test split). ``flip`` then means
-    random flips and 90° rotations; the limits count images.
+    random flips and 90° rotations; the limits count images. Folders are indexed, not held in memory:
+    ``num_workers`` DataLoader processes decode each image and cut its patch (DIV2K fits any machine).
 
     Class-folder datasets (``imagenet``, ``imagefolder``; :mod:`locallearn.data.imagefolder`, engineering.md
     §7.3): ``num_workers`` DataLoader processes decode the JPEGs; ``image_size`` is the crop side (None = the
@@ -62,9 +63,14 @@ class DataCfg:
 
 @dataclass
 class ModelCfg:
+    """``name``: registered backbone; ``width``: its base width (a ViT's embedding dim); ``patch_size``: a ViT's
+    patch side (None = the model's own, 16 at 224 px); when set, the ViT is built for the dataset's image size, e.g.
+    ``model.patch_size=4`` on CIFAR's 32×32 gives the 8×8 token grid of CIFAR ViTs."""
+
     name: str = "resnet20"
     width: int = 16
     channels_last: bool = True
+    patch_size: int | None = None
 
 
 @dataclass

@@ -82,6 +82,7 @@ def build_loaders(cfg: TrainCfg, device: torch.device) -> tuple[Any, Any, Any]:
             seed=stream_seed(cfg.run.seed, "data"),
             device=device,
             channels_last=cfg.model.channels_last,
+            num_workers=d.num_workers,
         )
         return train, test, spec
     if spec.loaders is not None:  # class folders (ImageNet): decoded in DataLoader workers (data/imagefolder.py)
@@ -124,13 +125,14 @@ def build_task(cfg: TrainCfg, spec: Any) -> Task:
 def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.Tensor) -> LocalEngine:
     """Backbone on its own RNG stream, then the engine (which builds the aux nets on theirs)."""
     task = build_task(cfg, spec)
+    kwargs = task.model_kwargs()
+    if cfg.model.patch_size is not None:  # a ViT for this dataset's images (ModelCfg)
+        kwargs |= {"patch_size": cfg.model.patch_size, "image_size": cfg.data.image_size or spec.size}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(cfg.run.seed, "backbone"))
         try:
-            backbone = create_model(
-                cfg.model.name, in_channels=spec.channels, width=cfg.model.width, **task.model_kwargs()
-            )
-        except TypeError as e:  # e.g. a classifier asked for a scale: the model does not fit the dataset's task
+            backbone = create_model(cfg.model.name, in_channels=spec.channels, width=cfg.model.width, **kwargs)
+        except (TypeError, ValueError) as e:  # a classifier asked for a scale, a patch that does not tile the image
             raise ConfigError(
                 f"model.name={cfg.model.name} cannot be built for the {task.kind} dataset {cfg.data.name} ({e})"
             ) from None
