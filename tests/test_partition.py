@@ -73,6 +73,7 @@ def test_time_balanced_method_returns_explicit_ends() -> None:
     assert _build(method).ends == method.ends
     with pytest.raises(ValueError, match="balance=time is measured before the engine is built"):
         _build(MethodCfg(name="dgl", k=3, balance="time"))
+    assert _build(MethodCfg(name="e2e", balance="time")).ends == [5]  # one module: nothing to measure
 
 
 def test_fit_records_the_measured_split_so_resume_reuses_it(synthetic_root: Path, tmp_path: Path) -> None:

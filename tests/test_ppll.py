@@ -70,6 +70,8 @@ def test_ppll_equals_sequential_bitwise(synthetic_root: Path, tmp_path: Path, me
     assert pipelined["step"] == seq["step"] == 10
     assert_stages_match(seq, pipelined["run_dir"], k)
     assert pipelined["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
+    assert pipelined["train_acc"] == pytest.approx(sequential["train_acc"], abs=1e-6)  # the same outputs, counted
+    assert pipelined["lr"] == sequential["lr"]
     assert len(pipelined["busy_fraction"]) == k and all(0 < b <= 1 for b in pipelined["busy_fraction"])
 
 

@@ -260,7 +260,9 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
             if engine.grad_sync is not None:
                 engine.grad_sync.weight = weight
             x = batch.input if k == 0 else link.recv(TRAIN, step)[2]
-            stage_step(engine, k, x, batch, link, step, me.cross)
+            out = stage_step(engine, k, x, batch, link, step, me.cross)
+            if k == engine.k - 1:  # the final output's training metric (top-1 hits, PSNR), summed on the device
+                engine._stats[-2] += engine.task.train_stat(out, batch)
             in_epoch, step, done = in_epoch + 1, step + 1, done + 1
             if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0:
                 me.sync(step, flush=False)  # activations in flight need not land: a resume recomputes them
@@ -277,9 +279,10 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
         report = stage_evaluate(engine, k, test_loader, link) if evaluate else None
         link.flush()
         tests = gather_evaluation(engine.task, report, engine.k, me.replica) if evaluate else {}
-        stats = torch.zeros(engine.k, 3)  # per stage: mean loss, train seconds, idle
+        stats = torch.zeros(engine.k, 4)  # per stage: mean loss, train seconds, idle, train_stat sum (all replicas)
         if me.replica == 0:
-            stats[k] = torch.tensor([engine._stats[k].item() / max(1, done), train_time, idle])
+            stats[k, :3] = torch.tensor([engine._stats[k].item() / max(1, done), train_time, idle])
+        stats[k, 3] = engine._stats[-2].item()
         engine._stats.zero_()
         stats = stats.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(stats)
@@ -290,7 +293,9 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
             record: dict[str, Any] = {
                 "epoch": epoch + (1 if in_epoch else 0),
                 "step": step,
+                "lr": engine.optimizers[k].param_groups[0]["lr"],
                 "train_loss": stats[:, 0].tolist(),
+                f"train_{engine.task.headline}": stats[-1, 3].item() / max(1, seen),
                 "epoch_time_s": wall,
                 "imgs_per_s": seen / wall,
                 "busy_fraction": ((stats[:, 1] - stats[:, 2]) / stats[:, 1].clamp(min=1e-9)).tolist(),

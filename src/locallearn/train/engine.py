@@ -44,6 +44,8 @@ def resolve_split(backbone: UnitBackbone, cfg: MethodCfg, sample: torch.Tensor |
     if cfg.ends:
         raise ValueError("method.ends is only used with method.split=ends")
     if cfg.split == "auto":
+        if k == 1:  # one module (E2E): nothing to balance, whatever method.balance says
+            return [n]
         if cfg.balance == "time":
             raise ValueError(
                 "method.balance=time is measured before the engine is built (locallearn train/summary do it); in "

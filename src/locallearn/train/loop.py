@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -335,7 +336,9 @@ def _row(r: dict[str, Any], metric: str = "acc") -> str:
     aux = ""
     if any(a is not None for a in r.get(f"aux_{metric}", [])):
         aux = f"  aux_{metric} " + " ".join("-" if a is None else f"{a:.3f}" for a in r[f"aux_{metric}"])
+    train = r[f"train_{metric}"]  # NaN where the task has no per-batch training metric (detection mAP)
+    train = "" if math.isnan(train) else f"  train_{metric} {train:.4f}"
     return (
-        f"epoch {r['epoch']:3d}  step {r['step']:6d}  lr {r['lr']:.4f}  loss [{losses}]  "
-        f"train_{metric} {r[f'train_{metric}']:.4f}{test}{aux}  {r['imgs_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s"
+        f"epoch {r['epoch']:3d}  step {r['step']:6d}  lr {r['lr']:.4f}  loss [{losses}]"
+        f"{train}{test}{aux}  {r['imgs_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s"
     )
