@@ -204,6 +204,47 @@ def run_until_exit(target, cfg, world: int, out: Path, limit: float = 90) -> lis
     return codes
 
 
+def _rank_counting_its_batches(rank: int, world: int, port: int, body, data: dict, out_dir: str, *rest) -> None:
+    """A PPLL rank that writes how many batches its own loaders yielded to ``reads_rank{rank}``."""
+    from locallearn.data.loader import ResidentLoader
+    from locallearn.parallel import launch
+
+    original, reads = ResidentLoader.batches, [0]
+
+    def counted(self, epoch: int = 0, start: int = 0):
+        for item in original(self, epoch, start):
+            reads[0] += 1
+            yield item
+
+    ResidentLoader.batches = counted
+    launch._spawned(rank, world, port, body, data, out_dir, *rest)
+    (Path(out_dir) / f"reads_rank{rank}").write_text(str(reads[0]))
+
+
+@pytest.mark.parametrize("labels", ["send", "loader"])
+def test_labels_sent_with_the_activations_train_the_same_model(
+    synthetic_root: Path, tmp_path: Path, labels: str
+) -> None:
+    """``ppll.labels=send``: stage 0 alone reads batches; targets and raw images (InfoPro's decoders reconstruct
+    them on every stage) travel with the activations, through a ragged last batch and the evaluation passes, and
+    the run is still the sequential engine's bit for bit. ``loader`` (the default) reads on every stage."""
+    import json
+
+    base = ppll_base(synthetic_root, tmp_path, "infopro", 3)
+    sequential = fit(load_config(None, base), quiet=True)
+    cfg = load_config(None, base + ["parallel=ppll", f"ppll.labels={labels}", "ppll.timeout=60"])
+    run_dir = tmp_path / "ppll_run"
+    run_dir.mkdir()
+    assert run_until_exit(_rank_counting_its_batches, cfg, 3, run_dir, limit=180) == [0, 0, 0]
+    reads = [int((run_dir / f"reads_rank{r}").read_text()) for r in range(3)]
+    assert reads[0] > 10  # 10 training batches, 2 evaluation passes and the sample that builds the engine
+    assert reads[1:] == ([1, 1] if labels == "send" else [reads[0]] * 2)  # later stages: only that sample
+    assert_stages_match(load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt"), run_dir, 3)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
+    assert last["aux_acc"] == pytest.approx(sequential["aux_acc"], abs=1e-6)
+
+
 def test_a_dead_stage_makes_every_other_rank_exit_nonzero(synthetic_root: Path, tmp_path: Path, capfd) -> None:
     """Rank 1 dies right after joining; ranks 0 and 2 must each exit non-zero on their own (not be killed by the
     launcher) within a bounded time, naming the stage that died: no silent hang."""

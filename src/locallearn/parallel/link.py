@@ -10,7 +10,10 @@ mismatch is an error naming both stages, never a silent misalignment.
 Kinds and channels:
 
 * downstream, stage k → k+1, default process group, tag 0: ``TRAIN`` (activation of step t), ``EVAL``
-  (activation of evaluation batch i), ``STOP`` (end of run, no payload);
+  (activation of evaluation batch i), ``STOP`` (end of run, no payload), and with ``ppll.labels: send``
+  ``DATA`` (three messages for batch t: the input's shape, with ``a`` = 1 when raw images follow and ``b`` =
+  the size of the whole global batch so a replica knows its share; the targets; the raw images), sent *before*
+  the activation so a stage can pass them on before computing;
 * upstream, on a second process group (``back``) so that NCCL never orders them against the downstream traffic
   on one communicator: ``GRAD``/``NOGRAD`` (tag 1; a cascade's input gradient, or the marker that this origin
   has none this step) and ``WEIGHTS`` (tag 2; a later stage's unit parameters for EMA copies), from any later
@@ -37,11 +40,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-TRAIN, EVAL, STOP, GRAD, NOGRAD, WEIGHTS = range(6)
-KINDS = ("TRAIN", "EVAL", "STOP", "GRAD", "NOGRAD", "WEIGHTS")
+from ..local.task import Batch
+
+TRAIN, EVAL, STOP, GRAD, NOGRAD, WEIGHTS, DATA = range(7)
+KINDS = ("TRAIN", "EVAL", "STOP", "GRAD", "NOGRAD", "WEIGHTS", "DATA")
 EMPTY = (STOP, NOGRAD)  # kinds without a payload
 TAGS = {GRAD: 1, NOGRAD: 1, WEIGHTS: 2}  # upstream tags; downstream messages use tag 0
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8)
 MAX_DIMS = 5
 HEADER = 6 + MAX_DIMS
 
@@ -96,6 +101,7 @@ class Link:
         self.device, self.back = device, back  # NCCL moves CUDA tensors; gloo on CPU moves CPU tensors
         self.pending: list[Any] = []  # (work, buffer, peer stage) of downstream sends
         self.pending_up: list[Any] = []  # the same for upstream sends
+        self.pending_data: list[Any] = []  # the same for DATA sends (ppll.labels: send)
         self.idle = 0.0  # seconds blocked in recv or on a send window: wall - idle = this stage's busy time
         self.on_shutdown: list[Callable[[int], None]] = []  # run first in shutdown (drain upstream messages)
 
@@ -116,6 +122,7 @@ class Link:
         extra: tuple[int, int],
         group: Any,
         queue: list[Any],
+        per_step: int = 1,
     ) -> None:
         payload = None if tensor is None else tensor.detach().contiguous()
         header = _header(kind, step, payload, extra).to(self.device)
@@ -123,7 +130,7 @@ class Link:
         queue.append((dist.isend(header, peer, group=group, tag=tag), header, stage))
         if payload is not None:
             queue.append((dist.isend(payload, peer, group=group, tag=tag), payload, stage))  # keep buffer alive
-        while len(queue) > 2 * self.window:  # back-pressure: at most `window` messages in flight
+        while len(queue) > 2 * self.window * per_step:  # back-pressure: at most `window` steps in flight
             self._wait(queue.pop(0))
 
     def _take(
@@ -162,10 +169,10 @@ class Link:
             self.idle += time.perf_counter() - start
 
     # ---- downstream: activations -----------------------------------------------------------------------------
-    def send(self, kind: int, step: int, tensor: torch.Tensor | None = None) -> None:
+    def send(self, kind: int, step: int, tensor: torch.Tensor | None = None, extra: tuple[int, int] = (0, 0)) -> None:
         """To stage k+1 (nothing on the last stage)."""
         if self.stage < self.stages - 1:
-            self._post(self.stage + 1, kind, step, tensor, (0, 0), None, self.pending)
+            self._post(self.stage + 1, kind, step, tensor, extra, None, self.pending)
 
     def recv(self, expect_kind: int | None, expect_step: int | None) -> tuple[int, int, torch.Tensor | None]:
         """From stage k-1: ``(kind, step, payload)``; a 4-D payload comes back channels_last when the model is."""
@@ -174,6 +181,31 @@ class Link:
         if payload is not None and payload.dim() == 4 and self.channels_last:
             payload = payload.contiguous(memory_format=torch.channels_last)
         return kind, step, payload
+
+    def send_data(self, step: int, batch: Batch, whole: int) -> None:
+        """Batch ``step``'s input shape, targets and raw images (if any) to stage k+1 (``ppll.labels: send``);
+        ``whole``: the size of the global batch this (possibly sharded) part came from. Sent ahead of the
+        activation on the same channel, so the activation window also bounds them; their own queue only keeps
+        their buffers alive."""
+        if self.stage == self.stages - 1:
+            return
+        shape = torch.tensor(batch.input.shape, dtype=torch.int64)
+        extra = (int(batch.raw is not None), whole)
+        for i, tensor in enumerate(t for t in (shape, batch.target, batch.raw) if t is not None):
+            self._post(self.stage + 1, DATA, step, tensor, extra if i == 0 else (0, 0), None, self.pending_data, 3)
+
+    def recv_data(self, step: int) -> tuple[Batch, int]:
+        """``(batch, whole)`` of step ``step`` from stage k-1 (:meth:`send_data`). The image itself stays on stage
+        0: the batch's input is a zero-memory placeholder of its shape (for ``len``, sizes and devices)."""
+
+        def take() -> tuple[tuple[int, int], torch.Tensor]:
+            _, _, extra, payload = self._take(self.stage - 1, (DATA,), step, None, 0)
+            return extra, payload
+
+        (has_raw, whole), shape = take()
+        target, raw = take()[1], take()[1] if has_raw else None
+        image = torch.zeros((), device=self.device).expand(*shape.tolist())
+        return Batch(image, target, raw), whole
 
     # ---- upstream: cascade gradients and EMA weights ---------------------------------------------------------
     def post_up(
@@ -190,7 +222,7 @@ class Link:
 
     # ---- end of epoch, end of run ----------------------------------------------------------------------------
     def flush(self) -> None:
-        for queue in (self.pending, self.pending_up):
+        for queue in (self.pending_data, self.pending, self.pending_up):
             for item in queue:
                 self._wait(item)
             queue.clear()

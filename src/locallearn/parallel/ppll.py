@@ -8,9 +8,11 @@
 
 Rank k owns local module k, its aux net and its optimizer. Per batch it receives module k-1's detached output,
 runs forward, sends its own detached output downstream *before* its backward (early forwarding), then does its
-local backward and optimizer step. Labels and the raw image come from each rank's own, identically seeded loader
-(the data stream is a pure function of seed, epoch and batch index), so only activations cross the wire
-(protocol, window and failure handling: :mod:`.link`).
+local backward and optimizer step. Labels and the raw image come, by default (``ppll.labels: loader``), from each
+rank's own, identically seeded loader (the data stream is a pure function of seed, epoch and batch index), so
+only activations cross the wire; with ``ppll.labels: send`` stage 0 alone reads batches and each stage passes
+the targets (and raw images) on before computing (:meth:`_Stage.batch`), for data that lives on one node or a
+loader that is not reproducible across ranks. Protocol, window and failure handling: :mod:`.link`.
 
 Semantics: module k+1 sees, for batch t, module k's output computed with module k's parameters after t steps —
 exactly what the sequential engine does — so PPLL gives bitwise the same parameters as sequential local learning
@@ -172,6 +174,22 @@ class _Stage:
             engine.grad_sync = GradAverager(engine, self.group, self.link.name)
         aux = engine.method.aux[self.k]
         self.parts = [engine.modules[self.k]] + ([] if aux is None else [aux])
+        self.send_labels = cfg.ppll.labels == "send"
+        self.reads_data = self.k == 0 or not self.send_labels
+
+    def batch(self, item: tuple | None, step: int) -> tuple[Batch, float]:
+        """Training batch ``step`` for this stage and its replica's share of the global batch: from this rank's
+        loader (``item``), or with ``ppll.labels: send`` from stage k-1's DATA message, passed on downstream at
+        once so the next stage never waits for this one's compute."""
+        if item is not None:
+            whole = len(item[1])
+            batch, weight = shard(Batch(*item), self.replica, self.replicas)
+        else:
+            batch, whole = self.link.recv_data(step)
+            weight = len(batch) / whole
+        if self.send_labels:
+            self.link.send_data(step, batch, whole)
+        return batch, weight
 
     def sync(self, steps_done: int, flush: bool = True) -> None:
         """Before an evaluation or a checkpoint: no weight message in flight (and, with ``flush``, no activation),
@@ -254,9 +272,10 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
     spe, result, stop = len(train_loader), None, False
     while epoch < cfg.run.epochs and not stop:
         start, idle, done = time.perf_counter(), link.idle, 0
-        for image, y, raw in train_loader.batches(epoch, in_epoch):
+        own_data = train_loader.batches(epoch, in_epoch) if me.reads_data else [None] * (spe - in_epoch)
+        for item in own_data:
             engine.set_lr(lr_at(cfg.optim, epoch, in_epoch, spe, cfg.run.epochs))
-            batch, weight = shard(Batch(image, y, raw), me.replica, me.replicas)
+            batch, weight = me.batch(item, step)
             if engine.grad_sync is not None:
                 engine.grad_sync.weight = weight
             x = batch.input if k == 0 else link.recv(TRAIN, step)[2]
@@ -276,7 +295,7 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
         if in_epoch == spe:
             epoch, in_epoch = epoch + 1, 0
         evaluate = in_epoch == 0 and (epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs) or stop
-        report = stage_evaluate(engine, k, test_loader, link) if evaluate else None
+        report = stage_evaluate(engine, k, test_loader, link, cfg.ppll.labels == "send") if evaluate else None
         link.flush()
         tests = gather_evaluation(engine.task, report, engine.k, me.replica) if evaluate else {}
         stats = torch.zeros(engine.k, 4)  # per stage: mean loss, train seconds, idle, train_stat sum (all replicas)

@@ -24,19 +24,24 @@ from .link import EVAL, Link
 
 
 @torch.no_grad()
-def stage_evaluate(engine: LocalEngine, k: int, loader, link: Link) -> dict[str, float] | None:
+def stage_evaluate(
+    engine: LocalEngine, k: int, loader, link: Link, send_labels: bool = False
+) -> dict[str, float] | None:
     """Stage k's metrics over the test set: ``task.metrics().compute()`` of its aux head's predictions (None
     without one), or on the last stage of the final output, with ``loss`` added. Every stage must call it (it
-    forwards the activations downstream)."""
+    forwards the activations downstream). ``send_labels`` (``ppll.labels: send``): stage 0 alone reads the test
+    set and the targets travel with the activations."""
     engine.backbone.eval()
     engine.method.eval()
     last = k == engine.k - 1
     metric, has_head = engine.task.metrics(), False
     loss_sum, seen = torch.zeros((), device=engine.device), 0
-    for i, (x, y, raw) in enumerate(loader.batches()):
-        batch = Batch(x, y, raw)
-        if k > 0:
-            _, _, x = link.recv(EVAL, i)
+    own_data = loader.batches() if k == 0 or not send_labels else [None] * len(loader)
+    for i, item in enumerate(own_data):
+        batch = Batch(*item) if item is not None else link.recv_data(i)[0]
+        if send_labels:
+            link.send_data(i, batch, len(batch))
+        x = batch.input if k == 0 else link.recv(EVAL, i)[2]
         with engine._autocast():
             h = engine.modules[k](x)
             link.send(EVAL, i, h)

@@ -127,13 +127,17 @@ class PPLLCfg:
     when not under torchrun (0 = require torchrun). ``window``: sends in flight per rank and direction
     (back-pressure). ``timeout``: seconds a rank waits for a peer before it exits naming the silent stage.
     ``ema_every``: a later stage ships the weights that MAN/LAM EMA copies follow every N steps (1 = the
-    single-process semantics). ``replicas``: data-parallel copies of the pipeline (world = K · replicas)."""
+    single-process semantics). ``replicas``: data-parallel copies of the pipeline (world = K · replicas).
+    ``labels``: where stages after the first get targets (and raw images): ``loader``, each rank's own identically
+    seeded loader (only activations travel); ``send``, stage 0 alone reads data and they travel with the
+    activations (for data on one node only, or a loader that is not reproducible across ranks)."""
 
     procs: int = 0
     window: int = 2
     timeout: float = 120.0
     ema_every: int = 1
     replicas: int = 1
+    labels: Literal["loader", "send"] = "loader"
 
 
 @dataclass
