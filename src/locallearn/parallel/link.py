@@ -20,9 +20,13 @@ Kinds and channels:
   stage of the same pipeline.
 
 Sends are ``isend`` with at most ``window`` messages in flight per direction (back-pressure: a stage never runs
-more than ``window`` messages ahead of its consumer). A receive or a send that fails (a peer died: gloo reports
-the closed connection) or that exceeds the process group's timeout raises :class:`StageError`, one line naming
-this stage and the silent one; the runtime lets it end the process with a non-zero status.
+more than ``window`` messages ahead of its consumer). Receives from stage k-1 are pre-posted: as soon as one
+message has arrived, an ``irecv`` for the next header (fixed size) is posted, so the upstream stage's next send
+is matched while this stage computes; the payload, whose shape the header gives, is received right after it.
+
+A receive or a send that fails (a peer died: gloo reports the closed connection) or that exceeds the process
+group's timeout raises :class:`StageError`, one line naming this stage and the silent one; the runtime lets it
+end the process with a non-zero status.
 
 With replicated pipelines (``ppll.replicas``), rank = replica · stages + stage, and a link only talks to the
 stages of its own replica.
@@ -102,6 +106,7 @@ class Link:
         self.pending: list[Any] = []  # (work, buffer, peer stage) of downstream sends
         self.pending_up: list[Any] = []  # the same for upstream sends
         self.pending_data: list[Any] = []  # the same for DATA sends (ppll.labels: send)
+        self.next_header: tuple[Any, torch.Tensor] | None = None  # pre-posted receive of stage k-1's next header
         self.idle = 0.0  # seconds blocked in recv or on a send window: wall - idle = this stage's busy time
         self.on_shutdown: list[Callable[[int], None]] = []  # run first in shutdown (drain upstream messages)
 
@@ -136,16 +141,25 @@ class Link:
     def _take(
         self, stage: int, kinds: tuple[int, ...], step: int | None, group: Any, tag: int
     ) -> tuple[int, int, tuple[int, int], torch.Tensor | None]:
-        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         peer, start = self._rank_of(stage), time.perf_counter()
+        downstream = group is None and tag == 0  # the activation channel from stage k-1
         try:
-            dist.recv(header, peer, group=group, tag=tag)
+            if downstream and self.next_header is not None:
+                work, header = self.next_header
+                self.next_header = None
+                work.wait()
+            else:
+                header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+                dist.recv(header, peer, group=group, tag=tag)
             kind, got_step, dtype, a, b, ndim = (int(v) for v in header[:6])
             payload = None
             if kind not in EMPTY:
                 shape = tuple(int(v) for v in header[6 : 6 + ndim])
                 payload = torch.empty(shape, dtype=DTYPES[dtype], device=self.device)
                 dist.recv(payload, peer, group=group, tag=tag)
+            if downstream and kind != STOP:  # pre-post the next header: the sender's next isend finds it waiting
+                following = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+                self.next_header = (dist.irecv(following, peer, tag=0), following)
         except RuntimeError as e:
             raise StageError(f"{self.name}: stage {stage} stopped answering ({short_error(e)})") from None
         finally:
