@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -189,18 +190,20 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
         "gpipe M=2 (2×1)",
         "1f1b M=2 (2×1)",
         "ddp (2×1)",
+        "independent (2×1)",
     ]
     ends = results["module_ends"]
     assert len(ends) == 2 and results["batch_size"] == 64
     for row in results["rows"]:
         assert row["samples_per_s"] > 0 and row["fill_s"] > 0 and len(row["rounds"]) == 1
         assert row["module_ends"] == (ends if row["kind"] not in ("e2e", "ddp") else [ends[-1]])
+        multi_rank_predicted = row["kind"] in ("ddp", "independent")
         busy = row["busy_fraction"]
         if row["kind"] in ("ppll", "gpipe", "1f1b"):
             assert len(busy) == 2 and all(0 < b <= 1 for b in busy), row["label"]
         else:
             assert all(b is None for b in busy)
-        assert (row["predicted_samples_per_s"] is not None) == (row["threads"] == 1 and row["kind"] != "ddp")
+        assert (row["predicted_samples_per_s"] is not None) == (row["threads"] == 1 and not multi_rank_predicted)
     sim = results["simulation"]["2"]
     assert len(sim["costs"]["ll"]) == 2 and len(sim["costs"]["comm"]["1"]) == 1 and sim["costs"]["comm"]["1"][0] > 0
     ppll = next(r for r in results["rows"] if r["kind"] == "ppll")
@@ -208,6 +211,10 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
         ppll["samples_per_s"] / results["rows"][1]["samples_per_s"]
     )
     assert any(name.startswith("ppll / best of GPipe and 1F1B") for name in results["headline"])
+    ceiling = next(r for r in results["rows"] if r["kind"] == "independent")  # 2 batches per step, no messages
+    assert results["headline"]["ppll / 2 independent sequential processes"] == pytest.approx(
+        statistics.median(p["samples_per_s"] / c["samples_per_s"] for p, c in zip(ppll["rounds"], ceiling["rounds"]))
+    )
     md = (out / "results.md").read_text()
     assert "ppll (2×1)" in md and "Predicted samples/s at K=2" in md and "predicted / measured" in md
     assert results["machine"]["torch"] == torch.__version__ and "git" in results["machine"]

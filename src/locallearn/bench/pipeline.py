@@ -9,7 +9,9 @@ Rows, each timed by :func:`~locallearn.parallel.pipeline_baselines.spawn_run` on
 * ``e2e`` and ``sequential`` (local learning) in one process, with ``--threads`` and with K × ``--threads``
   threads: the honest CPU comparison, "K processes × T threads" against "one process × K·T threads" (§3.4);
 * ``ppll``, ``gpipe M=..``, ``1f1b M=..`` (M from ``--micro``, default {K, 2K, 4K}; 1F1B needs M ≥ K) and ``ddp``
-  in K processes × ``--threads``; GPipe/1F1B use the local method's split, so every pipeline has the same stages.
+  in K processes × ``--threads``; GPipe/1F1B use the local method's split, so every pipeline has the same stages;
+* ``independent``: K processes × ``--threads``, each running sequential local learning on its own copy of the
+  batch with no communication: their total samples/s is the most any K-process run can reach on this machine.
 
 The single-process rows share one spawned process and the K-process rows one group of K processes per round;
 ``--repeats`` rounds alternate their order, and every figure is the median over rounds (a ratio: the median of
@@ -72,7 +74,7 @@ def plan_rows(k: int, threads: int, micro: list[int]) -> list[Row]:
     rows.append(Row("ppll", k, threads))
     rows += [Row("gpipe", k, threads, m) for m in micro]
     rows += [Row("1f1b", k, threads, m) for m in micro if m >= k]  # Schedule1F1B needs M >= K (§2.1)
-    return [*rows, Row("ddp", k, threads)]
+    return [*rows, Row("ddp", k, threads), Row("independent", k, threads)]
 
 
 def _cpu_seconds() -> tuple[float, float, float]:
@@ -142,6 +144,12 @@ def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str],
         "best GPipe/1F1B / single-process E2E": _ratio(best_pp, by[f"e2e {one}"]),
         "DDP / single-process E2E": _ratio(refs[f"ddp ({k}×{threads})"], by[f"e2e {one}"]),
     }
+    ceiling = by.get(f"independent ({k}×{threads})")
+    if ceiling is not None:  # results recorded before the row existed have none
+        headline[f"{k} independent sequential processes / sequential LL (this machine's {k}-process ceiling)"] = (
+            _ratio(ceiling, by[f"sequential {one}"])
+        )
+        headline[f"ppll / {k} independent sequential processes"] = _ratio(ppll, ceiling)
     for kind, name in (("gpipe", "GPipe"), ("1f1b", "1F1B")):
         if kind in best:
             headline[f"ppll / best {name} ({best[kind]['label']})"] = _ratio(ppll, best[kind])
@@ -312,7 +320,8 @@ def measure(
             per_job = spawn_run(jobs, world, batches, timeout=timeout)
             foreign = _foreign_cores(before)
             for i, ranks in zip(group, per_job):
-                measured = {**steady_state(ranks, warmup, size), "foreign_cores": foreign}
+                samples = size * (rows[i].procs if rows[i].kind == "independent" else 1)  # K batches per step
+                measured = {**steady_state(ranks, warmup, samples), "foreign_cores": foreign}
                 records[i]["rounds"].append(measured)
                 records[i]["module_ends"] = ranks[0]["module_ends"]
             line = ", ".join(f"{rows[i].label} {records[i]['rounds'][-1]['samples_per_s']:.0f}" for i in group)

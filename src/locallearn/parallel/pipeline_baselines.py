@@ -9,7 +9,10 @@ Kinds (one row each in ``locallearn bench pipeline``):
   as the local engine (rank k holds module k), end-to-end backprop of the task loss on the last stage only,
   ``scale_grads=True`` so the gradient is that of the mean loss over the global batch (pipeline.md §2.1);
 * ``ddp``: ``DistributedDataParallel`` of the whole network on the same number of processes, each rank taking an
-  equal shard of the same global batch.
+  equal shard of the same global batch;
+* ``independent``: K processes that each run sequential local learning on the whole batch and never communicate.
+  No K-process scheme can beat their total throughput on the same machine, so this row measures the ceiling
+  that contention (shared caches, memory bandwidth, the host's scheduling) leaves for any K-process speed-up.
 
 Equivalence (tested): GPipe/1F1B with M micro-batches and DDP with K ranks give the gradients of single-process
 E2E training that accumulates the mean loss over M (or K) equal micro-batches in order. That, not the
@@ -50,7 +53,7 @@ from ..train.loop import build_engine, resolve_device
 from .ppll import Link, _free_port, bench_step, check_supported
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-KINDS = ("e2e", "sequential", "ppll", "gpipe", "1f1b", "ddp")
+KINDS = ("e2e", "sequential", "ppll", "gpipe", "1f1b", "ddp", "independent")
 
 
 @dataclass
@@ -145,6 +148,10 @@ def _busy(rank: dict[str, Any], warmup: int) -> float | None:
 def _single(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
     if dist.get_world_size() != 1:
         raise ConfigError("single-process runs take one rank")
+    return timed_steps(lambda i: engine.train_step(batches[i % len(batches)]), opts.warmup + opts.steps, device)
+
+
+def _independent(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
     return timed_steps(lambda i: engine.train_step(batches[i % len(batches)]), opts.warmup + opts.steps, device)
 
 
@@ -274,6 +281,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "gpipe": _pipelined("gpipe"),
     "1f1b": _pipelined("1f1b"),
     "ddp": _ddp,
+    "independent": _independent,
     "transfer": _transfer,
 }
 
@@ -313,9 +321,9 @@ def spawn_run(jobs: list[Job], world: int, batches: list[Batch], *, timeout: flo
     """Run ``jobs`` one after the other in ``world`` spawned ranks on loopback (gloo on CPU, NCCL on GPU);
     for each job, each rank's result (:func:`timed_steps`, plus ``state``/``grads`` with ``keep_state``).
 
-    A job's config is its engine's: the local method's (same split) for ``sequential``, ``ppll``, ``gpipe`` and
-    ``1f1b``, the E2E one for ``e2e`` and ``ddp``; each job builds a fresh engine (same initial weights). Every
-    rank gets the same ``batches``. Raises if a rank fails (with its traceback) or if the jobs are not done after
+    A job's config is its engine's: the local method's (same split) for ``sequential``, ``ppll``, ``gpipe``,
+    ``1f1b`` and ``independent``, the E2E one for ``e2e`` and ``ddp``; each job builds a fresh engine (same initial
+    weights). Every rank gets the same ``batches``. Raises if a rank fails (with its traceback) or if the jobs are not done after
     ``timeout`` seconds (the ranks are then killed): a hang fails, it never stalls.
     """
     for kind, *_ in jobs:
