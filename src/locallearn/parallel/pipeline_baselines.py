@@ -323,8 +323,8 @@ def spawn_run(jobs: list[Job], world: int, batches: list[Batch], *, timeout: flo
 
     A job's config is its engine's: the local method's (same split) for ``sequential``, ``ppll``, ``gpipe``,
     ``1f1b`` and ``independent``, the E2E one for ``e2e`` and ``ddp``; each job builds a fresh engine (same initial
-    weights). Every rank gets the same ``batches``. Raises if a rank fails (with its traceback) or if the jobs are not done after
-    ``timeout`` seconds (the ranks are then killed): a hang fails, it never stalls.
+    weights). Every rank gets the same ``batches``. Raises if a rank fails (with its traceback) or if the jobs are
+    not done after ``timeout`` seconds (the ranks are then killed): a hang fails, it never stalls.
     """
     for kind, *_ in jobs:
         if kind not in RUNNERS:
