@@ -146,8 +146,8 @@ def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str],
     }
     ceiling = by.get(f"independent ({k}×{threads})")
     if ceiling is not None:  # results recorded before the row existed have none
-        headline[f"{k} independent sequential processes / sequential LL (this machine's {k}-process ceiling)"] = (
-            _ratio(ceiling, by[f"sequential {one}"])
+        headline[f"{k} independent sequential processes / sequential LL (this machine's {k}-process ceiling)"] = _ratio(
+            ceiling, by[f"sequential {one}"]
         )
         headline[f"ppll / {k} independent sequential processes"] = _ratio(ppll, ceiling)
     for kind, name in (("gpipe", "GPipe"), ("1f1b", "1F1B")):
