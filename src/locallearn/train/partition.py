@@ -10,9 +10,10 @@ possible split point) times, on a real batch,
   the last unit), i.e. what closing a module at u adds.
 
 A module over units [s, e) then costs Σ unit[s..e-1] + aux[e-1], and :func:`~locallearn.local.split.balanced_split`
-minimises the largest module. Times are medians of ``repeats`` after a warm-up, so one noisy step does not move
-a split; the probe's InfoPro λ schedule is that of K = number of units, so a term whose λ is 0 only at the final
-K is still timed (a small overestimate, never an omission).
+minimises the largest module. Times are medians of ``repeats`` interleaved rounds after a warm-up round, so
+neither one noisy step nor a drifting machine moves a split; the probe's InfoPro λ schedule is that of K =
+number of units, so a term whose λ is 0 only at the final K is still timed (a small overestimate, never an
+omission).
 """
 
 from __future__ import annotations
@@ -35,46 +36,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: allocator, oneDNN primitive cache, lazy init
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def measure_unit_times(probe: LocalEngine, batch: Batch, repeats: int = 3) -> tuple[list[float], list[float]]:
-    """(unit seconds, aux seconds) per unit of ``probe``, an engine with one module per unit."""
+    """(unit seconds, aux seconds) per unit of ``probe``, an engine with one module per unit.
+
+    Rounds are interleaved: each round times every unit and aux net once, in order, and a unit's time is its
+    median over ``repeats`` rounds after a warm-up round (allocator, oneDNN primitive cache, lazy init). A machine
+    whose speed drifts during the probe then slows every unit of a round alike instead of the units timed last,
+    which would move the split."""
     if probe.k != len(probe.backbone):
         raise ValueError(f"the time probe needs one module per unit, got K={probe.k} for {len(probe.backbone)} units")
     probe.backbone.train()
     probe.method.train()
-    unit_s, aux_s = [], []
-    h = batch.input
-    for k, module in enumerate(probe.modules):
-        x = h.detach()
-        with torch.no_grad():
-            out = module(x)
-        grad = torch.randn_like(out) if out.is_floating_point() else None
+    rounds: list[list[tuple[float, float]]] = []
+    grads: list[torch.Tensor | None] = []  # one fixed random projection per unit output, drawn in the first round
+    for _ in range(repeats + 1):
+        h, times = batch.input, []
+        for k, module in enumerate(probe.modules):
+            x = h.detach()
+            with torch.no_grad():
+                out = module(x)
+            if len(grads) == k:
+                grads.append(torch.randn_like(out) if out.is_floating_point() else None)
 
-        def unit_step(module=module, x=x, grad=grad) -> None:
-            y = module(x)
-            if grad is not None:
-                y.backward(grad)
+            def unit_step(module=module, x=x, grad=grads[k]) -> None:
+                y = module(x)
+                if grad is not None:
+                    y.backward(grad)
 
-        def aux_step(k=k, out=out) -> None:
-            leaf = out.detach().requires_grad_(out.is_floating_point())
-            loss = probe.method.local_loss(k, leaf, batch)
-            if loss.requires_grad:
-                loss.backward()
+            def aux_step(k=k, out=out) -> None:
+                leaf = out.detach().requires_grad_(out.is_floating_point())
+                loss = probe.method.local_loss(k, leaf, batch)
+                if loss.requires_grad:
+                    loss.backward()
 
-        unit_s.append(_median_time(unit_step, probe.device, repeats))
-        aux_s.append(_median_time(aux_step, probe.device, repeats))
-        h = out
+            times.append((_seconds(unit_step, probe.device), _seconds(aux_step, probe.device)))
+            h = out
+        rounds.append(times)
+    timed = rounds[1:]
+    unit_s = [statistics.median(r[k][0] for r in timed) for k in range(probe.k)]
+    aux_s = [statistics.median(r[k][1] for r in timed) for k in range(probe.k)]
     for module in probe.modules:
         module.zero_grad(set_to_none=True)
     return unit_s, aux_s
