@@ -80,10 +80,13 @@ def assert_same_evaluation(pipelined: dict[str, Any], sequential: dict[str, Any]
     assert evaluation_keys(logged) == evaluation_keys(sequential)
 
 
-def run_both(config: Path | None, base: list[str], k: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The sequential engine's result and a PPLL run's (K processes) on the same config."""
+def run_both(
+    config: Path | None, base: list[str], k: int, ppll: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sequential engine's result and a PPLL run's (K processes, plus ``ppll`` overrides) on the same config."""
     sequential = fit(load_config(config, base), quiet=True)
-    pipelined = spawn_ppll(load_config(config, base + ["parallel=ppll", f"ppll.procs={k}"]), timeout=SPAWN_TIMEOUT)
+    over = base + ["parallel=ppll", f"ppll.procs={k}", *(ppll or [])]
+    pipelined = spawn_ppll(load_config(config, over), timeout=SPAWN_TIMEOUT)
     return sequential, pipelined
 
 
@@ -117,11 +120,13 @@ def test_detection_ppll_refuses_a_tap_that_crosses_stages(tmp_path: Path) -> Non
 
 def test_detection_ppll_runs_with_every_tap_in_the_head_stage(tmp_path: Path) -> None:
     """Split before layer2 (both taps and the head in stage 1): bitwise the sequential engine, and test_map and
-    aux_map are logged."""
-    sequential, pipelined = run_both(DETECTION_CONFIG, detection_base(tmp_path, [3, 10]), 2)
+    aux_map are logged. The boxes travel with the activations (``ppll.labels=send``: stage 1 reads no data, yet its
+    mAP clips boxes to the true image size), and ``locallearn eval`` of the run directory gives the logged mAP."""
+    sequential, pipelined = run_both(DETECTION_CONFIG, detection_base(tmp_path, [3, 10]), 2, ["ppll.labels=send"])
     assert_stages_match(load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt"), pipelined["run_dir"], 2)
     assert 0 <= pipelined["test_map"] <= 1 and len(pipelined["aux_map"]) == 1
     assert_same_evaluation(pipelined, sequential)
+    assert evaluate_run(pipelined["run_dir"], [])["test_map"] == pytest.approx(pipelined["test_map"], abs=1e-6)
 
 
 def test_eval_of_a_ppll_run_dir(synthetic_root: Path, tmp_path: Path, capsys) -> None:
