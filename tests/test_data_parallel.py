@@ -38,12 +38,16 @@ def test_dp_matches_one_process_on_the_global_batch(synthetic_root: Path, tmp_pa
     assert replicated["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
 
 
-def test_mesh_of_stages_and_replicas_matches_one_process(synthetic_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("labels", ["loader", "send"])
+def test_mesh_of_stages_and_replicas_matches_one_process(synthetic_root: Path, tmp_path: Path, labels: str) -> None:
     """K=2 stages × 2 replicas (4 gloo ranks, rank = replica·K + stage), with a cascade across the stage boundary
-    and MAN's EMA shipping: each stage equals one process on the global batch (1e-6)."""
+    and MAN's EMA shipping: each stage equals one process on the global batch (1e-6). With ``ppll.labels=send``
+    each replica's stage 1 gets its shard's labels and its share of the batch (ragged last batch: 16 of 32) from
+    its stage 0."""
     base = ppll_base(synthetic_root, tmp_path, "dgl", 2) + NO_BN + ["method.addons=[cascade,man]"]
     sequential = fit(load_config(None, base), quiet=True)
-    mesh = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=4", "ppll.replicas=2"]))
+    mesh_cfg = base + ["parallel=ppll", "ppll.procs=4", "ppll.replicas=2", f"ppll.labels={labels}"]
+    mesh = spawn_ppll(load_config(None, mesh_cfg))
     assert_stages_match(load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt"), mesh["run_dir"], 2, 1e-6)
     assert mesh["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
 
