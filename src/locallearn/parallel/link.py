@@ -183,10 +183,10 @@ class Link:
             self.idle += time.perf_counter() - start
 
     # ---- downstream: activations -----------------------------------------------------------------------------
-    def send(self, kind: int, step: int, tensor: torch.Tensor | None = None, extra: tuple[int, int] = (0, 0)) -> None:
+    def send(self, kind: int, step: int, tensor: torch.Tensor | None = None) -> None:
         """To stage k+1 (nothing on the last stage)."""
         if self.stage < self.stages - 1:
-            self._post(self.stage + 1, kind, step, tensor, extra, None, self.pending)
+            self._post(self.stage + 1, kind, step, tensor, (0, 0), None, self.pending)
 
     def recv(self, expect_kind: int | None, expect_step: int | None) -> tuple[int, int, torch.Tensor | None]:
         """From stage k-1: ``(kind, step, payload)``; a 4-D payload comes back channels_last when the model is."""

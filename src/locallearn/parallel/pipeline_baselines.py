@@ -145,14 +145,15 @@ def _busy(rank: dict[str, Any], warmup: int) -> float | None:
     return sum(rank["busy"][warmup:]) / (ends[-1] - ends[warmup - 1])
 
 
+def _independent(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
+    """The engine's own training steps on every rank, with no communication."""
+    return timed_steps(lambda i: engine.train_step(batches[i % len(batches)]), opts.warmup + opts.steps, device)
+
+
 def _single(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
     if dist.get_world_size() != 1:
         raise ConfigError("single-process runs take one rank")
-    return timed_steps(lambda i: engine.train_step(batches[i % len(batches)]), opts.warmup + opts.steps, device)
-
-
-def _independent(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
-    return timed_steps(lambda i: engine.train_step(batches[i % len(batches)]), opts.warmup + opts.steps, device)
+    return _independent(engine, batches, opts, device)
 
 
 def _ppll(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
