@@ -186,11 +186,12 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
         "sequential (1×1)",
         "e2e (1×2)",
         "sequential (1×2)",
+        "sequential, in the 2-process window (1×1)",
         "ppll (2×1)",
+        "independent (2×1)",
         "gpipe M=2 (2×1)",
         "1f1b M=2 (2×1)",
         "ddp (2×1)",
-        "independent (2×1)",
     ]
     ends = results["module_ends"]
     assert len(ends) == 2 and results["batch_size"] == 64
@@ -207,6 +208,11 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
     sim = results["simulation"]["2"]
     assert len(sim["costs"]["ll"]) == 2 and len(sim["costs"]["comm"]["1"]) == 1 and sim["costs"]["comm"]["1"][0] > 0
     ppll = next(r for r in results["rows"] if r["kind"] == "ppll")
+    solo = next(r for r in results["rows"] if r["kind"] == "solo")  # rank 0 computed, rank 1 waited
+    assert len(solo["rounds"][0]["idle_ranks_cpu_s"]) == 1 and solo["rounds"][0]["idle_ranks_cpu_s"][0] >= 0
+    assert results["headline"]["ppll / sequential LL timed in the same window"] == pytest.approx(
+        ppll["samples_per_s"] / solo["samples_per_s"]
+    )
     assert ppll["ratios"]["sequential (1×1)"] == pytest.approx(
         ppll["samples_per_s"] / results["rows"][1]["samples_per_s"]
     )

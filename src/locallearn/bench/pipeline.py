@@ -11,7 +11,11 @@ Rows, each timed by :func:`~locallearn.parallel.pipeline_baselines.spawn_run` on
 * ``ppll``, ``gpipe M=..``, ``1f1b M=..`` (M from ``--micro``, default {K, 2K, 4K}; 1F1B needs M ≥ K) and ``ddp``
   in K processes × ``--threads``; GPipe/1F1B use the local method's split, so every pipeline has the same stages;
 * ``independent``: K processes × ``--threads``, each running sequential local learning on its own copy of the
-  batch with no communication: their total samples/s is the most any K-process run can reach on this machine.
+  batch with no communication: their total samples/s is the most any K-process run can reach on this machine;
+* ``solo``: sequential local learning again, in rank 0 of the K-process group while the other ranks idle in a
+  barrier, timed right before ``ppll`` and ``independent``. The one-process rows run in another process, minutes
+  apart, and a shared machine drifts by ±15 % between such windows; this row gives the goal's ratio, PPLL /
+  sequential LL, from runs seconds apart.
 
 The single-process rows share one spawned process and the K-process rows one group of K processes per round;
 ``--repeats`` rounds alternate their order, and every figure is the median over rounds (a ratio: the median of
@@ -66,15 +70,17 @@ class Row:
 
     @property
     def label(self) -> str:
+        if self.kind == "solo":  # one process computes; the other ranks of the group sit idle
+            return f"sequential, in the {self.procs}-process window (1×{self.threads})"
         return f"{self.name} ({self.procs}×{self.threads})"
 
 
 def plan_rows(k: int, threads: int, micro: list[int]) -> list[Row]:
     rows = [Row(kind, 1, t) for t in (threads, k * threads) for kind in ("e2e", "sequential")]
-    rows.append(Row("ppll", k, threads))
+    rows += [Row("solo", k, threads), Row("ppll", k, threads), Row("independent", k, threads)]  # back to back
     rows += [Row("gpipe", k, threads, m) for m in micro]
     rows += [Row("1f1b", k, threads, m) for m in micro if m >= k]  # Schedule1F1B needs M >= K (§2.1)
-    return [*rows, Row("ddp", k, threads), Row("independent", k, threads)]
+    return [*rows, Row("ddp", k, threads)]
 
 
 def _cpu_seconds() -> tuple[float, float, float]:
@@ -131,10 +137,14 @@ def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str],
         f"best GPipe/1F1B: {best_pp['label']}": best_pp,
         f"ddp ({k}×{threads})": by[f"ddp ({k}×{threads})"],
     }
+    solo = next((r for r in rows if r["kind"] == "solo"), None)  # results recorded before the row existed have none
+    if solo is not None:
+        refs[solo["label"]] = solo
     for row in rows:
         row["ratios"] = {name: _ratio(row, ref) for name, ref in refs.items()}
     ppll = by[f"ppll ({k}×{threads})"]
-    headline = {
+    headline = {} if solo is None else {"ppll / sequential LL timed in the same window": _ratio(ppll, solo)}
+    headline |= {
         "ppll / sequential LL, one thread per process": _ratio(ppll, by[f"sequential {one}"]),
         f"ppll / sequential LL in one process with {k * threads} threads": _ratio(ppll, by[f"sequential {many}"]),
         f"ppll / best of GPipe and 1F1B ({best_pp['label']})": _ratio(ppll, best_pp),
@@ -150,6 +160,10 @@ def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str],
             ceiling, by[f"sequential {one}"]
         )
         headline[f"ppll / {k} independent sequential processes"] = _ratio(ppll, ceiling)
+        if solo is not None:
+            headline[f"{k} independent sequential processes / sequential LL timed in the same window"] = _ratio(
+                ceiling, solo
+            )
     for kind, name in (("gpipe", "GPipe"), ("1f1b", "1F1B")):
         if kind in best:
             headline[f"ppll / best {name} ({best[kind]['label']})"] = _ratio(ppll, best[kind])
@@ -285,7 +299,8 @@ def run_pipeline_bench(
         sim_micro = {kk: micro if kk == k else default_micro(kk, size) for kk in ks}
         results["simulation"] = simulate(auto_cfg, ks, batches, threads, sim_micro, timeout, {k: ll_cfg})
         for row in results["rows"]:
-            predicted = results["simulation"][str(k)]["predicted_samples_per_s"].get(row["name"])
+            name = "sequential" if row["kind"] == "solo" else row["name"]
+            predicted = results["simulation"][str(k)]["predicted_samples_per_s"].get(name)
             row["predicted_samples_per_s"] = predicted if row["threads"] == threads else None
     results["machine"]["load_avg_end"] = machine_info(resolve_device(base.run.device))["load_avg"]
     _save(out, results)
@@ -321,7 +336,11 @@ def measure(
             foreign = _foreign_cores(before)
             for i, ranks in zip(group, per_job):
                 samples = size * (rows[i].procs if rows[i].kind == "independent" else 1)  # K batches per step
-                measured = {**steady_state(ranks, warmup, samples), "foreign_cores": foreign}
+                measured = {"foreign_cores": foreign}
+                if rows[i].kind == "solo":  # rank 0 alone computed; the others' CPU seconds show they idled
+                    measured["idle_ranks_cpu_s"] = [r["idle_cpu_s"] for r in ranks[1:]]
+                    ranks = ranks[:1]
+                measured.update(steady_state(ranks, warmup, samples))
                 records[i]["rounds"].append(measured)
                 records[i]["module_ends"] = ranks[0]["module_ends"]
             line = ", ".join(f"{rows[i].label} {records[i]['rounds'][-1]['samples_per_s']:.0f}" for i in group)

@@ -12,7 +12,10 @@ Kinds (one row each in ``locallearn bench pipeline``):
   equal shard of the same global batch;
 * ``independent``: K processes that each run sequential local learning on the whole batch and never communicate.
   No K-process scheme can beat their total throughput on the same machine, so this row measures the ceiling
-  that contention (shared caches, memory bandwidth, the host's scheduling) leaves for any K-process speed-up.
+  that contention (shared caches, memory bandwidth, the host's scheduling) leaves for any K-process speed-up;
+* ``solo``: sequential local learning on rank 0 of the K-process group while the other ranks wait, idle, in a
+  barrier: the one-process reference timed in the same window as PPLL, so that drift of the shared machine
+  between a one-process run and a K-process run does not enter their ratio.
 
 Equivalence (tested): GPipe/1F1B with M micro-batches and DDP with K ranks give the gradients of single-process
 E2E training that accumulates the mean loss over M (or K) equal micro-batches in order. That, not the
@@ -53,7 +56,7 @@ from ..train.loop import build_engine, resolve_device
 from .ppll import Link, _free_port, bench_step, check_supported
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-KINDS = ("e2e", "sequential", "ppll", "gpipe", "1f1b", "ddp", "independent")
+KINDS = ("e2e", "sequential", "solo", "ppll", "gpipe", "1f1b", "ddp", "independent")
 
 
 @dataclass
@@ -148,6 +151,19 @@ def _busy(rank: dict[str, Any], warmup: int) -> float | None:
 def _independent(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
     """The engine's own training steps on every rank, with no communication."""
     return timed_steps(lambda i: engine.train_step(batches[i % len(batches)]), opts.warmup + opts.steps, device)
+
+
+def _solo(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
+    """Rank 0 trains alone; the others block in the closing barrier (gloo waits without spinning) and report the
+    CPU seconds they used meanwhile, so a results file shows that they left rank 0 the machine."""
+    if dist.get_rank() == 0:
+        result = _independent(engine, batches, opts, device)
+        dist.barrier()
+        return result
+    dist.barrier()  # the start barrier of timed_steps
+    start = time.process_time()
+    dist.barrier()
+    return {"step_end_s": None, "busy": None, "idle_cpu_s": time.process_time() - start}
 
 
 def _single(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
@@ -278,6 +294,7 @@ def _transfer(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "e2e": _single,
     "sequential": _single,
+    "solo": _solo,
     "ppll": _ppll,
     "gpipe": _pipelined("gpipe"),
     "1f1b": _pipelined("1f1b"),
