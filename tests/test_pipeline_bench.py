@@ -167,6 +167,29 @@ def test_bench_pipeline_refuses_bad_settings(synthetic_root: Path, tmp_path: Pat
     assert main([*common, "--micro", "3", *over, "method.name=dgl"]) == 2
     assert "[3] do not divide" in capsys.readouterr().err
     assert main([*common, "--micro", "2,x", *over]) == 2
+    assert main([*common, "--rows", "ppll,pipedream", *over, "method.name=dgl"]) == 2
+    assert "--rows pipedream: unknown row kind" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_bench_pipeline_times_only_the_rows_asked_for(synthetic_root: Path, tmp_path: Path) -> None:
+    """``--rows solo,ppll,independent``: many quick rounds of the goal's ratio, with no one-process group. Every
+    round times each row once, and the ratios name only rows that ran."""
+    out = tmp_path / "bench"
+    args = ["bench", "pipeline", "-c", DEMO, "--k", "2", "--steps", "2", "--warmup", "1", "--repeats", "2"]
+    args += ["--rows", "solo,ppll,independent", "--timeout", "200", "--out", str(out)]
+    over = tiny_overrides(synthetic_root, tmp_path) + ["model.width=4", "method.name=dgl", "run.device=cpu"]
+    assert main([*args, *over]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["kind"] for r in results["rows"]] == ["solo", "ppll", "independent"]
+    assert all(len(r["rounds"]) == 2 for r in results["rows"])
+    assert set(results["headline"]) == {
+        "ppll / sequential LL timed in the same window",
+        "2 independent sequential processes / sequential LL timed in the same window",
+        "ppll / 2 independent sequential processes",
+    }
+    assert results["ratio_columns"] == ["sequential, in the 2-process window (1×1)"]
+    assert "ppll / sequential LL timed in the same window" in (out / "results.md").read_text()
 
 
 @pytest.mark.timeout(300)
@@ -260,3 +283,15 @@ def test_bench_pipeline_simulates_time_balanced_splits_per_k(synthetic_root: Pat
         ends = record["costs"]["ends"]
         assert len(ends) == int(k) == len(record["costs"]["ll"]) and ends == sorted(ends)
     assert "stages ending at units" in (out / "results.md").read_text()
+
+
+def test_median_interval_matches_the_binomial_tables() -> None:
+    """95 % distribution-free intervals of the median: ranks (10, 21) for n = 30 and (2, 8) for n = 9 (standard
+    tables); [min, max] covers 1 - 2/2^6 ≈ 0.969 at n = 6, only 0.9375 at n = 5, so n = 5 has no interval."""
+    from locallearn.bench.pipeline import median_interval
+
+    values = [float(v) for v in range(30, 0, -1)]  # unsorted on purpose
+    assert median_interval(values) == (10.0, 21.0)
+    assert median_interval([float(v) for v in range(1, 10)]) == (2.0, 8.0)
+    assert median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (1.0, 6.0)
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None

@@ -52,6 +52,8 @@ from .report import _write_atomic, machine_info
 from .simulate import default_micro, measure_stage_costs, ppll_fill, predict
 
 DISTINCT_BATCHES = 8  # fixed batches cycled, as in pipeline.md §3.1
+ROW_KINDS = ("e2e", "sequential", "solo", "ppll", "independent", "gpipe", "1f1b", "ddp")  # --rows, in plan order
+SCHEDULES = (("gpipe", "GPipe"), ("1f1b", "1F1B"))
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,14 @@ class Row:
         return f"{self.name} ({self.procs}×{self.threads})"
 
 
-def plan_rows(k: int, threads: int, micro: list[int]) -> list[Row]:
+def plan_rows(k: int, threads: int, micro: list[int], kinds: tuple[str, ...] | list[str] = ROW_KINDS) -> list[Row]:
+    """The rows of ``kinds`` (``--rows``), in the order they run: one-process rows, then ``solo``, ``ppll`` and
+    ``independent`` back to back, then the baselines."""
     rows = [Row(kind, 1, t) for t in (threads, k * threads) for kind in ("e2e", "sequential")]
-    rows += [Row("solo", k, threads), Row("ppll", k, threads), Row("independent", k, threads)]  # back to back
+    rows += [Row("solo", k, threads), Row("ppll", k, threads), Row("independent", k, threads)]
     rows += [Row("gpipe", k, threads, m) for m in micro]
     rows += [Row("1f1b", k, threads, m) for m in micro if m >= k]  # Schedule1F1B needs M >= K (§2.1)
-    return [*rows, Row("ddp", k, threads)]
+    return [row for row in [*rows, Row("ddp", k, threads)] if row.kind in kinds]
 
 
 def _cpu_seconds() -> tuple[float, float, float]:
@@ -114,60 +118,75 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _per_round(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
+    """a's samples/s divided by b's, round by round (both runs of a round saw about the same machine)."""
+    return [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(a["rounds"], b["rounds"])]
+
+
 def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Median over rounds of a's samples/s divided by b's in the same round."""
-    return statistics.median(x["samples_per_s"] / y["samples_per_s"] for x, y in zip(a["rounds"], b["rounds"]))
+    return statistics.median(_per_round(a, b))
 
 
-def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str], dict[str, Any]]:
-    """Every row against each reference (the columns), and the headline ratios of issue 6."""
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median: the order statistics [x_(j), x_(n+1-j)] (1-based) with
+    the largest j whose coverage P(j ≤ Binomial(n, ½) ≤ n-j) is still ≥ ``level``; None when even [min, max] falls
+    short (n < 6 at 95 %)."""
+    xs, n = sorted(values), len(values)
+    interval, tail = None, 0.0  # tail: P(Binomial(n, ½) ≤ j-1)
+    for j in range(1, n // 2 + 1):
+        tail += math.comb(n, j - 1) / 2**n
+        if 1 - 2 * tail < level:
+            break
+        interval = (xs[j - 1], xs[n - j])
+    return interval
+
+
+def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """Every row against each reference present (the columns), the headline ratios of issue 6 whose two rows were
+    both timed (``--rows`` may leave some out; older results lack ``solo`` and ``independent``), and each
+    headline's 95 % confidence interval over rounds (:func:`median_interval`; None below 6 rounds)."""
     by = {r["label"]: r for r in rows}
     best: dict[str, dict[str, Any]] = {}  # the fastest M of each schedule (no 1F1B row when every M < K)
     for row in rows:
         kind = row["kind"]
         if kind in ("gpipe", "1f1b") and (kind not in best or row["samples_per_s"] > best[kind]["samples_per_s"]):
             best[kind] = row
-    best_pp = max((best[kind] for kind in ("gpipe", "1f1b") if kind in best), key=lambda r: r["samples_per_s"])
-    one, many = f"(1×{threads})", f"(1×{k * threads})"
-    refs = {
-        f"e2e {one}": by[f"e2e {one}"],
-        f"sequential {one}": by[f"sequential {one}"],
-        f"e2e {many}": by[f"e2e {many}"],
-        f"sequential {many}": by[f"sequential {many}"],
-        f"best GPipe/1F1B: {best_pp['label']}": best_pp,
-        f"ddp ({k}×{threads})": by[f"ddp ({k}×{threads})"],
-    }
-    solo = next((r for r in rows if r["kind"] == "solo"), None)  # results recorded before the row existed have none
-    if solo is not None:
-        refs[solo["label"]] = solo
+    best_pp = max(best.values(), key=lambda r: r["samples_per_s"], default=None)
+    one, many, multi = f"(1×{threads})", f"(1×{k * threads})", f"({k}×{threads})"
+    seq, seq_many, ppll = by.get(f"sequential {one}"), by.get(f"sequential {many}"), by.get(f"ppll {multi}")
+    e2e, e2e_many, ddp = by.get(f"e2e {one}"), by.get(f"e2e {many}"), by.get(f"ddp {multi}")
+    ceiling = by.get(f"independent {multi}")
+    solo = next((r for r in rows if r["kind"] == "solo"), None)
+    named = [
+        (f"e2e {one}", e2e),
+        (f"sequential {one}", seq),
+        (f"e2e {many}", e2e_many),
+        (f"sequential {many}", seq_many),
+    ]
+    named += [(f"best GPipe/1F1B: {best_pp['label']}", best_pp)] if best_pp else []
+    named += [(f"ddp {multi}", ddp)] + ([(solo["label"], solo)] if solo else [])
+    refs = {name: ref for name, ref in named if ref is not None}
     for row in rows:
         row["ratios"] = {name: _ratio(row, ref) for name, ref in refs.items()}
-    ppll = by[f"ppll ({k}×{threads})"]
-    headline = {} if solo is None else {"ppll / sequential LL timed in the same window": _ratio(ppll, solo)}
-    headline |= {
-        "ppll / sequential LL, one thread per process": _ratio(ppll, by[f"sequential {one}"]),
-        f"ppll / sequential LL in one process with {k * threads} threads": _ratio(ppll, by[f"sequential {many}"]),
-        f"ppll / best of GPipe and 1F1B ({best_pp['label']})": _ratio(ppll, best_pp),
-        "ppll / single-process E2E, same threads per process": _ratio(ppll, by[f"e2e {one}"]),
-        f"ppll / single-process E2E with {k * threads} threads": _ratio(ppll, by[f"e2e {many}"]),
-        "ppll / DDP E2E": _ratio(ppll, refs[f"ddp ({k}×{threads})"]),
-        "best GPipe/1F1B / single-process E2E": _ratio(best_pp, by[f"e2e {one}"]),
-        "DDP / single-process E2E": _ratio(refs[f"ddp ({k}×{threads})"], by[f"e2e {one}"]),
-    }
-    ceiling = by.get(f"independent ({k}×{threads})")
-    if ceiling is not None:  # results recorded before the row existed have none
-        headline[f"{k} independent sequential processes / sequential LL (this machine's {k}-process ceiling)"] = _ratio(
-            ceiling, by[f"sequential {one}"]
-        )
-        headline[f"ppll / {k} independent sequential processes"] = _ratio(ppll, ceiling)
-        if solo is not None:
-            headline[f"{k} independent sequential processes / sequential LL timed in the same window"] = _ratio(
-                ceiling, solo
-            )
-    for kind, name in (("gpipe", "GPipe"), ("1f1b", "1F1B")):
-        if kind in best:
-            headline[f"ppll / best {name} ({best[kind]['label']})"] = _ratio(ppll, best[kind])
-    return list(refs), headline
+    pairs = [
+        ("ppll / sequential LL timed in the same window", ppll, solo),
+        ("ppll / sequential LL, one thread per process", ppll, seq),
+        (f"ppll / sequential LL in one process with {k * threads} threads", ppll, seq_many),
+        (f"ppll / best of GPipe and 1F1B ({best_pp['label'] if best_pp else '-'})", ppll, best_pp),
+        ("ppll / single-process E2E, same threads per process", ppll, e2e),
+        (f"ppll / single-process E2E with {k * threads} threads", ppll, e2e_many),
+        ("ppll / DDP E2E", ppll, ddp),
+        ("best GPipe/1F1B / single-process E2E", best_pp, e2e),
+        ("DDP / single-process E2E", ddp, e2e),
+        (f"{k} independent sequential processes / sequential LL (this machine's {k}-process ceiling)", ceiling, seq),
+        (f"{k} independent sequential processes / sequential LL timed in the same window", ceiling, solo),
+        (f"ppll / {k} independent sequential processes", ppll, ceiling),
+        *((f"ppll / best {name} ({row['label']})", ppll, row) for kind, name in SCHEDULES if (row := best.get(kind))),
+    ]
+    pairs = [(name, a, b) for name, a, b in pairs if a is not None and b is not None]
+    headline = {name: _ratio(a, b) for name, a, b in pairs}
+    return list(refs), headline, {name: median_interval(_per_round(a, b)) for name, a, b in pairs}
 
 
 def split_for(cfg: TrainCfg, batches: list[Batch], threads: int) -> TrainCfg:
@@ -242,10 +261,15 @@ def run_pipeline_bench(
     out_dir: str | Path | None = None,
     timeout: float = 900.0,
     command: str | None = None,
+    kinds: list[str] | tuple[str, ...] = ROW_KINDS,
 ) -> dict[str, Any]:
-    """Run the comparison (and the simulation) into ``out_dir``; returns the ``results.json`` dict."""
+    """Run the comparison (and the simulation) into ``out_dir``; returns the ``results.json`` dict. ``kinds``: the
+    rows to time (``--rows``), e.g. ``solo,ppll,independent`` for many quick rounds of the goal's ratio."""
     if k < 2 or steps < 1 or warmup < 1 or repeats < 1 or threads < 1:
         raise ConfigError("bench pipeline needs --k >= 2 and --steps, --warmup, --repeats, --threads >= 1")
+    unknown = [kind for kind in kinds if kind not in ROW_KINDS]
+    if unknown or not kinds:
+        raise ConfigError(f"--rows {','.join(unknown)}: unknown row kind; choose from {','.join(ROW_KINDS)}")
     base = load_config(config, list(overrides))
     if base.method.name == "e2e":
         raise ConfigError("bench pipeline needs a local method to split the network, e.g. method.name=dgl")
@@ -278,6 +302,7 @@ def run_pipeline_bench(
         "batch_size": size,
         "threads_per_process": threads,
         "micro": micro,
+        "row_kinds": list(kinds),
         "warmup": warmup,
         "steps": steps,
         "repeats": repeats,
@@ -290,8 +315,8 @@ def run_pipeline_bench(
     del engine
     print(f"bench pipeline: K={k}, split {results['module_ends']}, batch {size}, {threads} thread(s)/process -> {out}")
     if not simulate_only:
-        results["rows"] = measure(ll_cfg, e2e_cfg, plan_rows(k, threads, micro), batches, results, timeout, out)
-        results["ratio_columns"], results["headline"] = ratios(results["rows"], k, threads)
+        results["rows"] = measure(ll_cfg, e2e_cfg, plan_rows(k, threads, micro, kinds), batches, results, timeout, out)
+        results["ratio_columns"], results["headline"], results["headline_ci95"] = ratios(results["rows"], k, threads)
         _save(out, results)
     if simulate_ks or simulate_only:
         ks = sorted({k, *simulate_ks})
@@ -322,8 +347,9 @@ def measure(
     warmup, steps, size = results["warmup"], results["steps"], results["batch_size"]
     records = [{**asdict(row), "name": row.name, "label": row.label, "rounds": []} for row in rows]
     groups = [[i for i, r in enumerate(rows) if r.procs == 1], [i for i, r in enumerate(rows) if r.procs > 1]]
-    for round_ in range(results["repeats"]):
-        for group in groups if round_ % 2 == 0 else groups[::-1]:
+    groups = [group for group in groups if group]
+    for round_ in range(results["repeats"]):  # odd rounds run everything in reverse order: drift cancels out
+        for group in groups if round_ % 2 == 0 else [g[::-1] for g in groups[::-1]]:
             world = rows[group[0]].procs
             jobs = []
             for i in group:

@@ -54,7 +54,12 @@ def _measured(results: dict[str, Any]) -> list[str]:
         ]
         for r in results["rows"]:
             lines.append(f"| {r['label']} | " + " | ".join(f"{r['ratios'][c]:.3f}" for c in columns) + " |")
-        lines += ["", *[f"- {name}: **{value:.3f}×**" for name, value in results["headline"].items()]]
+        intervals = results.get("headline_ci95", {})
+        lines += ["", f"Headline ratios, medians over {results['repeats']} rounds:", ""]
+        for name, value in results["headline"].items():
+            ci = intervals.get(name)
+            spread = "" if ci is None else f" (95 % confidence interval of the median {ci[0]:.3f}–{ci[1]:.3f})"
+            lines.append(f"- {name}: **{value:.3f}×**{spread}")
     return lines
 
 

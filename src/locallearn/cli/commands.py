@@ -234,7 +234,7 @@ def int_list(text: str | None, option: str) -> list[int]:
 
 def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """``locallearn bench pipeline``: see :mod:`locallearn.bench.pipeline`."""
-    from ..bench.pipeline import run_pipeline_bench
+    from ..bench.pipeline import ROW_KINDS, run_pipeline_bench
     from ..bench.report import command_line
 
     return run_pipeline_bench(
@@ -251,6 +251,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         out_dir=args.out,
         timeout=args.timeout,
         command=command_line(),
+        kinds=[kind.strip() for kind in args.rows.split(",")] if args.rows else ROW_KINDS,
     )
 
 
