@@ -67,6 +67,20 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.timeout(180)
+def test_bench_ppll_with_sent_labels_trains_the_same_stages(synthetic_root: Path, tmp_path: Path) -> None:
+    """``bench pipeline ... ppll.labels=send`` times PPLL with the targets travelling as DATA messages; the stages
+    end bitwise where the loader mode ends (and the protocol checks would fail on a DATA/TRAIN mix-up)."""
+    base = load_config(None, tiny_overrides(synthetic_root, tmp_path) + ["model.width=4", "method.name=dgl"])
+    ll_cfg = variant_config(base, Variant("dgl", None, 2))
+    batches, _ = bench_batches(ll_cfg, torch.device("cpu"), 2)
+    opts = {"warmup": 1, "steps": 2, "keep_state": True, "timeout": 60}
+    jobs = [("ppll", ll_cfg, RunOpts(labels=labels, **opts)) for labels in ("send", "loader")]
+    sent, read = spawn_run(jobs, 2, batches, timeout=150)
+    for a, b in zip(sent, read):
+        assert _max_diff(a["state"], b["state"]) == 0
+
+
+@pytest.mark.timeout(180)
 def test_gpipe_1f1b_and_ddp_match_single_process_e2e(synthetic_root: Path, tmp_path: Path) -> None:
     """After one step on 2 gloo processes, every stage's gradients and parameters equal single-process E2E with
     the same micro-batches (GPipe M=2, 1F1B M=4 on the DGL K=2 split; DDP: 2 shards), within ATOL; and the step
@@ -179,6 +193,7 @@ def test_bench_pipeline_times_only_the_rows_asked_for(synthetic_root: Path, tmp_
     args = ["bench", "pipeline", "-c", DEMO, "--k", "2", "--steps", "2", "--warmup", "1", "--repeats", "2"]
     args += ["--rows", "solo,ppll,independent", "--timeout", "200", "--out", str(out)]
     over = tiny_overrides(synthetic_root, tmp_path) + ["model.width=4", "method.name=dgl", "run.device=cpu"]
+    over.append("ppll.labels=send")  # PPLL timed with the targets travelling with the activations
     assert main([*args, *over]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["kind"] for r in results["rows"]] == ["solo", "ppll", "independent"]
@@ -189,7 +204,8 @@ def test_bench_pipeline_times_only_the_rows_asked_for(synthetic_root: Path, tmp_
         "ppll / 2 independent sequential processes",
     }
     assert results["ratio_columns"] == ["sequential, in the 2-process window (1×1)"]
-    assert "ppll / sequential LL timed in the same window" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "ppll / sequential LL timed in the same window" in md and "PPLL targets sent by stage 0" in md
 
 
 @pytest.mark.timeout(300)

@@ -355,7 +355,9 @@ def measure(
             for i in group:
                 row = rows[i]
                 cfg = e2e_cfg if row.kind in ("e2e", "ddp") else ll_cfg
-                opts = RunOpts(warmup, steps, row.micro, row.threads, window=ll_cfg.ppll.window)
+                opts = RunOpts(
+                    warmup, steps, row.micro, row.threads, window=ll_cfg.ppll.window, labels=ll_cfg.ppll.labels
+                )
                 jobs.append((row.kind, cfg, opts))
             before = _cpu_seconds()
             per_job = spawn_run(jobs, world, batches, timeout=timeout)

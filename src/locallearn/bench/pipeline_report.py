@@ -18,12 +18,15 @@ def _busy(values: list[float | None] | None) -> str:
 
 def _header(results: dict[str, Any]) -> str:
     cfg, m = results["config"], results.get("machine", {})
+    send = cfg.get("ppll", {}).get("labels") == "send"
+    labels = "sent by stage 0 with the activations (ppll.labels=send)" if send else "held by every rank"
     return (
         f"{cfg['model']['name']} (width {cfg['model']['width']}), {cfg['data']['name']}, global batch "
         f"{results['batch_size']}, {cfg['method']['name']} split into K={results['k']} stages ending at units "
-        f"{results['module_ends']}, {results['threads_per_process']} thread(s) per process; {results['warmup']} "
-        f"warm-up + {results['steps']} timed steps, median of {results['repeats']} round(s). torch "
-        f"{m.get('torch', '?')}, git {m.get('git', '?')}, {m.get('cpu', '?')} ({m.get('cpu_count', '?')} CPUs)."
+        f"{results['module_ends']}, {results['threads_per_process']} thread(s) per process, PPLL targets "
+        f"{labels}; {results['warmup']} warm-up + {results['steps']} timed steps, median of {results['repeats']} "
+        f"round(s). torch {m.get('torch', '?')}, git {m.get('git', '?')}, {m.get('cpu', '?')} "
+        f"({m.get('cpu_count', '?')} CPUs)."
     )
 
 

@@ -64,7 +64,8 @@ class RunOpts:
     """``warmup`` steps (the fill, excluded from throughput), then ``steps`` timed ones; ``micro``: micro-batches
     per step (GPipe/1F1B); ``threads``: torch threads per process; ``keep_state``: return each rank's module
     parameters and gradients (tests); ``timeout``: seconds a collective may block before its rank fails;
-    ``window``: PPLL sends in flight."""
+    ``window``: PPLL sends in flight; ``labels``: PPLL's ``ppll.labels`` (``send``: targets travel with the
+    activations)."""
 
     warmup: int = 3
     steps: int = 30
@@ -73,6 +74,7 @@ class RunOpts:
     keep_state: bool = False
     timeout: float = 120.0
     window: int = 2
+    labels: str = "loader"
 
 
 class BusyClock:
@@ -180,7 +182,9 @@ def _ppll(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torc
     channels_last = batches[0].input.is_contiguous(memory_format=torch.channels_last)
     link = Link(rank, world, opts.window, channels_last, device)
     total = opts.warmup + opts.steps
-    result = timed_steps(bench_step(engine, batches, link), total, device, lambda: time.perf_counter() - link.idle)
+    result = timed_steps(
+        bench_step(engine, batches, link, opts.labels == "send"), total, device, lambda: time.perf_counter() - link.idle
+    )
     link.shutdown(total)
     return result
 

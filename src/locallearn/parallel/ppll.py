@@ -133,16 +133,22 @@ def stage_step(
     return out.detach()
 
 
-def bench_step(engine: LocalEngine, batches: list[Batch], link: Link) -> Callable[[int], None]:
+def bench_step(
+    engine: LocalEngine, batches: list[Batch], link: Link, send_labels: bool = False
+) -> Callable[[int], None]:
     """This rank's training step ``i`` on ``batches[i % len]``: the loop body of :func:`run_stage` on fixed batches,
-    for ``locallearn bench pipeline`` (every rank holds the same batches, so labels need not travel). Every rank
-    must call it (it creates the upstream process group when the method needs one)."""
+    for ``locallearn bench pipeline``. Every rank holds the same batches; with ``send_labels`` (``ppll.labels:
+    send``) the stages after the first still take the targets from stage k-1's DATA messages, so their cost is
+    timed. Every rank must call it (it creates the upstream process group when the method needs one)."""
     if CrossStage.needed(engine) and link.back is None:
         link.back = dist.new_group()
     cross = CrossStage.build(engine, link)
 
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
+        if send_labels:
+            batch = batch if link.stage == 0 else link.recv_data(i)[0]
+            link.send_data(i, batch, len(batch))
         x = batch.input if link.stage == 0 else link.recv(TRAIN, i)[2]
         stage_step(engine, link.stage, x, batch, link, i, cross)
 
