@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,7 +196,7 @@ def test_bench_pipeline_times_only_the_rows_asked_for(synthetic_root: Path, tmp_
     args = ["bench", "pipeline", "-c", DEMO, "--k", "2", "--steps", "2", "--warmup", "1", "--repeats", "2"]
     args += ["--rows", "solo,ppll,independent", "--timeout", "200", "--out", str(out)]
     over = tiny_overrides(synthetic_root, tmp_path) + ["model.width=4", "method.name=dgl", "run.device=cpu"]
-    over.append("ppll.labels=send")  # PPLL timed with the targets travelling with the activations
+    over += ["ppll.labels=send", "ppll.pin_cores=true"]  # targets travel with the activations; ranks bound
     assert main([*args, *over]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["kind"] for r in results["rows"]] == ["solo", "ppll", "independent"]
@@ -206,6 +209,23 @@ def test_bench_pipeline_times_only_the_rows_asked_for(synthetic_root: Path, tmp_
     assert results["ratio_columns"] == ["sequential, in the 2-process window (1×1)"]
     md = (out / "results.md").read_text()
     assert "ppll / sequential LL timed in the same window" in md and "PPLL targets sent by stage 0" in md
+    ppll_cores = results["rows"][1]["rounds"][0]["cores"]  # ppll.pin_cores: a core of its own per rank
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert len(ppll_cores) == 2 and len(ppll_cores[0]) == len(ppll_cores[1]) == 1 and ppll_cores[0] != ppll_cores[1]
+    assert results["rows"][0]["rounds"][0]["cores"][0] == ppll_cores[0]  # solo's rank 0 is bound like PPLL's
+
+
+def test_pin_cores_gives_each_slot_its_own_cores() -> None:
+    """In a child process (pinning this one would bind the test run): slot s of n gets core s of the cores it
+    started with; more slots × threads than cores leaves the binding alone."""
+    code = (
+        "import os; from locallearn.parallel.launch import pin_cores; cores = sorted(os.sched_getaffinity(0)); "
+        "n = len(cores); assert pin_cores(0, n + 1, 1) is None and sorted(os.sched_getaffinity(0)) == cores; "
+        "assert pin_cores(0, 1, n + 1) is None; got = pin_cores(n - 1, n, 1); "
+        "assert got == [cores[-1]] == sorted(os.sched_getaffinity(0)), got; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 @pytest.mark.timeout(300)

@@ -245,6 +245,20 @@ def test_labels_sent_with_the_activations_train_the_same_model(
     assert last["aux_acc"] == pytest.approx(sequential["aux_acc"], abs=1e-6)
 
 
+def test_pinned_ranks_run_on_cores_of_their_own(synthetic_root: Path, tmp_path: Path) -> None:
+    """``ppll.pin_cores=true`` with one thread per rank: rank 0 runs on the first core alone (where the machine
+    has a core per rank), and training is unchanged by it (bitwise the sequential engine)."""
+    import json
+
+    base = ppll_base(synthetic_root, tmp_path, "dgl", 2) + ["run.threads=1"]
+    sequential = fit(load_config(None, base), quiet=True)
+    result = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.pin_cores=true"]), 2, timeout=120)
+    env = json.loads((Path(result["run_dir"]) / "env.json").read_text())
+    cores = sorted(os.sched_getaffinity(0))
+    assert env["rank0_cores"] == (cores[:1] if len(cores) >= 2 else cores)
+    assert_stages_match(load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt"), Path(result["run_dir"]), 2)
+
+
 def test_a_dead_stage_makes_every_other_rank_exit_nonzero(synthetic_root: Path, tmp_path: Path, capfd) -> None:
     """Rank 1 dies right after joining; ranks 0 and 2 must each exit non-zero on their own (not be killed by the
     launcher) within a bounded time, naming the stage that died: no silent hang."""

@@ -355,8 +355,9 @@ def measure(
             for i in group:
                 row = rows[i]
                 cfg = e2e_cfg if row.kind in ("e2e", "ddp") else ll_cfg
+                ppll = ll_cfg.ppll  # its labels, window and core pinning (every row pinned alike, or none)
                 opts = RunOpts(
-                    warmup, steps, row.micro, row.threads, window=ll_cfg.ppll.window, labels=ll_cfg.ppll.labels
+                    warmup, steps, row.micro, row.threads, window=ppll.window, labels=ppll.labels, pin=ppll.pin_cores
                 )
                 jobs.append((row.kind, cfg, opts))
             before = _cpu_seconds()
@@ -364,7 +365,7 @@ def measure(
             foreign = _foreign_cores(before)
             for i, ranks in zip(group, per_job):
                 samples = size * (rows[i].procs if rows[i].kind == "independent" else 1)  # K batches per step
-                measured = {"foreign_cores": foreign}
+                measured = {"foreign_cores": foreign, "cores": [r["cores"] for r in ranks]}  # None: not pinned
                 if rows[i].kind == "solo":  # rank 0 alone computed; the others' CPU seconds show they idled
                     measured["idle_ranks_cpu_s"] = [r["idle_cpu_s"] for r in ranks[1:]]
                     ranks = ranks[:1]

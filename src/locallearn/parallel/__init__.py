@@ -18,7 +18,7 @@ from ..train.config import ConfigError, TrainCfg
 from ..train.loop import RESUMABLE_CHANGES, resumed_config
 
 # On resume these may change too: they do not change what is computed.
-RESUMABLE = RESUMABLE_CHANGES | {"ppll.timeout", "ppll.window", "ppll.procs"}
+RESUMABLE = RESUMABLE_CHANGES | {"ppll.timeout", "ppll.window", "ppll.procs", "ppll.pin_cores"}
 
 
 def _run_dir(resume: str | Path) -> Path:

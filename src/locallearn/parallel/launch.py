@@ -45,11 +45,30 @@ from .link import StageError, short_error
 Body = Callable[[TrainCfg, "str | None", bool], "dict[str, Any] | None"]
 
 
+_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # before any pinning
+
+
+def pin_cores(slot: int, slots: int, threads: int) -> list[int] | None:
+    """Bind this process to cores of its own: process ``slot`` of the ``slots`` on this machine gets ``threads``
+    cores (``sched_setaffinity``), so ranks neither share a core nor migrate between cores. Only where the cores
+    this process started with cover every slot (and the OS has affinities, i.e. Linux); otherwise nothing changes.
+    Returns the cores, or None. DataLoader workers inherit the binding."""
+    if not _CORES or threads < 1 or not 0 <= slot < slots or slots * threads > len(_CORES):
+        return None
+    mine = _CORES[slot * threads : (slot + 1) * threads]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
 def rank_device(cfg: TrainCfg) -> torch.device:
-    """This rank's device: ``run.device``, with CUDA pinned to ``LOCAL_RANK`` (one GPU per process)."""
+    """This rank's device: ``run.device``, with CUDA pinned to ``LOCAL_RANK`` (one GPU per process); on CPU, with
+    ``ppll.pin_cores``, this rank's own cores (:func:`pin_cores`)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
+    if device.type == "cpu" and cfg.ppll.pin_cores:
+        slots = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        pin_cores(int(os.environ.get("LOCAL_RANK", dist.get_rank())), slots, torch.get_num_threads())
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
         device = torch.device("cuda", local)

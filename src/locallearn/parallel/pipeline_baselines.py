@@ -53,6 +53,7 @@ from ..local.task import Batch
 from ..train.config import ConfigError, TrainCfg, config_from_dict, to_dict
 from ..train.engine import LocalEngine
 from ..train.loop import build_engine, resolve_device
+from .launch import pin_cores
 from .ppll import Link, _free_port, bench_step, check_supported
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -65,7 +66,7 @@ class RunOpts:
     per step (GPipe/1F1B); ``threads``: torch threads per process; ``keep_state``: return each rank's module
     parameters and gradients (tests); ``timeout``: seconds a collective may block before its rank fails;
     ``window``: PPLL sends in flight; ``labels``: PPLL's ``ppll.labels`` (``send``: targets travel with the
-    activations)."""
+    activations); ``pin``: on CPU, bind rank r to its own ``threads`` cores (:func:`~.launch.pin_cores`)."""
 
     warmup: int = 3
     steps: int = 30
@@ -75,6 +76,7 @@ class RunOpts:
     timeout: float = 120.0
     window: int = 2
     labels: str = "loader"
+    pin: bool = False
 
 
 class BusyClock:
@@ -325,10 +327,11 @@ def _rank_main(rank: int, world: int, port: int, jobs: list, tensors: list, out:
         batches = [Batch(*(None if t is None else t.to(device) for t in b)) for b in tensors]
         for j, (kind, data, opts) in enumerate(jobs):
             torch.set_num_threads(opts.threads)
+            cores = pin_cores(rank, world, opts.threads) if opts.pin and device.type == "cpu" else None
             cfg = config_from_dict(data)
             engine = build_engine(cfg, dataset_spec(cfg.data.name), device, batches[0].input)
             result = RUNNERS[kind](engine, batches, opts, device)
-            result.update(rank=rank, threads=torch.get_num_threads(), module_ends=list(engine.ends))
+            result.update(rank=rank, threads=torch.get_num_threads(), module_ends=list(engine.ends), cores=cores)
             if opts.keep_state:
                 part = engine.modules[rank] if kind in ("ppll", "gpipe", "1f1b") else engine.backbone
                 result["state"] = {n: t.detach().cpu().clone() for n, t in part.state_dict().items()}

@@ -29,7 +29,7 @@ global step). Every stage saves its state after the same global step (at differe
 receives every weight message already sent, and activations still in flight are simply recomputed after a
 resume. So ``--resume`` restores each rank at the same step and continues bitwise as if never stopped (tested);
 stage checkpoints of different steps (a crash between two stages' saves) are refused. Only ``run.*`` schedule
-keys and ``ppll.timeout/window/procs`` may change on resume.
+keys and ``ppll.timeout/window/procs/pin_cores`` may change on resume.
 
 Replicated pipelines (2-D mesh, ``ppll.replicas = R``): world = K·R, **rank = replica·K + stage**. Replica r's
 pipeline runs on shard r of every global batch (:func:`~.data_parallel.shard`), P2P stays within the replica,
@@ -273,6 +273,8 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
     log = MetricsLog(run_dir / "metrics.jsonl") if rank == 0 else None
     if rank == 0:
         env = {**environment(device), "world_size": dist.get_world_size(), "replicas": me.replicas}
+        if hasattr(os, "sched_getaffinity"):  # rank 0's CPU cores (one of its own with ppll.pin_cores)
+            env["rank0_cores"] = sorted(os.sched_getaffinity(0))
         (run_dir / "env.json").write_text(json.dumps(env, indent=2))
     ckpt = run_dir / f"ckpt_stage{k}.pt"
     spe, result, stop = len(train_loader), None, False

@@ -130,7 +130,10 @@ class PPLLCfg:
     single-process semantics). ``replicas``: data-parallel copies of the pipeline (world = K · replicas).
     ``labels``: where stages after the first get targets (and raw images): ``loader``, each rank's own identically
     seeded loader (only activations travel); ``send``, stage 0 alone reads data and they travel with the
-    activations (for data on one node only, or a loader that is not reproducible across ranks)."""
+    activations (for data on one node only, or a loader that is not reproducible across ranks). ``pin_cores``: on
+    CPU, bind each local rank to cores of its own when the machine has enough for every rank's threads
+    (:func:`locallearn.parallel.launch.pin_cores`; ``locallearn bench pipeline`` then pins every row alike). Off by
+    default: DataLoader workers inherit their rank's cores."""
 
     procs: int = 0
     window: int = 2
@@ -138,6 +141,7 @@ class PPLLCfg:
     ema_every: int = 1
     replicas: int = 1
     labels: Literal["loader", "send"] = "loader"
+    pin_cores: bool = False
 
 
 @dataclass
