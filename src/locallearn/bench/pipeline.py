@@ -18,9 +18,12 @@ Rows, each timed by :func:`~locallearn.parallel.pipeline_baselines.spawn_run` on
   sequential LL, from runs seconds apart.
 
 The single-process rows share one spawned process and the K-process rows one group of K processes per round;
-``--repeats`` rounds alternate their order, and every figure is the median over rounds (a ratio: the median of
-the per-round ratios, both runs of a round having seen about the same load). Each round records the CPU load of
-other processes (``foreign_cores``), so contaminated multi-core runs can be spotted and discarded (§6.4).
+odd rounds run the groups, and the rows within them, in reverse order. Every figure is the median over rounds (a
+ratio: the median of the per-round ratios, both runs of a round having seen about the same load), and each
+headline ratio comes with a 95 % confidence interval of that median (:func:`median_interval`). ``--rows`` times a
+subset, e.g. ``solo,ppll,independent`` for many quick rounds of the goal's ratio. Each round records the CPU load
+of other processes (``foreign_cores``), so contaminated multi-core runs can be spotted and discarded (§6.4), and,
+with ``ppll.pin_cores``, the cores of every rank (every row is pinned alike).
 
 ``--simulate K`` adds :mod:`.simulate`'s predictions for K devices and, for validation, for the measured K, printed
 beside the measured throughput. ``results.json`` holds every round; ``results.md`` is rendered from it.
