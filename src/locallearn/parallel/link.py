@@ -221,6 +221,16 @@ class Link:
         image = torch.zeros((), device=self.device).expand(*shape.tolist())
         return Batch(image, target, raw), whole
 
+    def relay_data(self, step: int, batch: Batch | None, whole: int = 0) -> tuple[Batch, int]:
+        """``ppll.labels: send``: stage 0 passes its ``batch`` (part of a global batch of ``whole`` samples; 0 =
+        the batch itself) on; a later stage (``batch`` None) takes batch ``step`` from stage k-1 and passes it on
+        at once, before computing, so stage k+1 never waits for this one. Returns ``(batch, whole)``."""
+        if batch is None:
+            batch, whole = self.recv_data(step)
+        whole = whole or len(batch)
+        self.send_data(step, batch, whole)
+        return batch, whole
+
     # ---- upstream: cascade gradients and EMA weights ---------------------------------------------------------
     def post_up(
         self, stage: int, kind: int, step: int, tensor: torch.Tensor | None = None, extra: tuple[int, int] = (0, 0)

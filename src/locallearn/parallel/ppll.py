@@ -147,8 +147,7 @@ def bench_step(
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
         if send_labels:
-            batch = batch if link.stage == 0 else link.recv_data(i)[0]
-            link.send_data(i, batch, len(batch))
+            batch = link.relay_data(i, batch if link.stage == 0 else None)[0]
         x = batch.input if link.stage == 0 else link.recv(TRAIN, i)[2]
         stage_step(engine, link.stage, x, batch, link, i, cross)
 
@@ -187,14 +186,12 @@ class _Stage:
         """Training batch ``step`` for this stage and its replica's share of the global batch: from this rank's
         loader (``item``), or with ``ppll.labels: send`` from stage k-1's DATA message, passed on downstream at
         once so the next stage never waits for this one's compute."""
-        if item is not None:
-            whole = len(item[1])
-            batch, weight = shard(Batch(*item), self.replica, self.replicas)
-        else:
-            batch, whole = self.link.recv_data(step)
-            weight = len(batch) / whole
+        if item is None:
+            batch, whole = self.link.relay_data(step, None)
+            return batch, len(batch) / whole
+        batch, weight = shard(Batch(*item), self.replica, self.replicas)
         if self.send_labels:
-            self.link.send_data(step, batch, whole)
+            self.link.relay_data(step, batch, len(item[1]))
         return batch, weight
 
     def sync(self, steps_done: int, flush: bool = True) -> None:

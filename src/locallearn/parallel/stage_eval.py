@@ -38,9 +38,9 @@ def stage_evaluate(
     loss_sum, seen = torch.zeros((), device=engine.device), 0
     own_data = loader.batches() if k == 0 or not send_labels else [None] * len(loader)
     for i, item in enumerate(own_data):
-        batch = Batch(*item) if item is not None else link.recv_data(i)[0]
+        batch = None if item is None else Batch(*item)
         if send_labels:
-            link.send_data(i, batch, len(batch))
+            batch = link.relay_data(i, batch)[0]
         x = batch.input if k == 0 else link.recv(EVAL, i)[2]
         with engine._autocast():
             h = engine.modules[k](x)
