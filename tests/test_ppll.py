@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from locallearn.cli.main import main
+from locallearn.parallel.link import free_port
 from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_checkpoint, load_config
 from locallearn.train.config import ConfigError
@@ -283,5 +284,32 @@ def test_torchrun_trains_and_resumes(synthetic_root: Path, tmp_path: Path) -> No
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("_ppll")]
     cmd = [*torchrun, "-m", "locallearn", "train", "--resume", str(run_dir), "run.max_steps=null"]
     subprocess.run(cmd, check=True, timeout=150, env=env, capture_output=True)
+    sequential = load_checkpoint(Path(fit(load_config(None, base), quiet=True)["run_dir"]) / "ckpt_last.pt")
+    assert_stages_match(sequential, run_dir, 2)
+
+
+def test_two_nodes_meet_through_torchrun_rendezvous(synthetic_root: Path, tmp_path: Path) -> None:
+    """Multi-node PPLL: two ``torchrun --nnodes 2 --nproc-per-node 1`` agents (here on one host, as on two machines)
+    meet through the c10d rendezvous; node 0 runs stage 0, node 1 stage 1 (both with ``LOCAL_RANK=0``), and the
+    stages end bitwise equal to sequential local learning."""
+    base = ppll_base(synthetic_root, tmp_path, "dgl", 2)
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for node in range(2):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        torchrun += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "locallearn-test"]
+        cmd = [*torchrun, "-m", "locallearn", "train", "-c", str(tmp_path / "empty.yaml"), *base, "parallel=ppll"]
+        log = (tmp_path / f"node{node}.log").open("w")
+        nodes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=180) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    logs = "".join((tmp_path / f"node{n}.log").read_text()[-2000:] for n in range(2))
+    assert codes == [0, 0], logs
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("_ppll")]
     sequential = load_checkpoint(Path(fit(load_config(None, base), quiet=True)["run_dir"]) / "ckpt_last.pt")
     assert_stages_match(sequential, run_dir, 2)
