@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,16 @@ from hypothesis import strategies as st
 
 from locallearn import ClassificationTask, MethodCfg, create_model
 from locallearn.local.split import balanced_split
+from locallearn.train import partition
 from locallearn.train.config import OptimCfg, load_config
 from locallearn.train.engine import LocalEngine
 from locallearn.train.loop import fit
-from locallearn.train.partition import measure_unit_times, time_balanced_ends, time_balanced_method
+from locallearn.train.partition import (
+    candidate_splits,
+    measure_unit_times,
+    time_balanced_ends,
+    time_balanced_method,
+)
 
 from .conftest import tiny_overrides
 from .test_engine import make_batch
@@ -74,6 +81,41 @@ def test_time_balanced_method_returns_explicit_ends() -> None:
     with pytest.raises(ValueError, match="balance=time is measured before the engine is built"):
         _build(MethodCfg(name="dgl", k=3, balance="time"))
     assert _build(MethodCfg(name="e2e", balance="time")).ends == [5]  # one module: nothing to measure
+
+
+def test_candidates_are_the_best_split_and_its_near_tied_neighbours() -> None:
+    """Five equal units, K=2: [2, 5] and [3, 5] tie (slowest module 3 units); [1, 5] and [4, 5] (4 units) are
+    33 % worse, outside a 10 % tolerance, inside a 40 % one; K=3 moves each boundary."""
+    unit, aux = [1.0] * 5, [0.0] * 5
+    assert candidate_splits(unit, aux, [2, 5]) == [[2, 5], [3, 5]]
+    assert candidate_splits(unit, aux, [2, 5], tolerance=0.4) == [[2, 5], [3, 5], [1, 5]]
+    assert candidate_splits(unit, aux, [2, 5], tolerance=0.4, limit=2) == [[2, 5], [3, 5]]
+    assert candidate_splits([1.0] * 6, [0.0] * 6, [2, 4, 6], tolerance=0.6) == [
+        [2, 4, 6],
+        [1, 4, 6],
+        [3, 4, 6],
+        [2, 3, 6],
+        [2, 5, 6],
+    ]
+    assert candidate_splits([1.0, 1.0], [0.0, 0.0], [2]) == [[2]]  # K=1: nothing to move
+
+
+def test_whole_module_timing_settles_a_tie_the_unit_probe_cannot_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-unit probe is made to report five equal units, so [2, 5] and [3, 5] tie. In truth units 0-3 cost
+    10 ms and unit 4 costs 40 ms (forward hooks sleep): [2, 5] is 20 / 60 ms, [3, 5] 30 / 50 ms. Timing the
+    candidates' whole modules picks [3, 5] and reports its module times."""
+
+    def sleepy_build(method: MethodCfg) -> LocalEngine:
+        engine = _build(method)
+        for u, unit in enumerate(engine.backbone.units):
+            unit.register_forward_pre_hook(lambda *_, s=0.04 if u == 4 else 0.01: time.sleep(s))
+        return engine
+
+    assert time_balanced_ends([1.0] * 5, [0.0] * 5, 2) == [2, 5]  # what the unit probe alone picks
+    monkeypatch.setattr(partition, "measure_unit_times", lambda probe, batch, repeats: ([1.0] * 5, [0.0] * 5))
+    method, seconds = time_balanced_method(MethodCfg(name="dgl", k=2, balance="time"), sleepy_build, make_batch(n=8))
+    assert method.ends == [3, 5]
+    assert 0.03 <= seconds[0] < 0.045 and 0.05 <= seconds[1] < 0.065, seconds
 
 
 def test_fit_records_the_measured_split_so_resume_reuses_it(synthetic_root: Path, tmp_path: Path) -> None:

@@ -14,6 +14,13 @@ minimises the largest module. Times are medians of ``repeats`` interleaved round
 neither one noisy step nor a drifting machine moves a split; the probe's InfoPro λ schedule is that of K =
 number of units, so a term whose λ is 0 only at the final K is still timed (a small overestimate, never an
 omission).
+
+Per-unit sums cannot settle near-ties: on ViT-Ti the DGL aux net costs about one block, so ends [6, 14] and
+[7, 14] predict the same slowest module, yet under PPLL [6, 14] left stage 0 idle 19 % of the time
+(``benchmarks/pipeline_fmnist_k2_same_window/``). So the best split and its neighbours one boundary away whose
+prediction is within ``tolerance`` of it are **timed as whole modules** (forward, local losses, backward, as a
+training step runs them), in interleaved rounds (twice the probe's: candidates differ by little), and the split
+whose slowest timed module is fastest wins.
 """
 
 from __future__ import annotations
@@ -94,18 +101,85 @@ def time_balanced_ends(unit_s: list[float], aux_s: list[float], k: int) -> list[
     return balanced_split(unit_s, k, end_costs=aux_s)
 
 
+def predicted_module_times(unit_s: list[float], aux_s: list[float], ends: list[int]) -> list[float]:
+    """Seconds per module of the split ``ends`` from the per-unit probe: Σ unit_s[s:e] + aux_s[e-1]."""
+    return [sum(unit_s[s:e]) + aux_s[e - 1] for s, e in zip([0, *ends[:-1]], ends)]
+
+
+def candidate_splits(
+    unit_s: list[float], aux_s: list[float], ends: list[int], tolerance: float = 0.1, limit: int = 5
+) -> list[list[int]]:
+    """``ends`` (the best predicted split) first, then its neighbours (one boundary moved by one unit) whose
+    predicted slowest module is within ``tolerance`` of the best, most promising first; at most ``limit``."""
+    best = max(predicted_module_times(unit_s, aux_s, ends))
+    scored = []
+    for i in range(len(ends) - 1):
+        low = ends[i - 1] if i else 0
+        for step in (-1, 1):
+            moved = [*ends[:i], ends[i] + step, *ends[i + 1 :]]
+            if low < moved[i] < ends[i + 1]:
+                slowest = max(predicted_module_times(unit_s, aux_s, moved))
+                if slowest <= best * (1 + tolerance):
+                    scored.append((slowest, moved))
+    scored.sort(key=lambda item: item[0])
+    return [ends, *(moved for _, moved in scored)][:limit]
+
+
+def _module_seconds(engine: LocalEngine, batch: Batch) -> list[float]:
+    """One pass of ``engine``'s modules on ``batch``, each timed as a training step runs it (forward, local
+    losses, backward; no optimizer step, gradients dropped)."""
+    times, h = [], batch.input
+    for k, module in enumerate(engine.modules):
+        x, outs = h.detach(), []
+
+        def module_step(k=k, module=module, x=x, outs=outs) -> None:
+            with engine._autocast():
+                out = module(x)
+                losses = [loss for loss, _ in engine.method.local_losses(k, out, batch) if loss.requires_grad]
+            if losses:
+                torch.stack([loss.float() for loss in losses]).sum().backward()
+            outs.append(out.detach())
+
+        times.append(_seconds(module_step, engine.device))
+        h = outs[0]
+    for module in engine.modules:
+        module.zero_grad(set_to_none=True)
+    engine.method.zero_grad(set_to_none=True)
+    return times
+
+
+def time_candidate_splits(engines: list[LocalEngine], batch: Batch, repeats: int = 3) -> list[list[float]]:
+    """Seconds per module of each engine (one per candidate split), medians over ``repeats`` rounds after a
+    warm-up round. Every round times every candidate, odd rounds in reverse order, so drift and position slow
+    every candidate alike."""
+    for engine in engines:
+        engine.backbone.train()
+        engine.method.train()
+    rounds: list[list[list[float]]] = [[] for _ in engines]
+    for r in range(repeats + 1):
+        order = range(len(engines)) if r % 2 == 0 else reversed(range(len(engines)))
+        for i in order:
+            times = _module_seconds(engines[i], batch)
+            if r:
+                rounds[i].append(times)
+    return [[statistics.median(t[m] for t in timed) for m in range(len(timed[0]))] for timed in rounds]
+
+
 def time_balanced_method(
     cfg: MethodCfg, build: Callable[[MethodCfg], LocalEngine], batch: Batch, repeats: int = 3
 ) -> tuple[MethodCfg, list[float]]:
     """``cfg`` with ``balance: time`` resolved to explicit ends (so a resumed run, or every pipeline rank, uses the
-    same split without measuring again), and the predicted seconds per module. ``build`` makes an engine for a
-    method config (the caller's backbone and task)."""
+    same split without measuring again), and the timed seconds per module of that split. ``build`` makes an
+    engine for a method config (the caller's backbone and task). The per-unit probe proposes the candidates, the
+    whole-module timing picks one (module doc)."""
     probe_k = len(build(replace(cfg, k=1, split="auto", balance="units", ends=[])).backbone)
     k = resolve_k(cfg)
     check_k(k, probe_k)
     probe = build(replace(cfg, k=probe_k, split="ends", ends=list(range(1, probe_k + 1))))
     unit_s, aux_s = measure_unit_times(probe, batch, repeats)
-    ends = time_balanced_ends(unit_s, aux_s, k)
-    starts = [0, *ends[:-1]]
-    per_module = [sum(unit_s[s:e]) + aux_s[e - 1] for s, e in zip(starts, ends)]
-    return replace(cfg, k=k, split="ends", ends=ends), per_module
+    del probe
+    candidates = candidate_splits(unit_s, aux_s, time_balanced_ends(unit_s, aux_s, k))
+    methods = [replace(cfg, k=k, split="ends", ends=ends) for ends in candidates]
+    timed = time_candidate_splits([build(method) for method in methods], batch, 2 * repeats)
+    best = min(range(len(methods)), key=lambda i: max(timed[i]))
+    return methods[best], timed[best]
