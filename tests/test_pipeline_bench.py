@@ -247,6 +247,7 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
         "sequential (1×2)",
         "sequential, in the 2-process window (1×1)",
         "ppll (2×1)",
+        "ppll stages alone, no messages (2×1)",
         "independent (2×1)",
         "gpipe M=2 (2×1)",
         "1f1b M=2 (2×1)",
@@ -257,9 +258,9 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
     for row in results["rows"]:
         assert row["samples_per_s"] > 0 and row["fill_s"] > 0 and len(row["rounds"]) == 1
         assert row["module_ends"] == (ends if row["kind"] not in ("e2e", "ddp") else [ends[-1]])
-        multi_rank_predicted = row["kind"] in ("ddp", "independent")
+        multi_rank_predicted = row["kind"] in ("ddp", "independent", "stages")
         busy = row["busy_fraction"]
-        if row["kind"] in ("ppll", "gpipe", "1f1b"):
+        if row["kind"] in ("ppll", "gpipe", "1f1b", "stages"):
             assert len(busy) == 2 and all(0 < b <= 1 for b in busy), row["label"]
         else:
             assert all(b is None for b in busy)
@@ -279,6 +280,11 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
     ceiling = next(r for r in results["rows"] if r["kind"] == "independent")  # 2 batches per step, no messages
     assert results["headline"]["ppll / 2 independent sequential processes"] == pytest.approx(
         statistics.median(p["samples_per_s"] / c["samples_per_s"] for p, c in zip(ppll["rounds"], ceiling["rounds"]))
+    )
+    alone = next(r for r in results["rows"] if r["kind"] == "stages")  # the slowest stage sets the pace
+    assert max(alone["busy_fraction"]) == 1.0 and len(alone["rounds"][0]["rank_step_ms"]) == 2
+    assert results["headline"]["ppll / its stages alone, no messages (what the messages cost)"] == pytest.approx(
+        ppll["samples_per_s"] / alone["samples_per_s"]
     )
     md = (out / "results.md").read_text()
     assert "ppll (2×1)" in md and "Predicted samples/s at K=2" in md and "predicted / measured" in md

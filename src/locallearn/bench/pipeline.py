@@ -55,7 +55,17 @@ from .report import _write_atomic, machine_info
 from .simulate import default_micro, measure_stage_costs, ppll_fill, predict
 
 DISTINCT_BATCHES = 8  # fixed batches cycled, as in pipeline.md §3.1
-ROW_KINDS = ("e2e", "sequential", "solo", "ppll", "independent", "gpipe", "1f1b", "ddp")  # --rows, in plan order
+ROW_KINDS = (
+    "e2e",
+    "sequential",
+    "solo",
+    "ppll",
+    "stages",
+    "independent",
+    "gpipe",
+    "1f1b",
+    "ddp",
+)  # --rows, in plan order
 SCHEDULES = (("gpipe", "GPipe"), ("1f1b", "1F1B"))
 
 
@@ -77,14 +87,16 @@ class Row:
     def label(self) -> str:
         if self.kind == "solo":  # one process computes; the other ranks of the group sit idle
             return f"sequential, in the {self.procs}-process window (1×{self.threads})"
+        if self.kind == "stages":  # PPLL's stages, each on its own inputs, no messages
+            return f"ppll stages alone, no messages ({self.procs}×{self.threads})"
         return f"{self.name} ({self.procs}×{self.threads})"
 
 
 def plan_rows(k: int, threads: int, micro: list[int], kinds: tuple[str, ...] | list[str] = ROW_KINDS) -> list[Row]:
-    """The rows of ``kinds`` (``--rows``), in the order they run: one-process rows, then ``solo``, ``ppll`` and
-    ``independent`` back to back, then the baselines."""
+    """The rows of ``kinds`` (``--rows``), in the order they run: one-process rows, then ``solo``, ``ppll``,
+    ``stages`` and ``independent`` back to back, then the baselines."""
     rows = [Row(kind, 1, t) for t in (threads, k * threads) for kind in ("e2e", "sequential")]
-    rows += [Row("solo", k, threads), Row("ppll", k, threads), Row("independent", k, threads)]
+    rows += [Row(kind, k, threads) for kind in ("solo", "ppll", "stages", "independent")]
     rows += [Row("gpipe", k, threads, m) for m in micro]
     rows += [Row("1f1b", k, threads, m) for m in micro if m >= k]  # Schedule1F1B needs M >= K (§2.1)
     return [row for row in [*rows, Row("ddp", k, threads)] if row.kind in kinds]
@@ -160,6 +172,7 @@ def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str],
     seq, seq_many, ppll = by.get(f"sequential {one}"), by.get(f"sequential {many}"), by.get(f"ppll {multi}")
     e2e, e2e_many, ddp = by.get(f"e2e {one}"), by.get(f"e2e {many}"), by.get(f"ddp {multi}")
     ceiling = by.get(f"independent {multi}")
+    alone = next((r for r in rows if r["kind"] == "stages"), None)
     solo = next((r for r in rows if r["kind"] == "solo"), None)
     named = [
         (f"e2e {one}", e2e),
@@ -185,6 +198,9 @@ def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str],
         (f"{k} independent sequential processes / sequential LL (this machine's {k}-process ceiling)", ceiling, seq),
         (f"{k} independent sequential processes / sequential LL timed in the same window", ceiling, solo),
         (f"ppll / {k} independent sequential processes", ppll, ceiling),
+        ("ppll / its stages alone, no messages (what the messages cost)", ppll, alone),
+        (f"its stages alone / {k} independent sequential processes (what the split's imbalance costs)", alone, ceiling),
+        ("its stages alone / sequential LL timed in the same window (the split's bound)", alone, solo),
         *((f"ppll / best {name} ({row['label']})", ppll, row) for kind, name in SCHEDULES if (row := best.get(kind))),
     ]
     pairs = [(name, a, b) for name, a, b in pairs if a is not None and b is not None]
@@ -373,6 +389,8 @@ def measure(
                     measured["idle_ranks_cpu_s"] = [r["idle_cpu_s"] for r in ranks[1:]]
                     ranks = ranks[:1]
                 measured.update(steady_state(ranks, warmup, samples))
+                if rows[i].kind == "stages":  # each stage over the slowest: a message-free pipeline's busy fractions
+                    measured["busy_fraction"] = [t / max(measured["rank_step_ms"]) for t in measured["rank_step_ms"]]
                 records[i]["rounds"].append(measured)
                 records[i]["module_ends"] = ranks[0]["module_ends"]
             line = ", ".join(f"{rows[i].label} {records[i]['rounds'][-1]['samples_per_s']:.0f}" for i in group)

@@ -125,7 +125,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     notes.append(f"load average {m.get('load_avg')} → {m.get('load_avg_end', '?')}")
     notes.append(
         "fill = seconds from the start barrier until every rank finished step 1 (pipeline fill + lazy init); "
-        "busy fraction = compute seconds / wall per rank after warm-up (none for DDP and one-process rows)"
+        "busy fraction = compute seconds / wall per rank after warm-up (none for DDP and one-process rows; for the "
+        "stages alone, each stage's step time / the slowest's)"
     )
     if results.get("command"):
         notes.append(f"command: `{results['command']}`")

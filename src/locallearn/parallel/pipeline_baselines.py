@@ -16,6 +16,9 @@ Kinds (one row each in ``locallearn bench pipeline``):
 * ``solo``: sequential local learning on rank 0 of the K-process group while the other ranks wait, idle, in a
   barrier: the one-process reference timed in the same window as PPLL, so that drift of the shared machine
   between a one-process run and a K-process run does not enter their ratio.
+* ``stages``: rank k runs PPLL's stage k on inputs it computed itself before timing (modules < k, forward, at the
+  initial weights), sending nothing: the split's own bound. PPLL / this row is what the messages cost; this row /
+  ``independent`` is what the imbalance of the stages costs (a step ends when the slowest stage ends).
 
 Equivalence (tested): GPipe/1F1B with M micro-batches and DDP with K ranks give the gradients of single-process
 E2E training that accumulates the mean loss over M (or K) equal micro-batches in order. That, not the
@@ -54,10 +57,10 @@ from ..train.config import ConfigError, TrainCfg, config_from_dict, to_dict
 from ..train.engine import LocalEngine
 from ..train.loop import build_engine, resolve_device
 from .launch import pin_cores
-from .ppll import Link, _free_port, bench_step, check_supported
+from .ppll import Link, _free_port, bench_step, check_supported, stage_step
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-KINDS = ("e2e", "sequential", "solo", "ppll", "gpipe", "1f1b", "ddp", "independent")
+KINDS = ("e2e", "sequential", "solo", "ppll", "stages", "gpipe", "1f1b", "ddp", "independent")
 
 
 @dataclass
@@ -134,9 +137,11 @@ def steady_state(ranks: list[dict[str, Any]], warmup: int, batch_size: int) -> d
         raise ValueError(f"need 1 <= warmup < steps + warmup, got warmup={warmup} of {total} steps")
     done = [max(r["step_end_s"][i] for r in ranks) for i in range(total)]
     window = done[-1] - done[warmup - 1]
+    own = [1000 * (r["step_end_s"][-1] - r["step_end_s"][warmup - 1]) / (total - warmup) for r in ranks]
     return {
         "samples_per_s": (total - warmup) * batch_size / window,
         "step_ms": 1000 * window / (total - warmup),
+        "rank_step_ms": own,  # each rank's own steps (a PPLL rank may run up to a window ahead of the last)
         "fill_s": done[0],
         "warmup_s": done[warmup - 1],
         "busy_fraction": [_busy(r, warmup) for r in ranks],
@@ -189,6 +194,35 @@ def _ppll(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torc
     )
     link.shutdown(total)
     return result
+
+
+class _NoMessages:
+    """The part of :class:`~.ppll.Link` that :func:`~.ppll.stage_step` uses, sending nothing."""
+
+    def send(self, *_: Any) -> None:
+        pass
+
+
+def _stages(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch.device) -> dict[str, Any]:
+    """PPLL's stage loop on every rank, each on its own precomputed inputs, without messages (module doc)."""
+    k = dist.get_rank()
+    if engine.k != dist.get_world_size():
+        raise ConfigError(
+            f"the stages row runs one process per module: K={engine.k}, {dist.get_world_size()} processes"
+        )
+    inputs = []
+    with torch.no_grad():
+        for batch in batches:
+            h = batch.input
+            for module in engine.modules[:k]:
+                h = module(h)
+            inputs.append(h)
+    link = _NoMessages()
+
+    def step(i: int) -> None:
+        stage_step(engine, k, inputs[i % len(inputs)], batches[i % len(batches)], link, i)  # type: ignore[arg-type]
+
+    return timed_steps(step, opts.warmup + opts.steps, device)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -302,6 +336,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "sequential": _single,
     "solo": _solo,
     "ppll": _ppll,
+    "stages": _stages,
     "gpipe": _pipelined("gpipe"),
     "1f1b": _pipelined("1f1b"),
     "ddp": _ddp,
