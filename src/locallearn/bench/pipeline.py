@@ -55,17 +55,8 @@ from .report import _write_atomic, machine_info
 from .simulate import default_micro, measure_stage_costs, ppll_fill, predict
 
 DISTINCT_BATCHES = 8  # fixed batches cycled, as in pipeline.md §3.1
-ROW_KINDS = (
-    "e2e",
-    "sequential",
-    "solo",
-    "ppll",
-    "stages",
-    "independent",
-    "gpipe",
-    "1f1b",
-    "ddp",
-)  # --rows, in plan order
+# --rows, in plan order
+ROW_KINDS = ("e2e", "sequential", "solo", "ppll", "stages", "independent", "gpipe", "1f1b", "ddp")
 SCHEDULES = (("gpipe", "GPipe"), ("1f1b", "1F1B"))
 
 
