@@ -13,15 +13,18 @@ Rows, each timed by :func:`~locallearn.parallel.pipeline_baselines.spawn_run` on
 * ``independent``: K processes × ``--threads``, each running sequential local learning on its own copy of the
   batch with no communication: their total samples/s is the most any K-process run can reach on this machine;
 * ``solo``: sequential local learning again, in rank 0 of the K-process group while the other ranks idle in a
-  barrier, timed right before ``ppll`` and ``independent``. The one-process rows run in another process, minutes
-  apart, and a shared machine drifts by ±15 % between such windows; this row gives the goal's ratio, PPLL /
-  sequential LL, from runs seconds apart.
+  barrier, timed right before ``ppll``, ``stages`` and ``independent``. The one-process rows run in another
+  process, minutes apart, and a shared machine drifts by ±15 % between such windows; this row gives the goal's
+  ratio, PPLL / sequential LL, from runs seconds apart;
+* ``stages``: PPLL's stages at once, each on inputs it computed itself, with no messages. PPLL / ``stages`` is
+  what the messages cost, ``stages`` / ``independent`` what the imbalance of the split costs; its busy column is
+  each stage's step time over the slowest's.
 
 The single-process rows share one spawned process and the K-process rows one group of K processes per round;
 odd rounds run the groups, and the rows within them, in reverse order. Every figure is the median over rounds (a
 ratio: the median of the per-round ratios, both runs of a round having seen about the same load), and each
 headline ratio comes with a 95 % confidence interval of that median (:func:`median_interval`). ``--rows`` times a
-subset, e.g. ``solo,ppll,independent`` for many quick rounds of the goal's ratio. Each round records the CPU load
+subset, e.g. ``solo,ppll,stages,independent`` for many quick rounds of the goal's ratio. Each round records the CPU load
 of other processes (``foreign_cores``), so contaminated multi-core runs can be spotted and discarded (§6.4), and,
 with ``ppll.pin_cores``, the cores of every rank (every row is pinned alike).
 
@@ -274,7 +277,7 @@ def run_pipeline_bench(
     kinds: list[str] | tuple[str, ...] = ROW_KINDS,
 ) -> dict[str, Any]:
     """Run the comparison (and the simulation) into ``out_dir``; returns the ``results.json`` dict. ``kinds``: the
-    rows to time (``--rows``), e.g. ``solo,ppll,independent`` for many quick rounds of the goal's ratio."""
+    rows to time (``--rows``), e.g. ``solo,ppll,stages,independent`` for many quick rounds of the goal's ratio."""
     if k < 2 or steps < 1 or warmup < 1 or repeats < 1 or threads < 1:
         raise ConfigError("bench pipeline needs --k >= 2 and --steps, --warmup, --repeats, --threads >= 1")
     unknown = [kind for kind in kinds if kind not in ROW_KINDS]

@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--repeats", type=int, default=5, help="rounds; figures are medians over rounds (default 5)")
     pp.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     pp.add_argument("--micro", help="GPipe/1F1B micro-batch counts, comma-separated (default K,2K,4K)")
-    pp.add_argument("--rows", help="row kinds to time, comma-separated, e.g. solo,ppll,independent (default all)")
+    pp.add_argument(
+        "--rows", help="row kinds to time, comma-separated (default all), e.g. solo,ppll,stages,independent"
+    )
     pp.add_argument("--simulate", help="comma-separated K to predict from measured stage and transfer times")
     pp.add_argument("--simulate-only", action="store_true", help="only the simulation (no timed runs)")
     pp.add_argument("--timeout", type=float, default=900, help="seconds one group of runs may take (default 900)")
