@@ -79,6 +79,32 @@ def test_ema_update_matches_closed_form() -> None:
         make_engine(MethodCfg(name="dgl", addons=["man"], ema_decay=1.0), 3)
 
 
+def test_ema_warmup_decay_follows_min_of_decay_and_warmup_ratio() -> None:
+    """With ``ema_warmup`` the t-th update (t = 0, 1, ...) uses m_t = min(m, (1+t)/(10+t)): 0.1, 2/11, 3/12, ...
+    until the ratio passes m; the count survives a state-dict round trip (resume continues the schedule)."""
+    cfg = MethodCfg(name="dgl", addons=["man"], ema_decay=0.5, ema_warmup=True)
+    engine = make_engine(cfg, 3)
+    bridge: MomentumBridge = engine.method.aux[0].independent.bridge
+    ema = next(iter(bridge.ema.parameters()))
+    live = next(iter(bridge.live[0].parameters()))
+    expected = ema.detach().double().clone()
+    decays = []
+    for t in range(10):
+        with torch.no_grad():
+            live.copy_(torch.full_like(live, float(t + 1)))
+        m = min(0.5, (1 + t) / (10 + t))
+        decays.append(m)
+        bridge.update_ema()
+        expected = m * expected + (1 - m) * (t + 1)
+    assert decays[:3] == [0.1, 2 / 11, 0.25] and decays[7] < 0.5 == decays[8] == decays[9]  # (1+8)/(10+8) = m
+    torch.testing.assert_close(ema.detach().double(), expected, rtol=1e-6, atol=1e-6)
+    other = make_engine(cfg, 3, seed=1)
+    other.load_state_dict(copy.deepcopy(engine.state_dict()))
+    assert other.method.aux[0].independent.bridge.ema_updates.item() == 10
+    plain = make_engine(MethodCfg(name="dgl", addons=["man"], ema_decay=0.5), 3)
+    assert not hasattr(plain.method.aux[0].independent.bridge, "ema_updates")  # old checkpoints keep loading
+
+
 def test_ema_moves_toward_source_during_training_and_round_trips() -> None:
     engine = make_engine(MethodCfg(name="dgl", addons=["man"], ema_decay=0.5), 3)
     bridge = engine.method.aux[0].independent.bridge

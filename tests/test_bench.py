@@ -13,10 +13,12 @@ from torch import nn
 
 from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
 from locallearn.bench import bench as bench_mod
-from locallearn.bench import engine_flops, parse_variants
+from locallearn.bench import engine_flops, parse_method, parse_variants, variant_config
+from locallearn.bench import runs as runs_mod
 from locallearn.cli.main import main
 from locallearn.measure import SavedTensorMeter, model_state_bytes, peak_rss_bytes, tensor_bytes, train_flops
 from locallearn.measure.speed import interleaved_throughput
+from locallearn.train.config import load_config
 
 from .conftest import tiny_overrides
 from .test_engine import make_batch
@@ -138,6 +140,19 @@ def test_parse_variants() -> None:
         parse_variants(["e2f"], [2])
 
 
+def test_method_syntax_names_add_on_presets_and_splits() -> None:
+    """``name[+addon...][:split]``, the same in compare and bench; each add-on expands to its preset's options."""
+    assert parse_method("infopro+hpff:infopro_star") == ("infopro", ("hpff",), "infopro_star")
+    (v,) = parse_variants(["dgl+man"], [8])
+    assert (v.label, v.key, v.addons) == ("dgl+man", "dgl+man|k8", ("man",))
+    assert v.overrides() == ["method.name=dgl", "method.k=8", 'method.addons=["man"]', 'method.bridge_combine="sum"']
+    cfg = variant_config(load_config(DEMO), parse_variants(["infopro+mlaan"], [4])[0])
+    assert (cfg.method.name, cfg.method.addons, cfg.method.cascade_final) == ("infopro", ["cascade", "lam"], "both")
+    for token, message in (("dgl+mann", "unknown add-on preset 'mann'"), ("e2e+man", "e2e has one module")):
+        with pytest.raises(ValueError, match=message):
+            parse_variants([token], [2])
+
+
 # ---- bench and plot, end to end ---------------------------------------------------------------------------------
 
 
@@ -175,13 +190,13 @@ def test_bench_rejects_a_different_config_in_the_same_out(bench_dir: Path, synth
 
 def test_bench_accuracy_resumes(bench_dir: Path, synthetic_root: Path, monkeypatch) -> None:
     calls: list[object] = []
-    real_fit = bench_mod.fit
+    real_fit = runs_mod.fit
 
     def counting_fit(cfg, resume=None, **kw):
         calls.append(resume)
         return real_fit(cfg, resume=resume, quiet=True, **kw)
 
-    monkeypatch.setattr(bench_mod, "fit", counting_fit)
+    monkeypatch.setattr(runs_mod, "fit", counting_fit)
     args = ["-c", DEMO, "--methods", "e2e,dgl", "--k", "2", "--out", str(bench_dir), *fast(synthetic_root, bench_dir)]
     assert main(["bench", "accuracy", *args]) == 0
     assert calls == [None, None]
@@ -197,7 +212,25 @@ def test_bench_accuracy_resumes(bench_dir: Path, synthetic_root: Path, monkeypat
     results = json.loads(path.read_text())
     assert len(results["runs"]) == 2 and len(list((bench_dir / "runs").iterdir())) == 2
     md = (bench_dir / "results.md").read_text()
-    assert "(n=1)" in md
+    assert "(n=1: " in md
+    record = results["runs"][0]
+    assert {"method", "addons", "k", "seed", "epochs", "train_size", "test_acc", "peak_activation_bytes"} <= set(record)
+    assert record["train_size"] == 128 and record["addons"] == []
+
+
+def test_bench_accuracy_runs_add_ons_in_parallel_workers(synthetic_root: Path, tmp_path: Path) -> None:
+    """``--methods dgl+man`` trains the add-on; ``--jobs 2`` runs two processes and records the same accuracy as
+    one process would (bitwise: same seeds, one thread each); the gap-closed column appears."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["-c", DEMO, "--methods", "e2e,dgl,dgl+man", "--k", "2"]
+    assert main(["bench", "accuracy", *common, "--out", str(two), "--jobs", "2", *fast(synthetic_root, two)]) == 0
+    assert main(["bench", "accuracy", *common, "--out", str(one), *fast(synthetic_root, one)]) == 0
+    got = [json.loads((d / "results.json").read_text())["runs"] for d in (one, two)]
+    assert [r["label"] for r in got[1]] == ["e2e", "dgl", "dgl+man"]  # variant order, whatever finished first
+    assert [r["test_acc"] for r in got[0]] == [r["test_acc"] for r in got[1]]
+    assert got[1][2]["addons"] == ["man"] and len(list((two / "runs").glob("*.log"))) == 3
+    md = (two / "results.md").read_text()
+    assert "base→E2E gap closed" in md and md.count(" % |") >= 1
 
 
 def test_plot_writes_pngs(bench_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from locallearn.bench.bench import Variant, bench_batches, variant_config
+from locallearn.bench.bench import bench_batches
 from locallearn.bench.simulate import (
     StageCosts,
     default_micro,
@@ -25,6 +25,7 @@ from locallearn.bench.simulate import (
     predict,
     sequential_step,
 )
+from locallearn.bench.variants import Variant, variant_config
 from locallearn.cli.main import main
 from locallearn.data.datasets import dataset_spec
 from locallearn.local.task import Batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,12 +90,45 @@ def test_cli_train_eval_summary_compare(synthetic_root: Path, tmp_path: Path, ca
         (["train"], "needs -c"),
         (["eval", "/nonexistent/run"], "not found"),
         (["compare", "-c", "configs/fmnist/demo.yaml", "--methods", "e2e,foo"], "unknown method 'foo'"),
+        (["compare", "-c", "configs/fmnist/demo.yaml", "--methods", "dgl+mann"], "unknown add-on preset 'mann'"),
+        (["bench", "memory", "-c", "configs/fmnist/demo.yaml", "--methods", "e2e+man"], "e2e has one module"),
+        (["compare", "-c", "configs/fmnist/demo.yaml", "--jobs", "0"], "--jobs must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
     assert main([*argv, f"run.out={tmp_path}"] if argv[0] != "eval" and len(argv) > 1 else argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("locallearn: error:") and "\n" not in err and message in err, err
+
+
+def test_compare_skips_finished_methods_and_continues_an_interrupted_one(
+    synthetic_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """``compare --out DIR`` run again: finished rows are kept, an interrupted run resumes from its checkpoint,
+    and the table equals the uninterrupted comparison's (accuracy and memory)."""
+    from locallearn.bench import runs as runs_mod
+
+    args = [*tiny_overrides(synthetic_root, tmp_path), "data.limit_train=256", "run.epochs=2", "method.k=2"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    cmd = ["compare", "-c", "configs/smoke/fmnist_dgl_k3.yaml", "--methods", "e2e,dgl+man"]
+    assert main([*cmd, "--out", str(full), *args]) == 0
+    real_fit, calls = runs_mod.fit, []
+
+    def interrupted_fit(cfg, resume=None, **kw):  # the second method is killed 3 steps into epoch 1
+        calls.append(resume)
+        if cfg.method.addons and resume is None:
+            real_fit(replace(cfg, run=replace(cfg.run, max_steps=3)), quiet=True)
+            raise KeyboardInterrupt
+        return real_fit(cfg, resume=resume, quiet=True, **kw)
+
+    monkeypatch.setattr(runs_mod, "fit", interrupted_fit)
+    assert main([*cmd, "--out", str(split), *args]) == 130
+    assert main([*cmd, "--out", str(split), *args]) == 0
+    assert calls[0] is None and calls[1] is None and calls[2] == next((split / "runs").glob("*dgl+man*"))
+    rows = [json.loads((d / "compare.json").read_text())["rows"] for d in (full, split)]
+    for a, b in zip(*rows, strict=True):
+        assert (a["method"], a["test_acc"], a["peak_act_mib"]) == (b["method"], b["test_acc"], b["peak_act_mib"])
+    assert main([*cmd, "--out", str(split), *args]) == 0 and len(calls) == 3  # all done: nothing trains
 
 
 def test_untrusted_checkpoint_is_refused(tmp_path: Path) -> None:

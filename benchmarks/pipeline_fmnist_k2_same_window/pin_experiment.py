@@ -13,7 +13,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from locallearn.bench.bench import Variant, bench_batches, variant_config
+from locallearn.bench.bench import bench_batches
+from locallearn.bench.variants import Variant, variant_config
 from locallearn.data.datasets import dataset_spec
 from locallearn.train.config import load_config
 from locallearn.train.loop import build_engine

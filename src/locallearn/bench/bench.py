@@ -2,7 +2,7 @@
 
     locallearn bench memory -c configs/cifar10/resnet110_infopro_k4.yaml --methods e2e,infopro,infopro:infopro_star \
         --k 2,3,4,8,16 --out benchmarks/memory_resnet110_cpu
-    locallearn bench accuracy -c configs/fmnist/demo.yaml --methods e2e,dgl,infopro --k 2,4 --seeds 2
+    locallearn bench accuracy -c configs/fmnist/demo.yaml --methods e2e,dgl,infopro,dgl+man --k 2,4 --seeds 2
 
 Every (method, K) is built from one config with :func:`~locallearn.train.loop.build_engine` and the config's
 ``run.seed``, so all variants start from the same backbone weights and see the same batches; ``e2e`` always runs
@@ -13,9 +13,9 @@ InfoPro*); (method, K) pairs a preset does not define are skipped with a note.
   parameter/gradient/optimizer bytes, peak RSS, CUDA peaks above the data baseline, and forward+backward FLOPs of
   the backbone and of the aux nets (:mod:`torch.utils.flop_counter`).
 * ``speed``: images/s, interleaved rounds of timed blocks (:mod:`locallearn.measure.speed`).
-* ``accuracy``: :func:`~locallearn.train.loop.fit` per (method, K, seed). Each finished run is written to
-  ``results.json`` at once and skipped when the command is run again with the same ``--out``; a run interrupted
-  mid-way continues from its last checkpoint.
+* ``accuracy``: :func:`~locallearn.train.loop.fit` per (method, K, seed), ``--jobs`` at a time (:mod:`.runs`).
+  Each finished run is written to ``results.json`` at once and skipped when the command is run again with the
+  same ``--out``; a run interrupted mid-way continues from its last checkpoint.
 
 ``results.json`` keeps the rows, the per-seed runs, the config, the machine and every command that added to it;
 ``results.md`` is regenerated from it after every change.
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import copy
 import gc
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,58 +37,14 @@ from ..data.idx import DataError
 from ..local.task import Batch
 from ..measure.memory import CudaPeak, SavedTensorMeter, model_state_bytes, peak_rss_bytes, reset_peak_rss
 from ..measure.speed import interleaved_throughput
-from ..methods.base import list_methods
-from ..train.config import ConfigError, TrainCfg, apply_overrides, config_from_dict, load_config, to_dict
+from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.engine import LocalEngine
-from ..train.loop import build_engine, build_loaders, build_task, fit, resolve_device, stream_seed
-from ..train.rundir import MetricsLog
+from ..train.loop import build_engine, build_loaders, build_task, resolve_device, stream_seed
 from .report import load_results, machine_info, save_results
+from .runs import plan_runs, train_runs
+from .variants import Variant, parse_variants, variant_config
 
 KINDS = ("memory", "speed", "accuracy", "all")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the table: a method, an optional split preset for it, and K."""
-
-    method: str
-    split: str | None
-    k: int
-
-    @property
-    def label(self) -> str:
-        return self.method if self.split is None else f"{self.method}:{self.split}"
-
-    @property
-    def key(self) -> str:
-        return f"{self.label}|k{self.k}"
-
-    def overrides(self) -> list[str]:
-        if self.method == "e2e":  # one module is the whole network whatever the split says
-            return ["method.name=e2e", "method.k=1", "method.split=auto", "method.ends=[]"]
-        return [f"method.name={self.method}", f"method.k={self.k}"] + (
-            [f"method.split={self.split}"] if self.split else []
-        )
-
-
-def parse_variants(methods: list[str], ks: list[int]) -> list[Variant]:
-    """``["e2e", "infopro", "infopro:infopro_star"]`` × ``ks`` → variants (e2e once, with K=1)."""
-    if not methods:
-        raise ConfigError("--methods is empty; e.g. --methods e2e,dgl,infopro")
-    out: list[Variant] = []
-    for token in methods:
-        name, _, split = token.partition(":")
-        if name not in list_methods():
-            raise ConfigError(f"unknown method {name!r} in --methods; known: {', '.join(list_methods())}")
-        for k in [1] if name == "e2e" else ks:
-            v = Variant(name, split or None, k)
-            if v not in out:
-                out.append(v)
-    return out
-
-
-def variant_config(base: TrainCfg, variant: Variant, extra: list[str] = ()) -> TrainCfg:
-    return config_from_dict(apply_overrides(to_dict(base), [*variant.overrides(), *extra]))
 
 
 def bench_batches(cfg: TrainCfg, device: torch.device, n: int) -> tuple[list[Batch], str]:
@@ -194,6 +148,7 @@ def _row(results: dict[str, Any], variant: Variant, engine: LocalEngine | None =
     else:
         row = {"key": variant.key, "label": variant.label, "method": variant.method, "split": variant.split}
         results["rows"].append(row)
+    row["addons"] = list(variant.addons)
     row["k"] = variant.k
     if engine is not None:
         row["ends"] = list(engine.ends)
@@ -276,60 +231,31 @@ def run_speed(
     save_results(out, results)
 
 
-def _partial_run(runs: Path, name: str) -> Path | None:
-    """The newest run directory of this (method, K, seed) with a checkpoint: an interrupted run to continue."""
-    pattern = re.compile(r"\d{4}-\d\d-\d\d_\d{6}_" + re.escape(name) + r"(_\d+)?")
-    found = [p for p in runs.glob(f"*{name}*") if pattern.fullmatch(p.name) and (p / "ckpt_last.pt").exists()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def run_accuracy(base: TrainCfg, variants: list[Variant], results: dict[str, Any], out: Path, seeds: int) -> None:
-    runs_dir = out / "runs"
+def run_accuracy(
+    base: TrainCfg, variants: list[Variant], results: dict[str, Any], out: Path, seeds: int, workers: int = 1
+) -> None:
+    """Train every (variant, seed) not yet in ``results["runs"]`` (:mod:`.runs`), saving each record as it ends;
+    records stay in variant-then-seed order whatever order the runs finish in."""
     done = {(r["key"], r["seed"]) for r in results["runs"]}
     for v in variants:
         for seed in range(base.run.seed, base.run.seed + seeds):
             if (v.key, seed) in done:
                 print(f"  {v.label} K={v.k} seed {seed}: done, skipped", flush=True)
-                continue
-            name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{v.label}_k{v.k}_seed{seed}")
-            extra = [f"run.seed={seed}", f"run.out={runs_dir}", f"run.name={name}"]
-            try:
-                cfg = variant_config(base, v, extra)
-                build_engine(cfg, dataset_spec(cfg.data.name), torch.device("cpu"), _probe(cfg))
-            except ValueError as e:
-                print(f"  skip {v.label} K={v.k}: {e}", flush=True)
-                break
-            partial = _partial_run(runs_dir, name)
-            print(f"\n=== {v.label} K={v.k} seed {seed}" + (f" (continuing {partial})" if partial else ""), flush=True)
-            result = fit(cfg, resume=partial)
-            records = MetricsLog(Path(result["run_dir"]) / "metrics.jsonl").read()
-            metric = build_task(cfg, dataset_spec(cfg.data.name)).headline  # acc, psnr
-            final = next((r for r in reversed(records) if f"test_{metric}" in r), None)
-            if final is None:
-                raise RuntimeError(f"{result['run_dir']}: training ended without a test evaluation")
-            _row(results, v)
-            results["runs"].append(
-                {
-                    "key": v.key,
-                    "label": v.label,
-                    "k": v.k,
-                    "seed": seed,
-                    "metric": metric,
-                    **{key: value for key, value in final.items() if key.startswith("test_") and key != "test_loss"},
-                    f"aux_{metric}": final.get(f"aux_{metric}", []),
-                    "epochs": final["epoch"],
-                    "peak_act_bytes": max(r.get("peak_act_bytes") or 0 for r in records),
-                    "imgs_per_s": final["imgs_per_s"],
-                    "run_dir": str(Path(result["run_dir"]).relative_to(out)),
-                }
-            )
-            save_results(out, results)
+    todo = [
+        run
+        for run in plan_runs(base, variants, list(range(base.run.seed, base.run.seed + seeds)), out / "runs")
+        if (run.variant.key, run.seed) not in done
+    ]
+    for run in todo:
+        _row(results, run.variant)  # the table's rows in the order asked, not the order runs finish
+    order = {v.key: i for i, v in enumerate(variants)}
 
+    def record(rec: dict[str, Any]) -> None:
+        results["runs"].append(rec)
+        results["runs"].sort(key=lambda r: (order.get(r["key"], len(order)), r["seed"]))
+        save_results(out, results)
 
-def _probe(cfg: TrainCfg) -> torch.Tensor:
-    """A zeros batch of the dataset's shape, to validate a variant's split before training it."""
-    spec = dataset_spec(cfg.data.name)
-    return torch.zeros(2, spec.channels, spec.size, spec.size)
+    train_runs(todo, out, workers, record)
 
 
 def run_bench(
@@ -344,6 +270,7 @@ def run_bench(
     steps: int | None = None,
     repeats: int = 5,
     warmup: int = 2,
+    workers: int = 1,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark kind (or ``all``) into ``out_dir`` and return the results dict (see module docstring).
@@ -356,6 +283,8 @@ def run_bench(
         raise ConfigError(f"unknown bench kind {kind!r}; choose one of {', '.join(KINDS)}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if workers < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {workers}")
     base = load_config(config, list(overrides))
     if base.run.threads:
         torch.set_num_threads(base.run.threads)
@@ -376,7 +305,7 @@ def run_bench(
         run_speed(base, variants, results, out, steps=steps or 5, repeats=repeats, warmup=warmup)
     if kind in ("accuracy", "all"):
         print(f"accuracy ({seeds} seed(s) each; rerun with --out {out} to continue):", flush=True)
-        run_accuracy(base, variants, results, out, seeds)
+        run_accuracy(base, variants, results, out, seeds, workers)
     results["machine"]["load_avg_end"] = machine_info(resolve_device(base.run.device))["load_avg"]
     save_results(out, results)
     print(f"\nsaved {out / 'results.md'} and results.json\n")

@@ -52,10 +52,11 @@ from ..parallel.pipeline_baselines import RunOpts, spawn_run, steady_state
 from ..parallel.ppll import check_supported
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.loop import build_engine, resolve_device, resolve_time_balance
-from .bench import Variant, bench_batches, variant_config
+from .bench import bench_batches
 from .pipeline_report import render_markdown
 from .report import _write_atomic, machine_info
 from .simulate import default_micro, measure_stage_costs, ppll_fill, predict
+from .variants import Variant, variant_config
 
 DISTINCT_BATCHES = 8  # fixed batches cycled, as in pipeline.md §3.1
 # --rows, in plan order

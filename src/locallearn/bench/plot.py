@@ -102,6 +102,15 @@ def collect(inputs: list[str | Path]) -> tuple[dict[Path, list[dict[str, Any]]],
     return runs, benches
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (memory, score) points no other point beats on both (less memory and a higher score), by memory."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
 def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
     """Write every figure the inputs support into ``out_dir``; return their paths."""
     plt = _import_pyplot()
@@ -150,9 +159,23 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
     pts = [(p, r) for p, r in rows if r["accuracy"] and r["peak_act_mib"] is not None]
     if pts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        kinds = {"E2E": ("*", 11), "base method": ("o", 7), "with add-ons": ("^", 7)}
+        seen: set[str] = set()
         for path, r in pts:
             mean, std = (shown_value(metric, r["accuracy"][key]) for key in ("mean", "std"))
-            ax.errorbar(r["peak_act_mib"], mean, yerr=std, fmt="o", capsize=3)
+            kind = "E2E" if r["method"] == "e2e" else ("with add-ons" if r["addons"] else "base method")
+            marker, size = kinds[kind]
+            ax.errorbar(
+                r["peak_act_mib"],
+                mean,
+                yerr=std,
+                fmt=marker,
+                markersize=size,
+                capsize=3,
+                color=f"C{list(kinds).index(kind)}",
+                label=None if kind in seen else kind,
+            )
+            seen.add(kind)
             ax.annotate(
                 _name(path, r, tag),
                 (r["peak_act_mib"], mean),
@@ -160,6 +183,9 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
                 xytext=(4, 4),
                 textcoords="offset points",
             )
+        frontier = pareto_front([(r["peak_act_mib"], shown_value(metric, r["accuracy"]["mean"])) for _, r in pts])
+        ax.step(*zip(*frontier), where="post", color="0.6", lw=1, ls="--", label="frontier (less memory, higher)")
+        ax.legend(fontsize=7)
         ax.set(
             xlabel="peak activation memory (MiB, saved-tensor meter)",
             ylabel=f"test {axis}",

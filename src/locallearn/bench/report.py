@@ -103,19 +103,43 @@ def accuracy_summary(results: dict[str, Any], key: str) -> dict[str, Any] | None
     accs = [r[f"test_{r.get('metric', 'acc')}"] for r in results["runs"] if r["key"] == key]
     if not accs:
         return None
-    return {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs)}
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return {"mean": statistics.fmean(accs), "std": std, "n": len(accs), "values": accs}
+
+
+def run_peak_bytes(run: dict[str, Any]) -> int | None:
+    """A run record's saved-activation peak (``peak_act_bytes`` in records written before the rename)."""
+    return run.get("peak_activation_bytes") or run.get("peak_act_bytes")
 
 
 def peak_act_mib(results: dict[str, Any], row: dict[str, Any]) -> float | None:
     """The memory bench's peak, else the one ``fit`` measured with the same meter during accuracy runs."""
     if "memory" in row:
         return row["memory"]["peak_act_bytes"] / MiB
-    peaks = [r["peak_act_bytes"] for r in results["runs"] if r["key"] == row["key"] and r.get("peak_act_bytes")]
+    peaks = [run_peak_bytes(r) for r in results["runs"] if r["key"] == row["key"] and run_peak_bytes(r)]
     return max(peaks) / MiB if peaks else None
 
 
 def _e2e(results: dict[str, Any]) -> dict[str, Any] | None:
     return next((r for r in results["rows"] if r["method"] == "e2e"), None)
+
+
+def _base_of(results: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | None:
+    """An add-on row's base: the row of the same method, split and K without add-ons."""
+    if not row.get("addons"):
+        return None
+    key = f"{row['method'] if row.get('split') is None else row['method'] + ':' + row['split']}|k{row['k']}"
+    return next((r for r in results["rows"] if r["key"] == key), None)
+
+
+def gap_closed(results: dict[str, Any], row: dict[str, Any]) -> float | None:
+    """(add-on − base) / (E2E − base) of the mean test metric: the share of the base→E2E gap an add-on closes
+    (1 = reaches E2E, 0 = no better than its base, < 0 = worse)."""
+    base, e2e = _base_of(results, row), _e2e(results)
+    accs = [accuracy_summary(results, r["key"]) if r else None for r in (row, base, e2e)]
+    if None in accs or accs[2]["mean"] == accs[1]["mean"]:
+        return None
+    return (accs[0]["mean"] - accs[1]["mean"]) / (accs[2]["mean"] - accs[1]["mean"])
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -130,6 +154,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "label": row["label"],
                 "method": row["method"],
+                "addons": row.get("addons", []),
                 "k": row["k"],
                 "peak_act_mib": mem,
                 "mem_ratio": mem / e2e_mem if mem is not None and e2e_mem else None,
@@ -137,6 +162,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "speed_ratio": speed.get("ratio_to_e2e"),
                 "aux_flops_pct": 100 * row["flops"]["aux_overhead"] if "flops" in row else None,
                 "accuracy": accuracy_summary(results, row["key"]),
+                "gap_closed": gap_closed(results, row),
             }
         )
     return flat
@@ -157,16 +183,20 @@ def render_markdown(results: dict[str, Any]) -> str:
         head,
         "",
         "| method | K | peak activation MiB | vs E2E | images/s | vs E2E | aux FLOPs overhead "
-        f"| test {METRIC_LABELS.get(metric, metric)} (mean ± std, n) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| test {METRIC_LABELS.get(metric, metric)} (mean ± std, n: each seed) | base→E2E gap closed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table_rows(results):
         acc = r["accuracy"]
-        acc_text = "-" if acc is None else f"{format_metric(metric, acc['mean'], acc['std'])} (n={acc['n']})"
+        acc_text = "-"
+        if acc is not None:
+            seeds = ", ".join(format_metric(metric, v) for v in acc["values"])
+            acc_text = f"{format_metric(metric, acc['mean'], acc['std'])} (n={acc['n']}: {seeds})"
+        gap = "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f} %"
         lines.append(
             f"| {r['label']} | {r['k']} | {_fmt(r['peak_act_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.3f')} | "
             f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['speed_ratio'], '.3f')} | "
-            f"{_fmt(r['aux_flops_pct'], '.1f')}{'' if r['aux_flops_pct'] is None else ' %'} | {acc_text} |"
+            f"{_fmt(r['aux_flops_pct'], '.1f')}{'' if r['aux_flops_pct'] is None else ' %'} | {acc_text} | {gap} |"
         )
     detail = [r for r in results["rows"] if "memory" in r]
     if detail:

@@ -5,28 +5,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..bench.report import METRIC_LABELS, format_metric
+from ..bench.runs import plan_runs, train_runs
+from ..bench.variants import Variant, parse_method
 from ..data.datasets import dataset_spec, list_datasets
 from ..local.split import list_presets, module_sizes
 from ..measure.memory import SavedTensorMeter
 from ..measure.profile import count_params, forward_flops
-from ..methods.base import ADDON_PRESETS, list_methods, resolve_k
+from ..methods.base import list_methods, resolve_k
 from ..models.registry import list_models
 from ..parallel.ppll import load_stages, read_stage_checkpoints
 from ..train.checkpoint import load_checkpoint
-from ..train.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
+from ..train.config import ConfigError, apply_overrides, changed_keys, config_from_dict, load_config, to_dict
 from ..train.loop import (
     build_engine,
     build_loaders,
     build_task,
     checkpoint_path,
-    fit,
     resolve_device,
     resolve_time_balance,
 )
@@ -73,12 +73,17 @@ def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
     return result
 
 
-def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[str, Any]]:
+def compare(
+    config: str, methods: list[str], overrides: list[str], out: str | None = None, workers: int = 1
+) -> list[dict[str, Any]]:
     """Train each method on the same data, seeds and backbone init; print and save one table.
 
     ``e2e`` always runs with K=1; the others use the preset's ``method.k``. A method may name add-on presets
     (``dgl+man``, ``infopro+hpff``, ``dgl+mlaan``). Memory is the saved-tensor meter's
     peak (activations autograd keeps for backward), so it is exact and comparable on any device.
+
+    ``out``: rerunning with the same folder skips the methods already in its ``compare.json`` and continues an
+    interrupted one from its checkpoint (:mod:`locallearn.bench.runs`); ``workers`` methods train at once.
 
     The test column is the task's headline (accuracy, PSNR, mAP). ``compare.json`` names it in ``metric`` and each
     row keeps the final ``test_*`` metrics under their logged keys (``test_acc``; ``test_psnr``, ``test_ssim``;
@@ -86,68 +91,60 @@ def compare(config: str, methods: list[str], overrides: list[str]) -> list[dict[
     """
     if not methods:
         raise ConfigError("--methods is empty; e.g. --methods e2e,dgl,infopro,dgl+man,infopro+hpff")
-    variants = [method_variant(m) for m in methods]
+    if workers < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {workers}")
     base = load_config(config, overrides)
+    k = resolve_k(base.method)
+    variants = []
+    for token in methods:
+        name, addons, split = parse_method(token)
+        variants.append(Variant(name, split, 1 if name == "e2e" else k, addons))
     metric = build_task(base, dataset_spec(base.data.name)).headline  # every variant trains on the same data
-    out_dir = new_run_dir(base.run.out, "compare")
-    env = environment(resolve_device(base.run.device))  # at the start: the commit and load the runs begin with
-    rows = []
-    for label, variant in zip(methods, variants):
-        data = apply_overrides(to_dict(base), variant)
-        data["run"]["out"] = str(out_dir)
-        cfg = config_from_dict(data)
-        print(f"\n=== {label} (K={resolve_k(cfg.method)}) ===", flush=True)
-        start = time.perf_counter()
-        result = fit(cfg)
-        wall = time.perf_counter() - start
-        rows.append(
+    out_dir = Path(out) if out else new_run_dir(base.run.out, "compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "compare.json"
+    record = json.loads(path.read_text()) if path.exists() else {"config": to_dict(base), "rows": []}
+    if record["config"] != to_dict(base):
+        diff = ", ".join(sorted(changed_keys(record["config"], to_dict(base)))[:4])
+        raise ConfigError(f"{out_dir} holds a comparison of another config ({diff} differ); use another --out")
+    record |= {"metric": metric, "env": environment(resolve_device(base.run.device))}  # the commit and load now
+    done = {row["method"] for row in record["rows"]}
+    for row in record["rows"]:
+        print(f"{row['method']}: done, skipped", flush=True)
+    order = [v.label for v in variants]
+
+    def finished(run: dict[str, Any]) -> None:
+        record["rows"].append(
             {
-                "method": label,
-                "k": len(result["ends"]),
-                f"test_{metric}": result.get(f"test_{metric}"),  # None when the run never evaluated
-                **{key: value for key, value in result.items() if key.startswith("test_") and key != "test_loss"},
-                "peak_act_mib": result["peak_act_bytes"] / MiB,
-                "imgs_per_s": _mean_throughput(result),
-                "wall_s": wall,
-                "run_dir": result["run_dir"],
+                "method": run["label"],
+                "k": run["k"],
+                f"test_{metric}": run.get(f"test_{metric}"),
+                **{key: value for key, value in run.items() if key.startswith("test_")},
+                "peak_act_mib": run["peak_activation_bytes"] / MiB,
+                "imgs_per_s": run["imgs_per_s"],
+                "train_s": run["train_s"],
+                "run_dir": str(out_dir / run["run_dir"]),
             }
         )
+        record["rows"].sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+        path.write_text(json.dumps(record, indent=2))
+
+    todo = [v for v in variants if v.label not in done]
+    train_runs(plan_runs(base, todo, [base.run.seed], out_dir / "runs"), out_dir, workers, finished)
+    rows = [r for r in record["rows"] if r["method"] in order]
     e2e = next((r for r in rows if r["method"] == "e2e"), None)
     table = _table(rows, e2e, metric)
     print("\n" + table)
     (out_dir / "compare.md").write_text(table + "\n")
-    record = {"config": to_dict(base), "metric": metric, "rows": rows, "env": env}
-    (out_dir / "compare.json").write_text(json.dumps(record, indent=2))
     print(f"\nsaved {out_dir / 'compare.md'} and compare.json")
     return rows
-
-
-def method_variant(spec: str) -> list[str]:
-    """``"infopro+hpff"`` → overrides selecting the base method and the named add-on preset (``e2e`` → K=1)."""
-    base, *presets = spec.split("+")
-    if base not in list_methods():
-        raise ConfigError(f"unknown method {base!r} in --methods; known: {', '.join(list_methods())}")
-    overrides = [f"method.name={base}"] + (["method.k=1", "method.split=auto"] if base == "e2e" else [])
-    for name in presets:
-        if name not in ADDON_PRESETS:
-            raise ConfigError(f"unknown add-on preset {name!r} in {spec!r}; known: {', '.join(ADDON_PRESETS)}")
-        overrides += [f"method.{key}={json.dumps(value)}" for key, value in ADDON_PRESETS[name].items()]
-    return overrides
-
-
-def _mean_throughput(result: dict[str, Any]) -> float:
-    """Training images/s over the whole run, from its metrics.jsonl (eval time excluded)."""
-    records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    seconds = sum(r["epoch_time_s"] for r in records)
-    images = sum(r["imgs_per_s"] * r["epoch_time_s"] for r in records)
-    return images / max(seconds, 1e-9)
 
 
 def _table(rows: list[dict[str, Any]], e2e: dict[str, Any] | None, metric: str) -> str:
     """The compare table; ``metric`` is the task's headline (``acc``, ``psnr``, ``map``), labelled as in bench."""
     lines = [
         f"| method | K | test {METRIC_LABELS.get(metric, metric)} (final head) | peak activation MiB | vs E2E "
-        "| images/s | vs E2E | wall s |",
+        "| images/s | vs E2E | train s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -157,7 +154,7 @@ def _table(rows: list[dict[str, Any]], e2e: dict[str, Any] | None, metric: str) 
         test = "-" if value is None else format_metric(metric, value)
         lines.append(
             f"| {r['method']} | {r['k']} | {test} | {r['peak_act_mib']:.1f} | {mem_ratio} | "
-            f"{r['imgs_per_s']:.0f} | {speed_ratio} | {r['wall_s']:.0f} |"
+            f"{r['imgs_per_s']:.0f} | {speed_ratio} | {r['train_s']:.0f} |"
         )
     return "\n".join(lines)
 

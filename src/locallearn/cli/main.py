@@ -38,7 +38,13 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="train several methods side by side and print one table (the demo)")
     c.add_argument("-c", "--config", required=True, help="YAML preset shared by all methods")
-    c.add_argument("--methods", default="e2e,dgl,infopro", help="comma-separated methods (default e2e,dgl,infopro)")
+    c.add_argument("--methods", default="e2e,dgl,infopro", help="comma-separated, add-ons with +, e.g. e2e,dgl,dgl+man")
+    c.add_argument(
+        "--out",
+        help="folder for the runs and the table (default a new RUN_OUT/<date>_compare); rerun "
+        "with the same --out to skip finished methods and continue an interrupted one",
+    )
+    c.add_argument("--jobs", type=int, default=1, help="methods trained at once, one process each (default 1)")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
 
     s = sub.add_parser("summary", help="per-module parameters, FLOPs, saved-activation bytes and aux overhead")
@@ -52,12 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     for kind in ("memory", "speed", "accuracy", "all"):
         k = kinds.add_parser(kind, help=f"bench {kind}")
         k.add_argument("-c", "--config", required=True, help="YAML preset shared by every (method, K)")
-        k.add_argument("--methods", default="e2e,dgl,infopro", help="comma-separated; name:split picks a split preset")
+        k.add_argument(
+            "--methods",
+            default="e2e,dgl,infopro",
+            help="comma-separated name[+addon...][:split], e.g. e2e,dgl,dgl+man,infopro:infopro_star",
+        )
         k.add_argument("--k", default="2,4,8,16", help="comma-separated K for the local methods (e2e is always K=1)")
         k.add_argument("--seeds", type=int, default=1, help="accuracy: seeds run.seed, run.seed+1, ... (default 1)")
         k.add_argument("--steps", type=int, help="memory: measured steps (default 1); speed: timed steps per round (5)")
         k.add_argument("--repeats", type=int, default=5, help="speed: interleaved rounds (default 5)")
         k.add_argument("--warmup", type=int, default=2, help="speed: untimed steps per method first (default 2)")
+        k.add_argument("--jobs", type=int, default=1, help="accuracy: runs trained at once (default 1)")
         k.add_argument("--out", help="results folder (default RUN_OUT/bench_<config>); rerun with it to resume")
         k.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
     pp = kinds.add_parser("pipeline", help="PPLL vs sequential LL, GPipe, 1F1B, DDP and E2E on the same split")
@@ -114,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             from .commands import compare
 
-            compare(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], args.overrides)
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            compare(args.config, methods, args.overrides, out=args.out, workers=args.jobs)
         elif args.command == "summary":
             from .commands import summary
 
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.steps,
                 repeats=args.repeats,
                 warmup=args.warmup,
+                workers=args.jobs,
                 command=command_line(),
             )
         elif args.command == "plot":

@@ -70,6 +70,10 @@ class MethodCfg:
         bridge_combine: ``sum`` (MAN: LB(h) + EMA(h)), ``scaled`` (MAN++: s·LB + (2−s)·EMA, s learnable from 1),
             ``none`` (learnable copies only).
         ema_decay: EMA momentum m in θ ← m·θ + (1−m)·θ_live (papers: 0.995); 1.0 is rejected.
+        ema_warmup: use m_t = min(m, (1+t)/(10+t)) at the t-th update (t = 0, 1, ...), the warm-up of
+            TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, so a short run's EMA copies follow their
+            source from the first steps instead of averaging in ~1/(1−m) steps of stale weights (MAN, MAN++
+            and LAM bridges; the count is saved with the method's state).
         ema_update: ``after_backward`` (reference: the source's pre-step weights) or ``after_step``.
         ema_init: ``copy`` (copies start equal to their source units) or ``random`` (the reference re-initialises
             the copies; reproduces published numbers).
@@ -118,6 +122,7 @@ class MethodCfg:
     addons: list[str] = field(default_factory=list)
     bridge_combine: Literal["sum", "scaled", "none"] = "sum"
     ema_decay: float = 0.995
+    ema_warmup: bool = False
     ema_update: Literal["after_backward", "after_step"] = "after_backward"
     ema_init: Literal["copy", "random"] = "copy"
     n_ema: int = 1

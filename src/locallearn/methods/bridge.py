@@ -2,7 +2,8 @@
 
 MAN (spec methods.md §3.2): module i's aux net starts with two copies of the first unit of module i+1: a
 learnable one (LB, trained by the local loss) and an EMA one (never trained by gradient; after the local backward
-θ_EMA ← m·θ_EMA + (1−m)·θ_live, with ``lerp_`` under ``no_grad``). Combined as LB(h) + EMA(h) (MAN) or
+θ_EMA ← m·θ_EMA + (1−m)·θ_live, with ``lerp_`` under ``no_grad``; with ``ema_warmup`` m is min(m, (1+t)/(10+t)) at
+the t-th update). Combined as LB(h) + EMA(h) (MAN) or
 s·LB(h) + (2−s)·EMA(h) with a learnable s starting at 1 (MAN++).
 
 LAM (spec §5.3): the same bridge over a *leap chain* of later units, ending at the final width; the first
@@ -78,6 +79,8 @@ class MomentumBridge(nn.Module):
                         sub.reset_parameters()
         for p in self.ema.parameters():
             p.requires_grad_(False)
+        if cfg.ema_warmup:  # a buffer: saved, restored and moved with the method, read without a host sync
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.float32))
         self.scale = nn.Parameter(torch.ones(())) if self.combine == "scaled" else None
         self.out_info: UnitInfo = infos[sources[-1]]
 
@@ -90,15 +93,29 @@ class MomentumBridge(nn.Module):
             h = y
         return h
 
+    def ema_weight(self) -> float | torch.Tensor:
+        """1 − m of the next update: a float, or with ``ema_warmup`` a 0-d tensor 1 − min(m, (1+t)/(10+t)) on the
+        bridge's device (no host sync per step)."""
+        t = getattr(self, "ema_updates", None)
+        if t is None:
+            return 1 - self.decay
+        return 1 - torch.clamp((1 + t) / (10 + t), max=self.decay)
+
     @torch.no_grad()
     def update_ema(self, under_autograd: bool = False) -> None:
         """θ_EMA ← m·θ_EMA + (1−m)·θ_live for every EMA twin (parameters; BN buffers are not averaged).
         ``under_autograd``: the EMA weights are still saved for a pending backward (``legacy:
         [ema_before_backward]``); update their ``.data`` so that backward runs with the moved weights, as the
         MAN++ ViT reference does, instead of failing autograd's version check."""
+        if not len(self.ema):
+            return
+        weight = self.ema_weight()
         for ema, live in zip(self.ema, self.live):
             for e, p in zip(ema.parameters(), live.parameters(), strict=True):
-                (e.data if under_autograd else e).lerp_(p.detach().to(e.dtype), 1 - self.decay)
+                w = weight if isinstance(weight, float) else weight.to(e.dtype)
+                (e.data if under_autograd else e).lerp_(p.detach().to(e.dtype), w)
+        if isinstance(weight, torch.Tensor):
+            self.ema_updates += 1
 
 
 class Bridged(Objective):

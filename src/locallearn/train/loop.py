@@ -310,6 +310,7 @@ def fit(
             / max(train_time, 1e-9),
             "peak_act_bytes": peak_act,
             "peak_mem_bytes": cuda_peak_bytes(device),
+            "train_size": train_loader.n,
         }
         if epoch_done:
             epoch, step_in_epoch = epoch + 1, 0

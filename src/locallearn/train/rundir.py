@@ -68,6 +68,13 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def train_throughput(records: list[dict[str, Any]]) -> float:
+    """Training images/s over a run's epoch records (evaluation excluded): images over seconds, summed."""
+    seconds = sum(r["epoch_time_s"] for r in records)
+    images = sum(r["imgs_per_s"] * r["epoch_time_s"] for r in records)
+    return images / max(seconds, 1e-9)
+
+
 class MetricsLog:
     """Append-only JSONL: each line survives a crash, and ``plot``/pandas read the file directly."""
 
