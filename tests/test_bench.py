@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
-from locallearn.bench import bench as bench_mod
 from locallearn.bench import engine_flops, parse_method, parse_variants, variant_config
 from locallearn.bench import runs as runs_mod
 from locallearn.cli.main import main

@@ -313,3 +313,45 @@ def test_two_nodes_meet_through_torchrun_rendezvous(synthetic_root: Path, tmp_pa
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("_ppll")]
     sequential = load_checkpoint(Path(fit(load_config(None, base), quiet=True)["run_dir"]) / "ckpt_last.pt")
     assert_stages_match(sequential, run_dir, 2)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "\nState:\tZ" not in status.read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc (Linux)")
+def test_killing_a_rank_ends_the_run_in_one_line_naming_it_and_the_resume(synthetic_root: Path, tmp_path: Path) -> None:
+    """``locallearn train ... parallel=ppll ppll.procs=2``; rank 1 gets SIGKILL mid-training. The command must end
+    within 60 s with one error line naming the rank, its signal, the last checkpoint and the resume command, no
+    traceback, and no rank left running."""
+    base = ppll_base(synthetic_root, tmp_path, "dgl", 2)
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    cmd = [sys.executable, "-m", "locallearn", "train", "-c", str(tmp_path / "empty.yaml"), *base]
+    cmd += ["parallel=ppll", "ppll.procs=2", "run.epochs=200", "run.ckpt_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob("*_ppll/ckpt_stage1.pt")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        ranks = [c for c in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(ranks) == 2 and proc.poll() is None, f"ranks {ranks}, exit {proc.poll()}"
+        victim = sorted(ranks)[1]  # spawned in rank order
+        os.kill(victim, 9)
+        start = time.time()
+        _, err = proc.communicate(timeout=60)
+        assert time.time() - start < 60
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    run_dir = next(tmp_path.glob("*_ppll"))
+    assert last.startswith("locallearn: error: rank 1 ") and "killed by SIGKILL" in last, last
+    assert "ckpt_stage" in last and f"locallearn train --resume {run_dir}" in last, last
+    assert not any(_alive(pid) for pid in ranks)

@@ -1,6 +1,6 @@
-"""Super-resolution (issue 7): EDSR as units, PSNR/SSIM against scikit-image, the SR folder readers and loaders
-with their errors, GLCAN and the DGL-style baseline (gradient isolation, every option), a tiny run that learns,
-and the SR path through ``fit``/``eval``."""
+"""Super-resolution (spec methods.md §6): EDSR as units, PSNR/SSIM against scikit-image, the SR folder readers
+and loaders with their errors, GLCAN and the DGL-style baseline (gradient isolation, every option), a tiny run
+that learns, and the SR path through ``fit``/``eval``."""
 
 from __future__ import annotations
 
@@ -376,4 +376,4 @@ def test_bench_compares_sr_methods_by_psnr(tmp_path: Path) -> None:
     assert {(r["label"], r["k"]) for r in results["rows"]} == {("e2e", 1), ("dgl", 2), ("glcan", 2)}
     assert all(r["metric"] == "psnr" and "test_ssim" in r and len(r["aux_psnr"]) == r["k"] - 1 for r in results["runs"])
     table = (tmp_path / "results.md").read_text()
-    assert "test PSNR dB (mean ± std, n)" in table and "(n=1)" in table and "% (n=" not in table
+    assert "test PSNR dB (mean ± std, n: each seed)" in table and "(n=1: " in table and "% (n=" not in table

@@ -1,4 +1,4 @@
-"""``locallearn compare`` and ``locallearn plot`` report each task's headline metric (issue 7): accuracy in %,
+"""``locallearn compare`` and ``locallearn plot`` report each task's headline metric: accuracy in %,
 PSNR in dB, mAP@[.5:.95] as a fraction, never a PSNR multiplied by 100 under an accuracy label."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_compare_reports_the_task_headline(metric: str, synthetic_root: Path, tm
         assert row[f"test_{metric}"] == logged[-1]
         assert cells[row["method"]] == EXPECTED_CELL[metric](logged[-1])
     if metric == "acc":  # classification keeps its header and JSON key
-        header = "| method | K | test acc (final head) | peak activation MiB | vs E2E | images/s | vs E2E | wall s |"
+        header = "| method | K | test acc (final head) | peak activation MiB | vs E2E | images/s | vs E2E | train s |"
         assert table.splitlines()[0] == header
     else:  # the secondary metric (SSIM, mAP@.5) is kept in the JSON, and nothing is called accuracy
         assert all({"test_ssim", "test_map50"} & set(row) for row in record["rows"])
@@ -81,9 +81,10 @@ def bench_results(metric: str, values: list[float]) -> dict[str, Any]:
 
 def test_bench_table_formats_map_with_three_decimals_and_accuracy_as_before() -> None:
     detection = render_markdown(bench_results("map", [0.1234, 0.5678]))
-    assert "test mAP (mean ± std, n)" in detection and f"| {0.1234:.3f} ± {0:.3f} (n=1) |" in detection
+    assert "test mAP (mean ± std, n: each seed)" in detection
+    assert f"| {0.1234:.3f} ± {0:.3f} (n=1: {0.1234:.3f}) | - |" in detection
     classification = render_markdown(bench_results("acc", [0.5, 0.25]))
-    assert f"| {100 * 0.25:.2f} ± {0:.2f} % (n=1) |" in classification
+    assert f"| {100 * 0.25:.2f} ± {0:.2f} % (n=1: {100 * 0.25:.2f}%) | - |" in classification
 
 
 def write_run(path: Path, method: str, metric: str, tests: list[float], aux: list[float | None]) -> None:

@@ -93,12 +93,47 @@ def test_cli_train_eval_summary_compare(synthetic_root: Path, tmp_path: Path, ca
         (["compare", "-c", "configs/fmnist/demo.yaml", "--methods", "dgl+mann"], "unknown add-on preset 'mann'"),
         (["bench", "memory", "-c", "configs/fmnist/demo.yaml", "--methods", "e2e+man"], "e2e has one module"),
         (["compare", "-c", "configs/fmnist/demo.yaml", "--jobs", "0"], "--jobs must be >= 1"),
+        (
+            ["train", "-c", "configs/fmnist/demo.yaml", "run.epochs=-1"],
+            "run.epochs=-1 is out of range: it must be >= 1",
+        ),
+        (["train", "-c", "configs/fmnist/demo.yaml", "run.epochs=0"], "run.epochs=0 is out of range"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "run.max_steps=-1"], "run.max_steps=-1 is out of range"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "data.limit_train=0"], "data.limit_train=0 is out of range"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "data.limit_test=0"], "data.limit_test=0 is out of range"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "data.batch_size=0"], "data.batch_size=0 is out of range"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "data.batch_size=-8"], "data.batch_size=-8 is out of range"),
+        (["bench", "memory", "-c", "configs/fmnist/demo.yaml", "data.eval_batch_size=0"], "eval_batch_size=0"),
+        (
+            ["compare", "-c", "configs/fmnist/demo.yaml", "optim.lr=-0.1"],
+            "optim.lr=-0.1 is out of range: it must be > 0",
+        ),
+        (["train", "-c", "configs/fmnist/demo.yaml", "method.ema_decay=1.5"], "must be in [0, 1)"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "optim.betas=[0.9,1.2]"], "optim.betas=[0.9, 1.2]"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "ppll.replicas=0"], "ppll.replicas=0 is out of range"),
     ],
 )
 def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
     assert main([*argv, f"run.out={tmp_path}"] if argv[0] != "eval" and len(argv) > 1 else argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("locallearn: error:") and "\n" not in err and message in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "bench"])
+def test_an_unusable_output_folder_is_one_line_before_any_work(command: str, tmp_path: Path, capsys) -> None:
+    """``run.out`` (or ``--out``) naming an existing file, or a folder that cannot be created, is refused before any
+    data is read (``data.root`` points nowhere, so reading it would fail with another message)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    head = {"train": ["train"], "compare": ["compare"], "bench": ["bench", "memory"]}[command]
+    nowhere = [f"data.root={tmp_path / 'no_data'}"]
+    for out, message in ((afile, "is an existing file, not a folder"), (afile / "sub", "cannot create the folder")):
+        flag = [f"run.out={out}"] if command == "train" else ["--out", str(out)]
+        assert main([*head, "-c", "configs/fmnist/demo.yaml", *flag, *nowhere]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("locallearn: error:") and "\n" not in err and message in err, err
+    assert main(["train", "-c", "configs/fmnist/demo.yaml", "run.out=/sys/locallearn_no", *nowhere]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
 
 
 def test_compare_skips_finished_methods_and_continues_an_interrupted_one(

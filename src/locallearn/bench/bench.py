@@ -40,6 +40,7 @@ from ..measure.speed import interleaved_throughput
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.engine import LocalEngine
 from ..train.loop import build_engine, build_loaders, build_task, resolve_device, stream_seed
+from ..train.rundir import make_dir
 from .report import load_results, machine_info, save_results
 from .runs import plan_runs, train_runs
 from .variants import Variant, parse_variants, variant_config
@@ -290,7 +291,7 @@ def run_bench(
         torch.set_num_threads(base.run.threads)
     variants = parse_variants(methods, ks)
     out = Path(out_dir) if out_dir is not None else Path(base.run.out) / f"bench_{Path(config or 'default').stem}"
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     results = load_results(out, to_dict(base))
     results["machine"] = machine_info(resolve_device(base.run.device))
     results["metric"] = build_task(base, dataset_spec(base.data.name)).headline  # the table's test column

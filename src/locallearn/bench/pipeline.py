@@ -1,5 +1,5 @@
 """``locallearn bench pipeline``: PPLL against sequential local learning, GPipe, 1F1B, DDP and single-process E2E,
-side by side on the same model, split, data and global batch (issue 6; pipeline.md §3, §6.4).
+side by side on the same model, split, data and global batch (pipeline.md §3, §6.4).
 
     locallearn bench pipeline -c configs/fmnist/demo.yaml --k 2 --threads 1 --simulate 4 method.name=dgl
 
@@ -52,9 +52,10 @@ from ..parallel.pipeline_baselines import RunOpts, spawn_run, steady_state
 from ..parallel.ppll import check_supported
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.loop import build_engine, resolve_device, resolve_time_balance
+from ..train.rundir import make_dir
 from .bench import bench_batches
 from .pipeline_report import render_markdown
-from .report import _write_atomic, machine_info
+from .report import machine_info, write_atomic
 from .simulate import default_micro, measure_stage_costs, ppll_fill, predict
 from .variants import Variant, variant_config
 
@@ -153,7 +154,7 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
 
 
 def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """Every row against each reference present (the columns), the headline ratios of issue 6 whose two rows were
+    """Every row against each reference present (the columns), the headline ratios of pipeline.md §6 whose two rows were
     both timed (``--rows`` may leave some out; older results lack ``solo`` and ``independent``), and each
     headline's 95 % confidence interval over rounds (:func:`median_interval`; None below 6 rounds)."""
     by = {r["label"]: r for r in rows}
@@ -306,7 +307,7 @@ def run_pipeline_bench(
     check_supported(engine)  # refuse here, with one line, what PPLL cannot run
     cross_stage = CrossStage.needed(engine)  # EMA weights or cascade gradients cross stages: not simulated
     out = Path(out_dir) if out_dir else Path(base.run.out) / f"bench_pipeline_{Path(config or 'default').stem}"
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     results: dict[str, Any] = {
         "format": 1,
         "kind": "pipeline",
@@ -400,5 +401,5 @@ def measure(
 
 
 def _save(out: Path, results: dict[str, Any]) -> None:
-    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    _write_atomic(out / "results.md", render_markdown(results) + "\n")
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "results.md", render_markdown(results) + "\n")

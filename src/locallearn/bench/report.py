@@ -81,15 +81,15 @@ def load_results(out: Path, config: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def save_results(out: Path, results: dict[str, Any]) -> None:
-    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    _write_atomic(out / "results.md", render_markdown(results) + "\n")
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "results.md", render_markdown(results) + "\n")
 
 
 def task_metric(results: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from ..train.loop import (
     resolve_device,
     resolve_time_balance,
 )
-from ..train.rundir import environment, new_run_dir
+from ..train.rundir import environment, make_dir, new_run_dir
 
 MiB = 2**20
 EVAL_OVERRIDABLE = ("data.", "run.device", "run.threads")
@@ -100,8 +100,7 @@ def compare(
         name, addons, split = parse_method(token)
         variants.append(Variant(name, split, 1 if name == "e2e" else k, addons))
     metric = build_task(base, dataset_spec(base.data.name)).headline  # every variant trains on the same data
-    out_dir = Path(out) if out else new_run_dir(base.run.out, "compare")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out, "--out") if out else new_run_dir(base.run.out, "compare")
     path = out_dir / "compare.json"
     record = json.loads(path.read_text()) if path.exists() else {"config": to_dict(base), "rows": []}
     if record["config"] != to_dict(base):

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from ..data.idx import DataError
+from ..parallel.link import StageError
 from ..train.config import ConfigError
 
 
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"locallearn: error: {e}", file=sys.stderr)
         return 2
+    except StageError as e:  # a multi-process run whose rank died or hung: one line, not a traceback per rank
+        print(f"locallearn: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         hint = {
             "train": "; resume with `locallearn train --resume RUN_DIR`",

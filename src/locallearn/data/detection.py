@@ -27,7 +27,7 @@ import torch
 
 from .datasets import DatasetSpec, register_dataset
 from .idx import DataError
-from .loader import ResidentLoader, _generator
+from .loader import ResidentLoader, seeded_generator
 
 VOC_CLASSES = [
     "aeroplane",
@@ -323,7 +323,7 @@ class DetectionLoader(ResidentLoader):
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for i, (x, target, raw) in enumerate(super().batches(epoch, start), start):
             if self.flip_boxes:
-                flipped = (torch.rand(len(x), generator=_generator(self.seed, epoch, i, 2)) < 0.5).to(self.device)
+                flipped = (torch.rand(len(x), generator=seeded_generator(self.seed, epoch, i, 2)) < 0.5).to(self.device)
                 x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
                 raw = torch.where(flipped[:, None, None, None], raw.flip(-1), raw)
                 mirrored = target.clone()

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DatasetSpec, find_root, register_dataset
 from .idx import DataError
-from .loader import Triple, _generator, batches_per_epoch, uint8_normaliser
+from .loader import Triple, batches_per_epoch, seeded_generator, uint8_normaliser
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -184,7 +184,7 @@ def _collate(samples: list[tuple[np.ndarray | None, int, str | None]]) -> tuple[
     return images, torch.tensor([label for _, label, _ in samples], dtype=torch.int64), []
 
 
-class _EpochBatches:
+class EpochBatches:
     """DataLoader's batch sampler: the ``(index, epoch)`` keys of the batches of the current pass (set by
     :meth:`FolderLoader.batches` before each pass, and read in the main process when the pass starts)."""
 
@@ -234,7 +234,7 @@ class FolderLoader:
         self.train, self.flip, self.seed, self.size = train, flip and train, seed, size
         self.device, self.channels_last = torch.device(device), channels_last
         resize = resize or round(size / CROP_FRACTION)
-        self._sampler = _EpochBatches()
+        self._sampler = EpochBatches()
         # Workers start per pass and stop when it ends, early (max_steps) or on an error: persistent ones would
         # outlive an abandoned pass with batches in flight and stall the interpreter's exit. Starting workers once
         # per pass is negligible next to an ImageNet epoch (eng. §7.3 suggests persistent workers; see above).
@@ -254,7 +254,7 @@ class FolderLoader:
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Triple]:
         """Yield the batches of ``epoch`` from batch index ``start`` on (used to resume mid-epoch)."""
-        order = torch.randperm(self.n, generator=_generator(self.seed, epoch)).tolist() if self.train else None
+        order = torch.randperm(self.n, generator=seeded_generator(self.seed, epoch)).tolist() if self.train else None
         bs = self.batch_size
         self._sampler.batches = [
             [(i if order is None else order[i], epoch) for i in range(b * bs, min((b + 1) * bs, self.n))]
@@ -267,7 +267,7 @@ class FolderLoader:
                     raise DataError(errors[0])
                 raw = images.to(self.device, non_blocking=True)
                 if self.flip:
-                    flips = torch.rand(len(raw), generator=_generator(self.seed, epoch, b, 1)) < 0.5
+                    flips = torch.rand(len(raw), generator=seeded_generator(self.seed, epoch, b, 1)) < 0.5
                     raw = torch.where(flips.to(self.device)[:, None, None, None], raw.flip(3), raw)
                 x = raw.float()
                 x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _generator(*key: int) -> torch.Generator:
+def seeded_generator(*key: int) -> torch.Generator:
     seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator().manual_seed(seed)
 
@@ -94,12 +94,12 @@ class ResidentLoader:
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Triple]:
         """Yield the batches of ``epoch`` from batch index ``start`` on (used to resume mid-epoch)."""
         if self.train:
-            order = torch.randperm(self.n, generator=_generator(self.seed, epoch)).to(self.device)
+            order = torch.randperm(self.n, generator=seeded_generator(self.seed, epoch)).to(self.device)
         else:
             order = torch.arange(self.n, device=self.device)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            raw = self._augment(idx, _generator(self.seed, epoch, i, 1)) if self.train else self.images[idx]
+            raw = self._augment(idx, seeded_generator(self.seed, epoch, i, 1)) if self.train else self.images[idx]
             x = raw.float()
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -37,12 +37,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..models.edsr import SCALES
 from .datasets import DatasetSpec, register_dataset
 from .idx import DataError
-from .imagefolder import _EpochBatches
-from .loader import Triple, _generator
-from .sr_folders import SRFile, SRImage, SRPair, bicubic_lr, index_folder, make_pair, read_folder
+from .imagefolder import EpochBatches
+from .loader import Triple, seeded_generator
+from .sr_folders import SCALES, SRFile, SRImage, SRPair, bicubic_lr, index_folder, make_pair, read_folder
 
 __all__ = [  # the folder readers are re-exported: data.sr is the one SR data module callers need
     "SREvalLoader",
@@ -180,7 +179,7 @@ class _SRLoader:
         self.images, self.batch_size = list(images), batch_size
         self.device, self.channels_last = torch.device(device), channels_last
         workers = num_workers if any(isinstance(image, SRFile) for image in self.images) else 0
-        self._sampler = _EpochBatches()
+        self._sampler = EpochBatches()
         self._loader = DataLoader(
             _SRDataset(self.images, patch),
             batch_sampler=self._sampler,
@@ -256,11 +255,11 @@ class SRTrainLoader(_SRLoader):
     def _keys(self, epoch: int, start: int) -> list[list[Key]]:
         """Order from (seed, epoch), each batch's corners and flips from (seed, epoch, batch): the draws of the
         former resident loader, so its patches are unchanged, whatever the worker count or the resume point."""
-        order = torch.randperm(self.n, generator=_generator(self.seed, epoch)) % len(self.images)
+        order = torch.randperm(self.n, generator=seeded_generator(self.seed, epoch)) % len(self.images)
         keys = []
         for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            gen = _generator(self.seed, epoch, i, 1)
+            gen = seeded_generator(self.seed, epoch, i, 1)
             corners = (torch.rand(len(idx), 2, generator=gen) * self._room[idx]).long().tolist()
             flips = torch.randint(0, 2, (len(idx), 3), generator=gen).tolist()
             keys.append(

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.edsr import SCALES
 from .idx import DataError
+
+# The scales super-resolution benchmarks ship LR images for (DIV2K's X2/X3/X4 folders, Set5/Set14/B100/Urban100).
+SCALES = (2, 3, 4)
 
 IMAGE_EXTS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm")
 MARGIN = 3  # LR pixels around a patch whose HR window makes its LR pixels (the bicubic kernel reaches 2)

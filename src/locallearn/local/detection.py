@@ -1,4 +1,5 @@
-"""Object detection as a task: FCOS targets, focal + GIoU + centerness losses, decoding, COCO mAP (issue 7).
+"""Object detection as a task: FCOS targets, focal + GIoU + centerness losses, decoding, COCO mAP (Tian et
+al., FCOS, ICCV 2019; spec methods.md §6).
 
 Predictions come in the self-describing layout of :mod:`locallearn.models.detector`: (B, P, C + 8) with class
 logits, box distances (l, t, r, b) in pixels, a centerness logit and the point's (x, y, stride). The same loss

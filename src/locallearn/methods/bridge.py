@@ -20,20 +20,17 @@ decayed), and they are saved and restored with the method's state dict.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..local.task import Batch
 from ..models.units import UnitInfo
-from .base import Objective
-
-if TYPE_CHECKING:
-    from .base import LocalMethod
+from .objective import Objective, ObjectiveBuilder
+from .pff import PatchFusion
 
 
-def next_unit(method: LocalMethod, k: int) -> list[int]:
+def next_unit(method: ObjectiveBuilder, k: int) -> list[int]:
     """MAN's sources: the first ``man_depth`` units of module k+1 (1 for CNNs; MAN++ ViT copies 2 blocks), never
     the task head."""
     if method.cfg.man_depth < 1:
@@ -43,7 +40,7 @@ def next_unit(method: LocalMethod, k: int) -> list[int]:
     return [i for i in units if not method.ctx.unit_infos[i].is_head]
 
 
-def leap_chain(method: LocalMethod, k: int) -> list[int]:
+def leap_chain(method: ObjectiveBuilder, k: int) -> list[int]:
     """LAM's sources for the split after module k: every later unit that changes the stage (they change the
     width and resolution, so the chain stays well-formed), then units of the final stage spread evenly up to
     ``lam_depth`` in all, always ending with the last body unit. ResNet-32, split in stage 1 → L2.0, L3.0, L3.2,
@@ -63,7 +60,7 @@ def leap_chain(method: LocalMethod, k: int) -> list[int]:
 class MomentumBridge(nn.Module):
     """Learnable copies of ``sources`` chained in order; the first ``n_ema`` also get an EMA twin."""
 
-    def __init__(self, method: LocalMethod, sources: list[int]) -> None:
+    def __init__(self, method: ObjectiveBuilder, sources: list[int]) -> None:
         super().__init__()
         cfg, units, infos = method.cfg, method.ctx.units, method.ctx.unit_infos
         if not 0 <= cfg.ema_decay < 1:
@@ -138,11 +135,9 @@ class Bridged(Objective):
         self.bridge.update_ema(under_autograd)
 
 
-def build_bridged(method: LocalMethod, k: int, info: UnitInfo, main: bool = True) -> Objective:
+def build_bridged(method: ObjectiveBuilder, k: int, info: UnitInfo, main: bool = True) -> Objective:
     """Module k's objective with the configured add-ons: [bridge →] [patch fusion →] base objective.
     ``main=False`` builds the light independent objective beside a cascade (no bridge, no decoder: HiLo/MLM)."""
-    from .pff import PatchFusion
-
     cfg = method.cfg
     sources: list[int] = []
     if main and "man" in cfg.addons:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..local.losses import reconstruction_loss
 from ..local.task import Batch
-from .base import Objective
+from .objective import Objective
 
 
 def patches(h: torch.Tensor, n: int) -> list[torch.Tensor]:

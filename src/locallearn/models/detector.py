@@ -1,4 +1,5 @@
-"""A one-stage FCOS-style detector on an ImageNet ResNet, as ordered units (issue 7; spec methods.md §3.2, §6).
+"""A one-stage FCOS-style detector on an ImageNet ResNet, as ordered units (spec methods.md §3.2, §6; Tian et
+al., FCOS, ICCV 2019).
 
 Units: the ResNet's stem and blocks, then one ``FCOSHead`` unit (FPN + shared class/box towers). The FPN needs the
 outputs of the last block of stages 2 and 3 (C3, C4) besides its own input (C5): those blocks are wrapped in

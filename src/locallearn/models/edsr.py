@@ -28,7 +28,7 @@ from .registry import register_model
 from .units import UnitBackbone, UnitInfo
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)  # EDSR's MeanShift constants (DIV2K training set)
-SCALES = (2, 3, 4)
+UPSCALES = (2, 3, 4)  # what the sub-pixel upsampler builds: ×2 and ×3 in one step, ×4 as two ×2 steps
 
 
 def default_mean(channels: int) -> tuple[float, ...]:
@@ -111,8 +111,8 @@ def edsr(
     mean: tuple[float, ...] | None = None,
 ) -> UnitBackbone:
     """Build an EDSR of ``blocks`` residual blocks as units: head, blocks, tail (see the module docstring)."""
-    if scale not in SCALES:
-        raise ValueError(f"EDSR scale must be one of {SCALES}, got {scale}")
+    if scale not in UPSCALES:
+        raise ValueError(f"EDSR scale must be one of {UPSCALES}, got {scale}")
     if blocks < 1 or width < 1:
         raise ValueError(f"EDSR needs blocks >= 1 and width >= 1, got {blocks} and {width}")
     mean = tuple(mean) if mean is not None else default_mean(in_channels)

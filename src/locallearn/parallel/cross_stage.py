@@ -1,4 +1,4 @@
-"""Add-ons whose state crosses a PPLL stage boundary (issue 6; spec methods.md §3.2, §4.2, §5.2–5.3, §7 item 7,
+"""Add-ons whose state crosses a PPLL stage boundary (spec methods.md §3.2, §4.2, §5.2–5.3, §7 item 7,
 §10.2 "cross-stage state").
 
 **EMA shipping (MAN, MAN++, LAM).** Module k's momentum bridge keeps EMA twins of *later* units
@@ -172,10 +172,10 @@ class CascadeGrads:
         sent = False
         for loss, reach in losses:
             reach = min(reach, k + 1)
-            engine._stats[k] += loss.detach().float()
+            engine.stats[k] += loss.detach().float()
             if reach == 1:
                 if loss.requires_grad:
-                    engine._backward(loss, k, 1, x, [], self.span)
+                    engine.local_backward(loss, k, 1, x, [], self.span)
                 continue
             if sent:
                 raise StageError(f"{self.link.name}: PPLL supports one cascade loss per module, got more")

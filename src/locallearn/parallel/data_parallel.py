@@ -1,5 +1,5 @@
 """Data-parallel local learning (``parallel: dp``), and the gradient averaging that PPLL's replicated stages share
-(issue 6 "scale past K devices"; spec methods.md §10.2 ``DDP`` integration, "all-reduce manually per stage").
+(spec methods.md §10.2 ``DDP`` integration, "all-reduce manually per stage"; pipeline.md §6).
 
     torchrun --nproc-per-node 8 -m locallearn train -c configs/imagenet/resnet34_infopro_k4.yaml parallel=dp
     locallearn train -c configs/fmnist/demo.yaml parallel=dp ppll.procs=2     # spawns the ranks itself

@@ -1,4 +1,4 @@
-"""Starting the ranks of a multi-process run, and what they must agree on before training (issue 6; spec
+"""Starting the ranks of a multi-process run, and what they must agree on before training (spec
 pipeline.md §5.3 item 4, §6.1).
 
 Two entry points run the same rank body (:func:`~.ppll.run_stage`, :func:`~.data_parallel.run_dp`):
@@ -106,11 +106,11 @@ def agreed_run_dir(cfg: TrainCfg, out_dir: str | None, name: str, device: torch.
 
 
 class Heartbeat:
-    """Names the ranks that died or hang when a rank fails (issue 6 "Failure"). A daemon thread bumps this rank's
-    counter in the rendezvous store every ``interval`` seconds; after a failure, :meth:`silent` reads every
-    counter twice, ``3·interval`` apart, and returns the ranks whose counter did not move (or never appeared). The
-    counters are compared with themselves, never across clocks, so it works across machines; a gloo error alone
-    only says "connection closed", not which rank is gone."""
+    """Names the ranks that died or hang when a rank fails (pipeline.md §5.2: gloo hangs are what users report).
+    A daemon thread bumps this rank's counter in the rendezvous store every ``interval`` seconds; after a failure,
+    :meth:`silent` reads every counter twice, ``3·interval`` apart, and returns the ranks whose counter did not
+    move (or never appeared). The counters are compared with themselves, never across clocks, so it works across
+    machines; a gloo error alone only says "connection closed", not which rank is gone."""
 
     def __init__(self, interval: float = 1.0) -> None:
         self.rank, self.world, self.interval = dist.get_rank(), dist.get_world_size(), interval
@@ -231,6 +231,29 @@ def _spawned(
         dist.destroy_process_group()
 
 
+def rank_failure(e: ProcessException, out_dir: str | None) -> str:
+    """One line for a spawned rank that died: which rank, its signal, exit code or error, the last checkpoint
+    and the command that continues from it."""
+    how = getattr(e, "signal_name", None)
+    if how:
+        how = f"was killed by {how}"
+    elif getattr(e, "exit_code", None) is not None:
+        how = f"exited with code {e.exit_code}"
+    else:  # ProcessRaisedException: the rank printed its own one-line error already; keep its last line
+        how = "failed: " + (str(getattr(e, "msg", e)).strip().splitlines() or ["?"])[-1]
+    line = f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped"
+    if out_dir is None:
+        return line
+    checkpoints = sorted(Path(out_dir).glob("ckpt_stage*.pt")) + sorted(Path(out_dir).glob("ckpt_last.pt"))
+    if checkpoints:
+        newest = max(checkpoints, key=lambda p: p.stat().st_mtime)
+        saved = time.strftime("%H:%M:%S", time.localtime(newest.stat().st_mtime))
+        line += f"; last checkpoint {newest} (saved {saved}); continue with: locallearn train --resume {out_dir}"
+    else:
+        line += f"; no checkpoint yet in {out_dir} (set run.ckpt_every=N to save every N steps); start it again"
+    return line
+
+
 def spawn(
     body: Body, cfg: TrainCfg, world: int, out_dir: str | None, resume: bool = False, timeout: float | None = None
 ) -> dict[str, Any]:
@@ -248,12 +271,12 @@ def spawn(
         while not context.join(timeout=1.0):
             if deadline is not None and time.perf_counter() > deadline:
                 raise TimeoutError(f"{world} spawned ranks still running after {timeout:.0f} s")
-    except ProcessException:
+    except ProcessException as e:
         while not queue.empty():
             kind, value = queue.get()
             if kind == "error":
                 raise ConfigError(value) from None
-        raise
+        raise StageError(rank_failure(e, out_dir)) from None
     finally:
         for process in context.processes:
             if process.is_alive():

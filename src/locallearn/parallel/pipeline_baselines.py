@@ -57,7 +57,8 @@ from ..train.config import ConfigError, TrainCfg, config_from_dict, to_dict
 from ..train.engine import LocalEngine
 from ..train.loop import build_engine, resolve_device
 from .launch import pin_cores
-from .ppll import Link, _free_port, bench_step, check_supported, stage_step
+from .link import free_port
+from .ppll import Link, bench_step, check_supported, stage_step
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 KINDS = ("e2e", "sequential", "solo", "ppll", "stages", "gpipe", "1f1b", "ddp", "independent")
@@ -393,7 +394,7 @@ def spawn_run(jobs: list[Job], world: int, batches: list[Batch], *, timeout: flo
     data = [(kind, to_dict(cfg), opts) for kind, cfg, opts in jobs]
     with tempfile.TemporaryDirectory(prefix="locallearn_") as tmp:
         context = mp.start_processes(
-            _rank_main, args=(world, _free_port(), data, tensors, tmp), nprocs=world, join=False, start_method="spawn"
+            _rank_main, args=(world, free_port(), data, tensors, tmp), nprocs=world, join=False, start_method="spawn"
         )
         deadline = time.perf_counter() + timeout
         try:

@@ -1,5 +1,5 @@
 """PPLL: pipeline-parallel local learning, one process per local module (spec methods.md §7, §10.2; pipeline.md
-§1.4, §6; issue 6).
+§1.4, §6).
 
     torchrun --nproc-per-node 4 -m locallearn train -c configs/fmnist/demo.yaml parallel=ppll
     torchrun --nproc-per-node 4 -m locallearn train --resume runs/<run>             # per-stage checkpoints
@@ -76,7 +76,7 @@ from ..train.schedule import lr_at
 from .cross_stage import CrossStage, check_supported
 from .data_parallel import GradAverager, broadcast_buffers, shard
 from .launch import agreed_config, agreed_run_dir, name_ranks, new_group, rank_device, run_torchrun, spawn
-from .link import TRAIN, Link, StageError, free_port
+from .link import TRAIN, Link, StageError
 from .stage_eval import gather_evaluation, stage_evaluate
 
 __all__ = [
@@ -91,7 +91,6 @@ __all__ = [
     "spawn_ppll",
     "stage_step",
 ]
-_free_port = free_port  # the name pipeline_baselines imports
 
 
 def stage_step(
@@ -107,7 +106,7 @@ def stage_step(
     cascade = None if cross is None else cross.cascade
     if cascade is not None:  # cascades reach back through this module's input
         x = x.detach().requires_grad_(k > 0)
-    with engine._autocast():
+    with engine.autocast():
         out = module(x)
         link.send(TRAIN, step, out)
         if cross is not None:
@@ -116,7 +115,7 @@ def stage_step(
     if cascade is None:  # (a timing probe of a cascade method: its two losses share the graph)
         for i, (loss, _) in enumerate(losses):
             (loss if engine.scaler is None else engine.scaler.scale(loss)).backward(retain_graph=i < len(losses) - 1)
-            engine._stats[k] += loss.detach().float()
+            engine.stats[k] += loss.detach().float()
     else:
         cascade.own(step, losses, x)
     if cross is not None:
@@ -124,7 +123,7 @@ def stage_step(
     engine.method.after_backward(k)
     if cascade is not None:
         cascade.downstream(step, x, out)
-    engine._step(k)
+    engine.step_module(k)
     if engine.scaler is not None:
         engine.scaler.update()
     if cross is not None:
@@ -286,7 +285,7 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
             x = batch.input if k == 0 else link.recv(TRAIN, step)[2]
             out = stage_step(engine, k, x, batch, link, step, me.cross)
             if k == engine.k - 1:  # the final output's training metric (top-1 hits, PSNR), summed on the device
-                engine._stats[-2] += engine.task.train_stat(out, batch)
+                engine.stats[-2] += engine.task.train_stat(out, batch)
             in_epoch, step, done = in_epoch + 1, step + 1, done + 1
             if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0:
                 me.sync(step, flush=False)  # activations in flight need not land: a resume recomputes them
@@ -305,9 +304,9 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
         tests = gather_evaluation(engine.task, report, engine.k, me.replica) if evaluate else {}
         stats = torch.zeros(engine.k, 4)  # per stage: mean loss, train seconds, idle, train_stat sum (all replicas)
         if me.replica == 0:
-            stats[k, :3] = torch.tensor([engine._stats[k].item() / max(1, done), train_time, idle])
-        stats[k, 3] = engine._stats[-2].item()
-        engine._stats.zero_()
+            stats[k, :3] = torch.tensor([engine.stats[k].item() / max(1, done), train_time, idle])
+        stats[k, 3] = engine.stats[-2].item()
+        engine.stats.zero_()
         stats = stats.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(stats)
         stats = stats.cpu()

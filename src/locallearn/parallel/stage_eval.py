@@ -42,7 +42,7 @@ def stage_evaluate(
         if send_labels:
             batch = link.relay_data(i, batch)[0]
         x = batch.input if k == 0 else link.recv(EVAL, i)[2]
-        with engine._autocast():
+        with engine.autocast():
             h = engine.modules[k](x)
             link.send(EVAL, i, h)
             prediction = h if last else engine.method.aux_logits(k, h)

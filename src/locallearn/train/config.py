@@ -286,7 +286,94 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainCfg:
-    return _build(TrainCfg, data)
+    cfg = _build(TrainCfg, data)
+    check_domains(cfg)
+    return cfg
+
+
+# Numeric keys with a domain, as the user reads it (">= 1", "> 0", "[0, 1)"), and what the key means. None is
+# always allowed where the field is optional (it means "the default" or "no limit").
+DOMAINS: dict[str, tuple[str, str]] = {
+    "data.batch_size": (">= 1", "images per training step"),
+    "data.eval_batch_size": (">= 1", "images per evaluation batch"),
+    "data.limit_train": (">= 1", "training images to use; leave unset (null) for all"),
+    "data.limit_test": (">= 1", "test images to use; leave unset (null) for all"),
+    "data.pad": (">= 0", "pixels of random-crop padding"),
+    "data.num_workers": (">= 0", "DataLoader processes"),
+    "data.image_size": (">= 1", "crop side in pixels"),
+    "data.scale": ("[2, 4]", "super-resolution scale"),
+    "data.patch_size": (">= 1", "HR patch side in pixels"),
+    "data.repeat": (">= 1", "patches per training image per epoch"),
+    "model.width": (">= 1", "the backbone's base width"),
+    "model.patch_size": (">= 1", "a ViT's patch side"),
+    "method.k": (">= 1", "local modules"),
+    "method.widen": (">= 1", "aux-net width multiplier"),
+    "method.feature_dim": (">= 1", "aux projection size"),
+    "method.temperature": ("> 0", "SupCon temperature"),
+    "method.ema_decay": ("[0, 1)", "EMA momentum; 1.0 never moves the EMA"),
+    "method.n_ema": (">= 0", "EMA twins per bridge"),
+    "method.lam_depth": (">= 1", "units in a LAM leap chain"),
+    "method.cascade_span": (">= 1", "modules a cascade loss reaches"),
+    "method.w_ind": (">= 0", "weight of the independent loss"),
+    "method.w_casc": (">= 0", "weight of the cascade loss"),
+    "method.pff_patches": (">= 1", "n of the n×n patches"),
+    "method.man_depth": (">= 1", "units a MAN bridge copies"),
+    "method.glcan_local_depth": (">= 0", "layers in GLCAN's local adapter"),
+    "optim.lr": ("> 0", "learning rate"),
+    "optim.momentum": ("[0, 1)", "SGD momentum"),
+    "optim.weight_decay": (">= 0", "weight decay"),
+    "optim.warmup_epochs": (">= 0", "warm-up epochs"),
+    "optim.warmup_lr": (">= 0", "warm-up start lr"),
+    "optim.gamma": ("> 0", "step-decay factor"),
+    "optim.eps": ("> 0", "AdamW epsilon"),
+    "run.epochs": (">= 1", "passes over the training set"),
+    "run.seed": (">= 0", "the run's seed"),
+    "run.threads": (">= 1", "torch CPU threads; leave unset (null) for torch's default"),
+    "run.max_steps": (">= 1", "steps before stopping early; leave unset (null) for no limit"),
+    "run.ckpt_every": (">= 0", "steps between extra checkpoints; 0 = only at epoch ends"),
+    "run.eval_every": (">= 1", "epochs between evaluations"),
+    "ppll.procs": (">= 0", "ranks to spawn; 0 = started by torchrun"),
+    "ppll.window": (">= 1", "sends in flight per rank and direction"),
+    "ppll.timeout": ("> 0", "seconds a rank waits for a peer"),
+    "ppll.ema_every": (">= 1", "steps between EMA weight shipments"),
+    "ppll.replicas": (">= 1", "data-parallel copies of the pipeline"),
+}
+LIST_DOMAINS: dict[str, tuple[str, str]] = {  # every element of these lists
+    "method.lambdas": (">= 0", "InfoPro loss weights"),
+    "optim.milestones": (">= 0", "epochs of the step decays"),
+    "optim.betas": ("[0, 1)", "AdamW betas"),
+}
+
+
+def in_domain(value: float, domain: str) -> bool:
+    """``value`` in ``">= a"``, ``"> a"`` or an interval like ``"[a, b)"``."""
+    if domain.startswith(">="):
+        return value >= float(domain[2:])
+    if domain.startswith(">"):
+        return value > float(domain[1:])
+    low, high = (float(v) for v in domain[1:-1].split(","))
+    return (value >= low if domain[0] == "[" else value > low) and (
+        value <= high if domain[-1] == "]" else value < high
+    )
+
+
+def check_domains(cfg: TrainCfg) -> None:
+    """Every numeric key with a domain (:data:`DOMAINS`) in range, or one ConfigError naming the key, the value,
+    the allowed range and what the key means, before any work starts."""
+    flat = {
+        f"{section}.{key}": value
+        for section, sub in to_dict(cfg).items()
+        if isinstance(sub, dict)
+        for key, value in sub.items()
+    }
+    for key, (domain, meaning) in DOMAINS.items():
+        if flat[key] is not None and not in_domain(flat[key], domain):
+            where = domain if domain[0] in "<>" else f"in {domain}"
+            raise ConfigError(f"{key}={flat[key]} is out of range: it must be {where} ({meaning})")
+    for key, (domain, meaning) in LIST_DOMAINS.items():
+        if not all(in_domain(v, domain) for v in flat[key]):
+            where = domain if domain[0] in "<>" else f"in {domain}"
+            raise ConfigError(f"{key}={flat[key]} is out of range: every element must be {where} ({meaning})")
 
 
 def changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:

@@ -121,7 +121,9 @@ class LocalEngine:
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.meter: SavedTensorMeter | None = None
-        self._stats = torch.zeros(self.k + 2, device=self.device)  # per-module loss sums, train_stat sum, steps
+        # Per-module loss sums, the final head's train_stat sum, steps: on the device, read by pop_train_stats
+        # (and by the pipeline runtime, which fills the entries of its own stage).
+        self.stats = torch.zeros(self.k + 2, device=self.device)
         # Called with k right before module k's optimizer step; a data-parallel runtime (locallearn.parallel) sets
         # it to average module k's gradients across replicas. None in a single process.
         self.grad_sync: Callable[[int], None] | None = None
@@ -137,7 +139,8 @@ class LocalEngine:
         params = list(self.modules[k].parameters()) + ([] if aux is None else list(aux.parameters()))
         return [p for p in params if p.requires_grad]
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The ``run.amp`` autocast context for a module's forward and losses (a no-op in fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -147,7 +150,9 @@ class LocalEngine:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def _step(self, k: int) -> None:
+    def step_module(self, k: int) -> None:
+        """Step module k's optimizer (after ``grad_sync`` where a data-parallel runtime set one; via the
+        GradScaler under fp16). Runtimes that schedule modules themselves (PPLL) call it per stage."""
         if self.grad_sync is not None:
             self.grad_sync(k)
         if self.scaler is None:
@@ -179,31 +184,31 @@ class LocalEngine:
             if not at_end:
                 self.optimizers[k].zero_grad(set_to_none=True)
             x = h.detach().requires_grad_(span > 1 and k > 0)
-            with self._autocast():
+            with self.autocast():
                 out = module(x)
                 losses = self.method.local_losses(k, out, batch)
             for loss, reach in losses:
                 if loss.requires_grad:
-                    self._backward(loss, k, min(reach, k + 1), x, kept, span)
-                self._stats[k] += loss.detach().float()
+                    self.local_backward(loss, k, min(reach, k + 1), x, kept, span)
+                self.stats[k] += loss.detach().float()
             self.method.after_backward(k)
             kept = [*kept, (x, out)][-(span - 1) :] if span > 1 else []
             if self.meter is not None:
                 kept_bytes = [*kept_bytes, self.meter.current - sum(kept_bytes)][-(span - 1) :] if span > 1 else []
                 self.meter.release(keep=sum(kept_bytes))
             if not at_end:
-                self._step(k)
+                self.step_module(k)
             h = out
         if at_end:
             for k in range(self.k):
-                self._step(k)
+                self.step_module(k)
         if self.scaler is not None:
             self.scaler.update()
         self.method.after_iteration()
-        self._stats[-2] += self.task.train_stat(h.detach(), batch)
-        self._stats[-1] += 1
+        self.stats[-2] += self.task.train_stat(h.detach(), batch)
+        self.stats[-1] += 1
 
-    def _backward(
+    def local_backward(
         self,
         loss: torch.Tensor,
         k: int,
@@ -212,7 +217,10 @@ class LocalEngine:
         kept: list[tuple[torch.Tensor, torch.Tensor]],
         span: int,
     ) -> None:
-        """Backward of one loss into module k and its aux net, then through ``reach - 1`` earlier modules."""
+        """Backward of one loss into module k and its aux net, then through ``reach - 1`` earlier modules whose
+        graphs are ``kept`` ((leaf input, output) pairs). ``x`` is module k's leaf input; ``span`` the method's
+        longest reach (1: the input is detached and a plain backward suffices). Public for the pipeline
+        runtime, which runs the same backward per stage."""
         scaled = loss if self.scaler is None else self.scaler.scale(loss)
         if span == 1:
             scaled.backward()  # the input is detached: nothing beyond module k can be reached
@@ -236,8 +244,8 @@ class LocalEngine:
     def pop_train_stats(self) -> dict[str, object]:
         """Mean loss per module and the sum of the final head's per-sample ``task.train_stat`` (top-1 hits for
         classification, PSNR for super-resolution) since the last call (one host sync)."""
-        stats = self._stats.tolist()
-        self._stats.zero_()
+        stats = self.stats.tolist()
+        self.stats.zero_()
         steps = max(stats[-1], 1.0)
         return {"train_loss": [s / steps for s in stats[:-2]], "train_stat_sum": stats[-2]}
 
@@ -254,7 +262,7 @@ class LocalEngine:
         for x, y, raw in batches:
             batch = Batch(x, y, raw)
             h = x
-            with self._autocast():
+            with self.autocast():
                 for k, module in enumerate(self.modules):
                     h = module(h)
                     prediction = self.method.aux_logits(k, h) if k < self.k - 1 else None

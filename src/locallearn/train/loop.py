@@ -34,7 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
 from .engine import LocalEngine
 from .partition import time_balanced_method
-from .rundir import MetricsLog, environment, new_run_dir
+from .rundir import MetricsLog, environment, make_dir, new_run_dir
 from .schedule import lr_at
 
 # On resume only these may differ from the saved config (how long to train, where, how verbosely).
@@ -224,6 +224,7 @@ def fit(
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
+    make_dir(cfg.run.out)  # an unusable output folder fails now, not after the data and model are built
 
     # ---- data and model ------------------------------------------------------------------------------------
     train_loader, test_loader, spec = build_loaders(cfg, device)

@@ -1,4 +1,4 @@
-"""Split points from measured time (``method.balance: time``; issue 6, spec pipeline.md §4, §6.1).
+"""Split points from measured time (``method.balance: time``; spec pipeline.md §4, §6.1).
 
 In a pipeline the slowest stage sets the pace, and a stage's time is its units' forward + backward *plus its aux
 net*, which parameter or FLOP counts of the backbone do not see (InfoPro's decoder on a 32×32 map costs more than
@@ -133,7 +133,7 @@ def _module_seconds(engine: LocalEngine, batch: Batch) -> list[float]:
         x, outs = h.detach(), []
 
         def module_step(k=k, module=module, x=x, outs=outs) -> None:
-            with engine._autocast():
+            with engine.autocast():
                 out = module(x)
                 losses = [loss for loss, _ in engine.method.local_losses(k, out, batch) if loss.requires_grad]
             if losses:

@@ -15,10 +15,27 @@ from typing import Any
 
 import torch
 
+from .config import ConfigError
+
+
+def make_dir(path: str | Path, what: str = "run.out") -> Path:
+    """``path`` as a folder that exists and is writable, or one ConfigError naming ``what`` (the key or option
+    that gave it), the path and the way out; called before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}={path} is an existing file, not a folder; choose another {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what}={path}: cannot create the folder ({e.strerror}); choose another {what}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}={path} is not writable; choose a folder you can write to")
+    return path
+
 
 def new_run_dir(out: str, name: str) -> Path:
     stamp = time.strftime("%Y-%m-%d_%H%M%S")
-    base = Path(out) / f"{stamp}_{name}"
+    base = make_dir(out) / f"{stamp}_{name}"
     path, i = base, 1
     while path.exists():
         path, i = Path(f"{base}_{i}"), i + 1
