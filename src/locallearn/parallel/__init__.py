@@ -16,6 +16,7 @@ import yaml
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, TrainCfg
 from ..train.loop import RESUMABLE_CHANGES, resumed_config
+from ..train.rundir import check_tensorboard
 
 # On resume these may change too: they do not change what is computed.
 RESUMABLE = RESUMABLE_CHANGES | {"ppll.timeout", "ppll.window", "ppll.procs", "ppll.pin_cores"}
@@ -51,6 +52,7 @@ def fit_parallel(
         resume = str(run)
     if cfg is None:
         raise ConfigError("fit_parallel needs a config or a run to resume")
+    check_tensorboard(cfg.log.tensorboard)
     if cfg.parallel == "ppll":
         from .ppll import fit_ppll
 

@@ -110,7 +110,7 @@ def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> d
         torch.set_rng_state(state["rng_torch"])
     elif rank == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-    log = MetricsLog(run_dir / "metrics.jsonl") if rank == 0 else None
+    log = MetricsLog(run_dir / "metrics.jsonl", cfg.log.tensorboard) if rank == 0 else None
     if rank == 0:
         (run_dir / "env.json").write_text(json.dumps({**environment(device), "world_size": world}, indent=2))
     parts = [engine.backbone, engine.method]
@@ -158,6 +158,8 @@ def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> d
             print(f"[dp×{world}] epoch {record['epoch']} step {step}{acc} {record['imgs_per_s']:.0f} img/s", flush=True)
             result = {**record, "run_dir": str(run_dir), "ends": list(engine.ends)}
         dist.barrier()
+    if log is not None:
+        log.close()
     return result
 
 

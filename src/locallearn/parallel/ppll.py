@@ -266,7 +266,7 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
             raise ConfigError(f"{run_dir}: the stage checkpoints are at different steps {steps}; resume needs one step")
     elif rank == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-    log = MetricsLog(run_dir / "metrics.jsonl") if rank == 0 else None
+    log = MetricsLog(run_dir / "metrics.jsonl", cfg.log.tensorboard) if rank == 0 else None
     if rank == 0:
         env = {**environment(device), "world_size": dist.get_world_size(), "replicas": me.replicas}
         if hasattr(os, "sched_getaffinity"):  # rank 0's CPU cores (one of its own with ppll.pin_cores)
@@ -329,6 +329,8 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
             test = f" {metric} {record[metric]:.4f}" if metric in record else ""
             print(f"[ppll] epoch {record['epoch']} step {step}{test} {record['imgs_per_s']:.0f} img/s", flush=True)
             result = {**record, "run_dir": str(run_dir), "ends": engine.ends}
+    if log is not None:
+        log.close()
     link.shutdown(step)
     return result
 

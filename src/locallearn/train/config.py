@@ -145,6 +145,15 @@ class PPLLCfg:
 
 
 @dataclass
+class LogCfg:
+    """``tensorboard``: also write every epoch record's scalars (per-module losses, lr, accuracy, images/s, memory)
+    as TensorBoard events to ``<run>/tb/`` (needs ``pip install 'locallearn[tb]'``); ``metrics.jsonl`` is always
+    written."""
+
+    tensorboard: bool = False
+
+
+@dataclass
 class TrainCfg:
     """``parallel``: ``none`` (one process, the sequential engine), ``ppll`` (one process per module) or ``dp``
     (data-parallel local learning: every process runs all modules on a shard of each batch)."""
@@ -156,6 +165,7 @@ class TrainCfg:
     run: RunCfg = field(default_factory=RunCfg)
     parallel: Literal["none", "ppll", "dp"] = "none"
     ppll: PPLLCfg = field(default_factory=PPLLCfg)
+    log: LogCfg = field(default_factory=LogCfg)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
 from .engine import LocalEngine
 from .partition import time_balanced_method
-from .rundir import MetricsLog, environment, make_dir, new_run_dir
+from .rundir import MetricsLog, check_tensorboard, environment, make_dir, new_run_dir
 from .schedule import lr_at
 
 # On resume only these may differ from the saved config (how long to train, where, how verbosely).
@@ -46,6 +46,7 @@ RESUMABLE_CHANGES = {
     "run.device",
     "run.ckpt_every",
     "run.eval_every",
+    "log.tensorboard",
 }
 METER_STEPS = 2  # steps measured by the saved-tensor meter (the peak is the same every step at a fixed shape)
 
@@ -225,6 +226,7 @@ def fit(
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     make_dir(cfg.run.out)  # an unusable output folder fails now, not after the data and model are built
+    check_tensorboard(cfg.log.tensorboard)
 
     # ---- data and model ------------------------------------------------------------------------------------
     train_loader, test_loader, spec = build_loaders(cfg, device)
@@ -240,7 +242,7 @@ def fit(
         run_dir = new_run_dir(cfg.run.out, run_name(cfg))
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "env.json").write_text(json.dumps(environment(device), indent=2))
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", cfg.log.tensorboard)
 
     def checkpoint() -> None:
         save_checkpoint(
@@ -322,6 +324,7 @@ def fit(
         if not quiet:
             print(_row(record, engine.task.headline), flush=True)
         checkpoint()
+    log.close()
     result["peak_act_bytes"] = peak_act
     return result
 

@@ -92,15 +92,58 @@ def train_throughput(records: list[dict[str, Any]]) -> float:
     return images / max(seconds, 1e-9)
 
 
-class MetricsLog:
-    """Append-only JSONL: each line survives a crash, and ``plot``/pandas read the file directly."""
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The scalars of one metrics record, as TensorBoard tags: numbers under their key, lists one tag per module
+    (``train_loss/module_0``, ``aux_acc/module_2``; a None entry, a module without that head, is left out)."""
+    scalars: dict[str, float] = {}
+    for key, value in record.items():
+        if key in ("epoch", "step"):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+            scalars[key] = float(value)
+        elif isinstance(value, list):
+            scalars |= {f"{key}/module_{i}": float(v) for i, v in enumerate(value) if isinstance(v, (int, float))}
+    return scalars
 
-    def __init__(self, path: Path) -> None:
+
+def check_tensorboard(enabled: bool) -> None:
+    """``log.tensorboard=true`` without TensorBoard installed fails before any work starts."""
+    if enabled:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "log.tensorboard=true needs TensorBoard: pip install 'locallearn[tb]' (or set log.tensorboard=false)"
+            ) from None
+
+
+class MetricsLog:
+    """Append-only JSONL: each line survives a crash, and ``plot``/pandas read the file directly.
+
+    With ``tensorboard``, every record is also written as scalars (:func:`tensorboard_scalars`) at its global
+    ``step`` to ``<run>/tb/`` by ``torch.utils.tensorboard``; the multi-process runtimes log from rank 0, which
+    has gathered every stage's figures, so one event stream holds the whole run."""
+
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         self.path = path
+        self.writer = None
+        if tensorboard:
+            check_tensorboard(True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(path.parent / "tb"))
 
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for tag, value in tensorboard_scalars(record).items():
+                self.writer.add_scalar(tag, value, global_step=record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
