@@ -1,7 +1,8 @@
-"""Pool the two passes of each split in ``split_r32/`` (10 rounds each): medians of the per-round ratios with
-their 95 % intervals (``median_interval``), and the median busy fraction per stage of PPLL.
+"""Pool the two passes of each split in ``benchmarks/pipeline_fmnist_k2_stages/split_r32/`` (10 rounds each):
+medians of the per-round ratios with their 95 % intervals (``median_interval``), and the median busy fraction per
+stage of PPLL.
 
-Run from the repository root: ``python benchmarks/pipeline_fmnist_k2_stages/pool_split_r32.py``.
+Run from the repository root: ``python benchmarks/scripts/pipeline_fmnist_k2_stages__pool_split_r32.py``.
 """
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from locallearn.bench.pipeline import median_interval
 
-HERE = Path(__file__).parent / "split_r32"
+HERE = Path(__file__).parent.parent / "pipeline_fmnist_k2_stages" / "split_r32"
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Repeat ``method.balance=time`` on one model, DGL, K=2: the per-unit probe's pick and predicted ms per module,
 then every candidate split timed as whole modules (``locallearn.train.partition``), and the pick of that timing.
 
-Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/pipeline_fmnist_k2_stages/probe_candidates.py
-vit_tiny 4`` (model, trials). ViT-Ti: width 192, patch 4, batch 32; other models: batch 64.
+Run from the repository root:
+``OMP_NUM_THREADS=1 python benchmarks/scripts/pipeline_fmnist_k2_stages__probe_candidates.py vit_tiny 4``
+(model, trials). ViT-Ti: width 192, patch 4, batch 32; other models: batch 64.
 """
 
 import sys

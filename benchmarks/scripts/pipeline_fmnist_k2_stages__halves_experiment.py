@@ -2,8 +2,9 @@
 (sequential LL on rank 0), ppll, halves (each rank runs its own stage on locally precomputed inputs, no messages)
 and independent (each rank the whole sequential LL); step times in ms.
 
-Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/pipeline_fmnist_k2_stages/halves_experiment.py
-resnet32 "[7,17]" 8`` (model, ends, rounds). The ``stages`` row now does what ``halves`` did.
+Run from the repository root:
+``OMP_NUM_THREADS=1 python benchmarks/scripts/pipeline_fmnist_k2_stages__halves_experiment.py resnet32 "[7,17]" 8``
+(model, ends, rounds). The ``stages`` row now does what ``halves`` did.
 """
 
 import statistics

@@ -3,7 +3,8 @@
 Two processes each train sequential DGL (ResNet-32, K=2, batch 64) on fixed Fashion-MNIST batches, 10 timed steps
 after 2 warm-up steps, pinned (rank r on core r) and unpinned in alternating order, 12 rounds. Run from the
 repository root with the package installed: ``OMP_NUM_THREADS=1 python
-benchmarks/pipeline_fmnist_k2_same_window/pin_experiment.py``. Output: ``pin_experiment.log``.
+benchmarks/scripts/pipeline_fmnist_k2_same_window__pin_experiment.py``. Output (redirected):
+``benchmarks/pipeline_fmnist_k2_same_window/pin_experiment.log``.
 """
 
 import os

@@ -1,8 +1,8 @@
 """Per-seed values and mean ± sample std of the final test metric (and aux metric by depth) from bench
 ``results.json`` files (pooled, so seeds kept in separate folders combine).
 
-    python benchmarks/detection_shapes/seed_table.py benchmarks/detection_shapes/results.json
-    python benchmarks/detection_shapes/seed_table.py benchmarks/sr_glcan/results.json \
+    python benchmarks/scripts/detection_shapes__seed_table.py benchmarks/detection_shapes/results.json
+    python benchmarks/scripts/detection_shapes__seed_table.py benchmarks/sr_glcan/results.json \
         benchmarks/sr_glcan/seed1/results.json
 
 Several files are pooled by (method, K, seed); a (method, K, seed) found twice is an error. Stdlib only.

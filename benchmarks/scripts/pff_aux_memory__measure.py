@@ -1,6 +1,6 @@
 """Aux-net saved activations with and without patch feature fusion (issue 4).
 
-Run: python benchmarks/pff_aux_memory/measure.py > benchmarks/pff_aux_memory/results.md
+Run: python benchmarks/scripts/pff_aux_memory__measure.py > benchmarks/pff_aux_memory/results.md
 """
 
 import torch
