@@ -13,7 +13,7 @@ or from a preset: ``ll.fit(ll.load_config("configs/fmnist/demo.yaml", ["method.n
 from .local import Batch, ClassificationTask, SuperResolutionTask
 from .methods import LocalMethod, MethodCfg, list_methods, register_method
 from .models import UnitBackbone, UnitInfo, create_model, list_models, register_model
-from .train import LocalEngine, OptimCfg, TrainCfg, fit, load_config
+from .train import LocalEngine, OptimCfg, TrainCfg, fit, load_config, tune_cpu_allocator
 
 __version__ = "0.1.0"
 __all__ = [
@@ -34,4 +34,5 @@ __all__ = [
     "load_config",
     "register_method",
     "register_model",
+    "tune_cpu_allocator",
 ]

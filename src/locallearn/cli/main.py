@@ -21,6 +21,7 @@ import sys
 
 from ..data.idx import DataError
 from ..parallel.link import StageError
+from ..train.allocator import tune_cpu_allocator
 from ..train.config import ConfigError
 
 
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    tune_cpu_allocator()  # CPU step times without glibc's per-step munmap/page-fault churn (train/allocator.py)
     try:
         if args.command == "train":
             from ..train.config import load_config

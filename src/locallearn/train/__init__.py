@@ -1,5 +1,6 @@
 """Single-process training: config, engine, loop, checkpoints."""
 
+from .allocator import allocator_setting, tune_cpu_allocator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, DataCfg, ModelCfg, OptimCfg, RunCfg, TrainCfg, load_config
 from .engine import LocalEngine, resolve_split
@@ -18,4 +19,6 @@ __all__ = [
     "load_config",
     "resolve_split",
     "save_checkpoint",
+    "allocator_setting",
+    "tune_cpu_allocator",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .allocator import allocator_setting
 from .config import ConfigError
 
 
@@ -82,6 +83,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "git": git_commit(),
         "hostname": socket.gethostname(),
         "argv": sys.argv,
+        "cpu_allocator": allocator_setting(),
     }
 
 
