@@ -57,7 +57,7 @@ def parse_method(token: str) -> tuple[str, tuple[str, ...], str | None]:
             raise ConfigError(
                 f"unknown add-on preset {addon!r} in {token!r}; known: {', '.join(ADDON_PRESETS)} (e.g. dgl+man)"
             )
-    if name == "e2e" and addons:
+    if name == "e2e" and any("addons" in ADDON_PRESETS[a] for a in addons):
         raise ConfigError(f"{token!r}: add-ons act on local modules; e2e has one module (use dgl+... or infopro+...)")
     return name, tuple(addons), split or None
 

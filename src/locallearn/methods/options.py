@@ -29,6 +29,8 @@ ADDON_PRESETS: dict[str, dict[str, object]] = {
     "manpp": {"addons": ["man"], "bridge_combine": "scaled"},
     "hpff": {"addons": ["cascade", "pff"], "cascade_final": "both"},
     "mlaan": {"addons": ["cascade", "lam"], "cascade_final": "both"},
+    # Not a paper's add-on: activation checkpointing inside every module (√units segments), for E2E as well.
+    "ckpt": {"checkpoint": "sqrt"},
 }
 
 
@@ -87,6 +89,9 @@ class MethodCfg:
             ``resblock`` (residual blocks at the module's width), ``conv`` (3×3 conv + ReLU layers) or ``none``;
             a 1×1 conv and a pooling/upsampling step are added when the width or stride differ from the head's.
         glcan_local_depth: layers (blocks or convs) in the local adapter.
+        checkpoint: activation checkpointing inside each local module (:mod:`locallearn.local.checkpointing`): ``0``
+            off, ``n`` segments per module, or ``sqrt`` (round(√units) per module); with ``e2e`` the whole network.
+            Same losses, gradients and BatchNorm statistics as without (tested bitwise on CPU).
         glcan_global: GLCAN's global part, the backbone's own task head (SR: the upsampler + reconstruction):
             ``ema`` (one EMA copy of the live head shared by every module, never trained by the aux losses;
             θ ← m·θ + (1−m)·θ_head after each step with m = ``ema_decay``) or ``per_module`` (a trainable copy
@@ -126,6 +131,7 @@ class MethodCfg:
     glcan_local: Literal["resblock", "conv", "none"] = "resblock"
     glcan_local_depth: int = 1
     glcan_global: Literal["ema", "per_module"] = "per_module"
+    checkpoint: int | Literal["sqrt"] = 0
 
 
 @dataclass

@@ -184,7 +184,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+        if not errors:
+            raise ConfigError(f"{key}: cannot be {value!r}")
+        raise ConfigError(errors[0] + "".join(f"; or {e.removeprefix(key + ': ')}" for e in errors[1:]))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -329,6 +331,7 @@ DOMAINS: dict[str, tuple[str, str]] = {
     "method.pff_patches": (">= 1", "n of the n×n patches"),
     "method.man_depth": (">= 1", "units a MAN bridge copies"),
     "method.glcan_local_depth": (">= 0", "layers in GLCAN's local adapter"),
+    "method.checkpoint": (">= 0", "checkpointed segments per module: 0 = off, or 'sqrt'"),
     "optim.lr": ("> 0", "learning rate"),
     "optim.momentum": ("[0, 1)", "SGD momentum"),
     "optim.weight_decay": (">= 0", "weight decay"),
@@ -377,7 +380,7 @@ def check_domains(cfg: TrainCfg) -> None:
         for key, value in sub.items()
     }
     for key, (domain, meaning) in DOMAINS.items():
-        if flat[key] is not None and not in_domain(flat[key], domain):
+        if flat[key] is not None and not isinstance(flat[key], str) and not in_domain(flat[key], domain):
             where = domain if domain[0] in "<>" else f"in {domain}"
             raise ConfigError(f"{key}={flat[key]} is out of range: it must be {where} ({meaning})")
     for key, (domain, meaning) in LIST_DOMAINS.items():

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..local.checkpointing import CheckpointedSequential, segment_count
 from ..local.split import backbone_layout, balanced_split, check_k, preset_split, validate_ends
 from ..local.task import Batch, Task
 from ..measure.memory import SavedTensorMeter
@@ -91,7 +92,11 @@ class LocalEngine:
         self.ends = resolve_split(backbone, method_cfg, sample)
         backbone.configure_split(self.ends)
         starts = [0, *self.ends[:-1]]
-        self.modules = [nn.Sequential(*backbone.units[s:e]) for s, e in zip(starts, self.ends)]
+        segments = [segment_count(method_cfg.checkpoint, e - s) for s, e in zip(starts, self.ends)]
+        self.modules = [
+            CheckpointedSequential(list(backbone.units[s:e]), n) if n > 1 else nn.Sequential(*backbone.units[s:e])
+            for s, e, n in zip(starts, self.ends, segments)
+        ]
         ctx = MethodContext(
             [backbone.infos[e - 1] for e in self.ends],
             backbone.num_stages,

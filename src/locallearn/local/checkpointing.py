@@ -1,0 +1,92 @@
+"""Activation checkpointing inside a local module (``method.checkpoint``), the baseline users would pick.
+
+A module's units are cut into ``n`` contiguous segments; in training every segment but the last runs under
+non-reentrant :func:`torch.utils.checkpoint.checkpoint`, which keeps only the segment's input and recomputes its
+forward during backward (Chen et al., "Training Deep Nets with Sublinear Memory Cost", 2016: √n segments). With
+``e2e`` the one module is the whole network (plain checkpointing); with a local method each module is checkpointed
+on its own, a combination the local-learning papers do not offer.
+
+Two details make a checkpointed step equal to a plain one:
+
+* BatchNorm updates its running statistics once per step. The recomputation runs in training mode (it must use the
+  batch statistics, as the first forward did), so inside the checkpoint's *recompute context* every BatchNorm of
+  the segment runs with momentum 0 (its running statistics stay exactly as they are) and ``num_batches_tracked``
+  is restored afterwards.
+* Dropout and other random ops replay the same masks: the checkpoint restores the RNG state of the first forward
+  (``preserve_rng_state``).
+
+The saved-tensor meter does not see what a checkpoint keeps (segment inputs live in the checkpoint's frame, not
+in autograd's saved tensors); checkpointed memory is measured at the allocator (``bench memory``'s total peak).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def segment_count(setting: int | str, units: int) -> int:
+    """Segments for a module of ``units`` units: ``"sqrt"`` → round(√units), an int n → min(n, units); 0 → 1 (off)."""
+    if setting == "sqrt":
+        return max(1, round(math.sqrt(units)))
+    if not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"method.checkpoint must be 0 (off), a segment count >= 1 or 'sqrt', got {setting!r}")
+    return max(1, min(setting, units))
+
+
+class BatchNormFrozen:
+    """Batch statistics without moving the running statistics, for a recomputation: momentum 0 leaves
+    ``running_mean``/``running_var`` exactly as they are (r + 0·(v − r) = r), and ``num_batches_tracked`` is put
+    back afterwards. The BatchNorm ops still save the same tensors as the first forward, as the checkpoint
+    requires. Re-enterable: a graph kept for several backwards (a cascade) recomputes more than once."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [
+            m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+
+    def __enter__(self) -> None:
+        self.kept = [
+            (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in self.norms
+        ]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for m, (momentum, count) in zip(self.norms, self.kept):
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+
+
+class CheckpointedSequential(nn.Sequential):
+    """The units of one local module, forwarded in ``segments`` checkpointed pieces while training with gradients
+    (evaluation and ``no_grad`` forwards run plainly). Holds the same unit objects as the backbone, so parameters,
+    buffers and state dict keys are the backbone's."""
+
+    def __init__(self, units: list[nn.Module], segments: int) -> None:
+        super().__init__(*units)
+        n = len(units)
+        self.bounds = [round(i * n / segments) for i in range(segments + 1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()) or len(self.bounds) <= 2:
+            return super().forward(x)
+        units = list(self)
+        for i, (start, end) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+            segment = nn.Sequential(*units[start:end])
+            if i == len(self.bounds) - 2:  # the last segment's activations are used right away: keep them
+                x = segment(x)
+            else:
+                x = checkpoint(
+                    segment,
+                    x,
+                    use_reentrant=False,
+                    context_fn=lambda seg=segment: (contextlib.nullcontext(), BatchNormFrozen(seg)),
+                )
+        return x

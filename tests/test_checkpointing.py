@@ -1,0 +1,96 @@
+"""``method.checkpoint``: activation checkpointing inside each local module (and for E2E). After training steps
+the parameters, BatchNorm statistics (``num_batches_tracked`` moves once per step) and logged losses equal the
+un-checkpointed run bitwise on CPU, for E2E, the bases and every add-on; gradient isolation still holds; the
+checkpoint really recomputes (fewer saved bytes); PPLL honours it per stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
+from locallearn.local.checkpointing import CheckpointedSequential, segment_count
+from locallearn.measure import SavedTensorMeter
+
+from .test_engine import make_batch
+
+CASES = [
+    ("e2e", 1, {}),
+    ("dgl", 2, {}),
+    ("infopro", 3, {}),
+    ("dgl", 3, {"addons": ["man"]}),
+    ("infopro", 3, {"addons": ["cascade", "pff"], "cascade_final": "both"}),
+    ("dgl", 3, {"addons": ["cascade", "lam"], "cascade_final": "both"}),
+]
+
+
+def engine_for(name: str, k: int, extra: dict, checkpoint: int | str) -> LocalEngine:
+    torch.manual_seed(0)
+    backbone = create_model("resnet20", num_classes=4, in_channels=1, width=4)
+    for m in backbone.modules():  # dropout in the units: the recomputation must replay the same masks
+        if isinstance(m, nn.ReLU):
+            m.register_forward_hook(lambda mod, inp, out: nn.functional.dropout(out, 0.1, mod.training))
+    cfg = MethodCfg(name=name, k=k, checkpoint=checkpoint, **extra)
+    return LocalEngine(backbone, cfg, ClassificationTask(4), OptimCfg(lr=0.05))
+
+
+def state(engine: LocalEngine) -> dict[str, torch.Tensor]:
+    return {**engine.backbone.state_dict(), **{f"aux.{k}": v for k, v in engine.method.state_dict().items()}}
+
+
+@pytest.mark.parametrize("name,k,extra", CASES, ids=[f"{n}{'+' + '+'.join(e.get('addons', []))}" for n, _, e in CASES])
+@pytest.mark.parametrize("checkpoint", [2, "sqrt"])
+def test_checkpointed_steps_equal_plain_steps_bitwise(name: str, k: int, extra: dict, checkpoint) -> None:
+    plain, ckpt = engine_for(name, k, extra, 0), engine_for(name, k, extra, checkpoint)
+    assert any(isinstance(m, CheckpointedSequential) for m in ckpt.modules)
+    for step in range(3):
+        batch = make_batch(seed=step)
+        for engine in (plain, ckpt):
+            torch.manual_seed(100 + step)  # the same dropout stream for both
+            engine.train_step(batch)
+    a, b = state(plain), state(ckpt)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert plain.pop_train_stats() == ckpt.pop_train_stats()
+    tracked = [v for key, v in b.items() if key.endswith("num_batches_tracked") and not key.startswith("aux.")]
+    assert tracked and all(int(v) == 3 for v in tracked)  # once per step, not again by the recomputation
+
+
+def test_checkpointing_keeps_fewer_saved_tensors_and_isolation() -> None:
+    """The meter sees fewer saved bytes (segments are recomputed), and a module's loss still reaches only it."""
+    from .test_engine import assert_gradient_isolation
+
+    peaks = {}
+    for checkpoint in (0, "sqrt"):
+        engine = engine_for("dgl", 2, {}, checkpoint)
+        engine.meter = meter = SavedTensorMeter()
+        with meter:
+            engine.train_step(make_batch())
+        peaks[checkpoint] = meter.peak
+        assert_gradient_isolation(engine, make_batch(seed=5))
+    assert peaks["sqrt"] < 0.8 * peaks[0]
+
+
+def test_segment_count_and_bad_values() -> None:
+    assert [segment_count("sqrt", n) for n in (1, 4, 9, 10, 55)] == [1, 2, 3, 3, 7]
+    assert segment_count(3, 2) == 2 and segment_count(0, 9) == 1
+    with pytest.raises(ValueError, match="method.checkpoint"):
+        segment_count(-1, 4)
+
+
+def test_ppll_honours_checkpointing_per_stage(synthetic_root: Path, tmp_path: Path) -> None:
+    from locallearn.parallel.ppll import spawn_ppll
+    from locallearn.train import fit, load_checkpoint, load_config
+
+    from .conftest import tiny_overrides
+    from .test_ppll import assert_stages_match
+
+    base = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "method.k=2", "run.threads=1"]
+    base += ["model.width=4", "run.epochs=1", "method.checkpoint=2"]
+    sequential = fit(load_config(None, [*base, "method.checkpoint=0"]), quiet=True)
+    result = spawn_ppll(load_config(None, [*base, "parallel=ppll"]), 2, timeout=240)
+    assert_stages_match(load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt"), Path(result["run_dir"]), 2)
