@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -63,3 +64,40 @@ def test_counters() -> None:
     lin = nn.Linear(10, 5)
     assert count_params(lin) == 55
     assert forward_flops(lin, torch.randn(3, 10)) == 2 * 3 * 10 * 5
+
+
+def test_allocator_peak_is_the_largest_running_sum_of_allocations() -> None:
+    """1 MiB allocated and freed, then 3 + 1 MiB alive together: the peak above the start is 4 MiB exactly."""
+    from locallearn.measure import AllocatorPeak
+
+    with AllocatorPeak("cpu") as m:
+        a = torch.empty(2**20, dtype=torch.uint8)
+        del a
+        b, c = torch.empty(3 * 2**20, dtype=torch.uint8), torch.empty(2**20, dtype=torch.uint8)
+        del b, c
+    assert m.peak == 4 * 2**20
+
+
+def test_train_step_flops_count_recomputation_and_cascade_hops() -> None:
+    """A whole step's FLOPs: checkpointing adds the forward of every recomputed segment; a cascade of span 2
+    walks each module graph again; E2E ≈ 3× its forward (backward = 2× forward for convs and linears)."""
+    from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
+    from locallearn.bench.bench import train_step_flops
+    from locallearn.measure import forward_flops
+
+    from .test_engine import make_batch
+
+    def engine(**cfg):
+        torch.manual_seed(0)
+        backbone = create_model("resnet8", num_classes=4, in_channels=1, width=4)
+        return LocalEngine(backbone, MethodCfg(**cfg), ClassificationTask(4), OptimCfg())
+
+    batch = make_batch()
+    plain, ckpt = engine(name="e2e", k=1), engine(name="e2e", k=1, checkpoint=2)  # 5 units: segments [0,2) [2,5)
+    forward = forward_flops(plain.modules[0], batch.input)
+    first_segment = forward_flops(torch.nn.Sequential(*list(plain.modules[0])[:2]), batch.input)
+    assert train_step_flops(plain, batch) == pytest.approx(3 * forward, rel=0.02)
+    assert train_step_flops(ckpt, batch) == train_step_flops(plain, batch) + first_segment
+    dgl = engine(name="dgl", k=3, dgl_head="mlp")
+    cascade = engine(name="dgl", k=3, dgl_head="mlp", addons=["cascade"], cascade_final="plain")
+    assert train_step_flops(cascade, batch) > 1.3 * train_step_flops(dgl, batch)

@@ -35,7 +35,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data.datasets import dataset_spec
 from ..data.idx import DataError
 from ..local.task import Batch
-from ..measure.memory import CudaPeak, SavedTensorMeter, model_state_bytes, peak_rss_bytes, reset_peak_rss
+from ..measure.memory import (
+    AllocatorPeak,
+    CudaPeak,
+    SavedTensorMeter,
+    model_state_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 from ..measure.speed import interleaved_throughput
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.engine import LocalEngine
@@ -116,12 +123,30 @@ def engine_flops(engine: LocalEngine, batch: Batch) -> dict[str, Any]:
         h = out.detach()
     total = {key: sum(r[key] for r in per_module) for key in ("fwd", "bwd", "aux_fwd", "aux_bwd")}
     backbone, aux = total["fwd"] + total["bwd"], total["aux_fwd"] + total["aux_bwd"]
-    return {**total, "per_module": per_module, "aux_overhead": aux / max(backbone, 1)}
+    return {
+        **total,
+        "per_module": per_module,
+        "aux_overhead": aux / max(backbone, 1),
+        "train_step": train_step_flops(engine, batch),
+    }
+
+
+def train_step_flops(engine: LocalEngine, batch: Batch) -> int:
+    """FLOPs of one whole training step as the engine runs it, on a deep copy: every forward, every backward,
+    cascade hops that walk a module's graph again, checkpoint recomputation (what ``fwd + bwd`` of the parts
+    above does not see). Element-wise work (EMA lerps, optimizer updates) is not counted, as in every FLOPs
+    counter."""
+    twin = copy.deepcopy(engine)
+    with FlopCounterMode(display=False) as c:
+        twin.train_step(batch)
+    return int(c.get_total_flops())
 
 
 def measure_memory(engine: LocalEngine, batches: list[Batch], device: torch.device) -> dict[str, Any]:
     """Saved-activation peak over ``batches`` (one step each), then parameter/gradient/optimizer bytes, peak RSS
-    (reset first where the OS allows) and the CUDA peaks above the baseline at the start of the phase."""
+    (reset first where the OS allows) and the CUDA peaks above the baseline at the start of the phase; then one
+    more step under :class:`AllocatorPeak` (every allocation: activations, gradients, aux nets, temporaries),
+    taken after the others so the optimizer state already exists, as in every later step of training."""
     gc.collect()
     rss_reset = reset_peak_rss()
     meter = SavedTensorMeter()
@@ -130,10 +155,17 @@ def measure_memory(engine: LocalEngine, batches: list[Batch], device: torch.devi
         for batch in batches:
             engine.train_step(batch)
     engine.meter = None
+    with AllocatorPeak(device) as step:
+        engine.train_step(batches[-1])
     params = [p for k in range(engine.k) for p in engine.module_parameters(k)]
+    state = model_state_bytes(params, engine.optimizers)
+    frozen = sum(p.numel() * p.element_size() for p in engine.method.parameters() if not p.requires_grad)
     return {
         "peak_act_bytes": meter.peak,
-        **model_state_bytes(params, engine.optimizers),
+        **state,
+        "frozen_param_bytes": frozen,  # EMA copies: held, never stepped
+        "step_peak_bytes": step.peak,
+        "total_step_peak_bytes": None if step.peak is None else step.peak + sum(state.values()) + frozen,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_is_per_variant": rss_reset,
         "cuda_peak_allocated_above_baseline": cuda.allocated,

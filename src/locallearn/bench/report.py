@@ -202,12 +202,15 @@ def render_markdown(results: dict[str, Any]) -> str:
     if detail:
         lines += [
             "",
-            "Memory detail (MiB; parameters, gradients and optimizer state include the aux nets; peak RSS is the "
-            "whole process, a coarse cross-check; CUDA peaks are above the baseline after data load):",
+            "Memory detail (MiB; parameters, gradients and optimizer state include the aux nets; step peak = "
+            "every allocation of one training step above its start (CUDA max_memory_allocated, CPU profiler memory "
+            "events), so it adds gradients, aux nets and temporaries to the saved activations; total = step peak + "
+            "parameters, gradients, optimizer state and frozen EMA copies; peak RSS is the whole process, a coarse "
+            "cross-check; CUDA peaks are above the baseline after data load):",
             "",
-            "| method | K | module ends | activations | params | grads | optimizer state | peak RSS | "
-            "CUDA alloc | CUDA reserved |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| method | K | module ends | activations | params | grads | optimizer state | step peak (allocator) | "
+            "total step peak | peak RSS | CUDA alloc | CUDA reserved |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in detail:
             m = r["memory"]
@@ -218,6 +221,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['label']} | {r['k']} | {r.get('ends', '-')} | {mib(m['peak_act_bytes'])} | "
                 f"{mib(m['param_bytes'])} | {mib(m['grad_bytes'])} | {mib(m['optim_state_bytes'])} | "
+                f"{mib(m.get('step_peak_bytes'))} | {mib(m.get('total_step_peak_bytes'))} | "
                 f"{mib(m['peak_rss_bytes'])} | {mib(m['cuda_peak_allocated_above_baseline'])} | "
                 f"{mib(m['cuda_peak_reserved_above_baseline'])} |"
             )
@@ -230,16 +234,25 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"steps (after {s0['warmup_steps']} warm-up steps), batch {s0['batch_size']}; ratio = median of the "
             "per-round ratios to E2E.",
             "",
-            "| method | K | step ms | images/s (min–max) | vs E2E (min–max) |",
-            "|---|---|---|---|---|",
+            "| method | K | step ms | images/s (min–max) | vs E2E (min–max) | step time vs E2E | "
+            "training FLOPs vs E2E |",
+            "|---|---|---|---|---|---|---|",
         ]
+        e2e_flops = next(
+            (r["flops"].get("train_step") for r in results["rows"] if r["method"] == "e2e" and "flops" in r), None
+        )
         for r in timed:
             s = r["speed"]
             ips, ratios = s["rounds_images_per_s"], s["rounds_ratio_to_e2e"]
             ratio = "-" if not ratios else f"{s['ratio_to_e2e']:.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
+            time_ratio = 1 / s["ratio_to_e2e"] if ratios and s["ratio_to_e2e"] else None
+            flops = (r.get("flops") or {}).get("train_step")
+            flops_ratio = flops / e2e_flops if flops and e2e_flops else None
+            flag = " **(time > FLOPs +15 %)**" if time_ratio and flops_ratio and time_ratio > 1.15 * flops_ratio else ""
             lines.append(
                 f"| {r['label']} | {r['k']} | {s['step_ms']:.1f} | {s['images_per_s']:.1f} "
-                f"({min(ips):.1f}–{max(ips):.1f}) | {ratio} |"
+                f"({min(ips):.1f}–{max(ips):.1f}) | {ratio} | {_fmt(time_ratio, '.3f')}{flag} | "
+                f"{_fmt(flops_ratio, '.3f')} |"
             )
     notes = [f"memory input: {results['memory_data']}" if "memory_data" in results else None]
     notes.append(f"speed input: {results['speed_data']}" if "speed_data" in results else None)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..bench.bench import train_step_flops
 from ..bench.report import METRIC_LABELS, format_metric
 from ..bench.runs import plan_runs, train_runs
 from ..bench.variants import Variant, parse_method
@@ -214,6 +215,11 @@ def summary(config: str | None, overrides: list[str]) -> str:
     lines.append(
         f"aux overhead: {100 * totals[3] / max(totals[0], 1):.1f}% params, "
         f"{100 * totals[4] / max(totals[1], 1e-12):.1f}% forward FLOPs"
+    )
+    train = train_step_flops(engine, batch) / 1e9  # the whole step as the engine runs it, on a copy
+    lines.append(
+        f"training FLOPs per step: {train:.3f} G (forward, every backward, cascade hops, recomputation) = "
+        f"{train / max(totals[1] + totals[4], 1e-12):.2f}x the forward of backbone and aux nets"
     )
     text = "\n".join(lines)
     print(text)

@@ -1,6 +1,7 @@
 """Meters: saved-activation memory, parameter/gradient/optimizer bytes, CUDA peaks, peak RSS, FLOPs, speed."""
 
 from .memory import (
+    AllocatorPeak,
     CudaPeak,
     SavedTensorMeter,
     cuda_peak_bytes,
@@ -13,6 +14,7 @@ from .memory import (
 from .profile import count_params, forward_flops, train_flops, unit_costs
 
 __all__ = [
+    "AllocatorPeak",
     "CudaPeak",
     "SavedTensorMeter",
     "count_params",

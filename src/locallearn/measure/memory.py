@@ -12,8 +12,10 @@ backward, a local method only one module's worth. Deterministic, so tests can as
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -107,6 +109,67 @@ class CudaPeak:
             torch.cuda.synchronize(self.device)
             self.allocated = int(torch.cuda.max_memory_allocated(self.device)) - (self.baseline_allocated or 0)
             self.reserved = int(torch.cuda.max_memory_reserved(self.device)) - (self.baseline_reserved or 0)
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null for the duration (C++ log lines that Python cannot filter)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class AllocatorPeak:
+    """The allocator-level peak of a phase above what was allocated at its start: every tensor, temporaries and
+    gradients included, not only what autograd saves.
+
+    CUDA: ``max_memory_allocated`` after a reset, minus ``memory_allocated`` at the start (:class:`CudaPeak`).
+    CPU: PyTorch's profiler with ``profile_memory=True`` records every allocation and free of the CPU allocator;
+    ``peak`` is the largest running sum of those events, in time order. Profiling slows the phase, so measure
+    memory and time in separate steps.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.peak: int | None = None
+        self._cuda = CudaPeak(self.device)
+        self._profiler: torch.profiler.profile | None = None
+
+    def __enter__(self) -> AllocatorPeak:
+        if self.device.type == "cuda":
+            self._cuda.__enter__()
+        else:
+            self._profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            )
+            with _stderr_silenced():  # the profiler's C++ side logs a start line on every start
+                self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self._cuda.__exit__(*exc)
+            self.peak = self._cuda.allocated
+            return
+        assert self._profiler is not None
+        with _stderr_silenced():
+            self._profiler.__exit__(*exc)
+        events = [
+            e
+            for e in self._profiler.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        ]
+        running = peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            running += event.nbytes()
+            peak = max(peak, running)
+        self.peak = peak
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
