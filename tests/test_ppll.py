@@ -106,7 +106,7 @@ def test_time_balanced_split_is_measured_once_and_shared(synthetic_root: Path, t
     "extra,fragment",
     [
         (["method.name=glcan", "method.glcan_global=ema"], "glcan_global=per_module"),
-        (["method.addons=[cascade]", "run.amp=fp16"], "run.amp=bf16 or none"),
+        (["method.addons=[cascade]", "run.precision=fp16"], "run.precision=bf16 or fp32"),
         (["method.addons=[lam]", "method.legacy=[last_ema_only]"], "last_ema_only"),
     ],
 )

@@ -68,7 +68,7 @@ def check_supported(engine: LocalEngine) -> None:
     if engine.method.max_reach > 1 and engine.scaler is not None:
         raise ConfigError(
             "PPLL cascades send loss-scaled gradients between stages that each own a GradScaler; "
-            "use run.amp=bf16 or none with cascades"
+            "use run.precision=bf16 or fp32 with cascades"
         )
 
 

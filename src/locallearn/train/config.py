@@ -105,7 +105,9 @@ class OptimCfg:
 class RunCfg:
     """``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:1``. ``threads``: torch CPU threads
     (None = torch's default). ``max_steps``: stop early (smoke runs). ``amp``: ``none``, ``bf16`` or ``fp16``.
-    ``compile``: ``torch.compile`` each module in place. ``ckpt_every``: also checkpoint every N steps."""
+    ``compile``: ``torch.compile`` each module in place. ``ckpt_every``: also checkpoint every N steps.
+    ``precision``: ``fp32``, or mixed precision with ``bf16`` or ``fp16`` autocast (fp16 with one GradScaler for all
+    K losses) for every module, aux net and add-on. On CUDA, ``cudnn.benchmark`` is on (shapes are fixed)."""
 
     epochs: int = 5
     seed: int = 0
@@ -114,7 +116,7 @@ class RunCfg:
     out: str = "runs"
     name: str | None = None
     max_steps: int | None = None
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     ckpt_every: int = 0
     eval_every: int = 1
@@ -166,6 +168,17 @@ class TrainCfg:
     parallel: Literal["none", "ppll", "dp"] = "none"
     ppll: PPLLCfg = field(default_factory=PPLLCfg)
     log: LogCfg = field(default_factory=LogCfg)
+
+
+def _migrated(data: dict[str, Any]) -> dict[str, Any]:
+    """Configs saved by earlier versions (checkpoints, run directories): ``run.amp: none|bf16|fp16`` is now
+    ``run.precision: fp32|bf16|fp16``."""
+    run = data.get("run") if isinstance(data, dict) else None
+    if isinstance(run, dict) and "amp" in run and "precision" not in run:
+        amp = run["amp"]
+        run = {k: v for k, v in run.items() if k != "amp"} | {"precision": "fp32" if amp == "none" else amp}
+        data = {**data, "run": run}
+    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -298,7 +311,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainCfg:
-    cfg = _build(TrainCfg, data)
+    cfg = _build(TrainCfg, _migrated(data))
     check_domains(cfg)
     return cfg
 

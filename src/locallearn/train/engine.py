@@ -70,7 +70,7 @@ class LocalEngine:
         aux_seed: seeds aux-net initialisation on its own stream, so the method never shifts the backbone's
             or the data's randomness.
         sample: one input batch (for FLOPs/activation-balanced splits).
-        amp: ``none``, ``bf16`` or ``fp16`` (one GradScaler for all K losses).
+        precision: ``fp32``, or ``bf16`` / ``fp16`` autocast (fp16 with one GradScaler for all K losses).
     """
 
     def __init__(
@@ -83,7 +83,7 @@ class LocalEngine:
         aux_seed: int = 1,
         device: str | torch.device = "cpu",
         sample: torch.Tensor | None = None,
-        amp: str = "none",
+        precision: str = "fp32",
         compile: bool = False,
         channels_last: bool = True,
     ) -> None:
@@ -121,10 +121,10 @@ class LocalEngine:
                     if objective is not None:
                         objective.outputs = torch.compile(objective.outputs)
         self.optimizers = [build_optimizer(self.module_parameters(k), optim) for k in range(self.k)]
-        if amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"run.amp must be none, bf16 or fp16, got {amp!r}")
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"run.precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.meter: SavedTensorMeter | None = None
         # Per-module loss sums, the final head's train_stat sum, steps: on the device, read by pop_train_stats
         # (and by the pipeline runtime, which fills the entries of its own stage).
@@ -145,7 +145,7 @@ class LocalEngine:
         return [p for p in params if p.requires_grad]
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The ``run.amp`` autocast context for a module's forward and losses (a no-op in fp32)."""
+        """The ``run.precision`` autocast context for a module's forward and losses (a no-op in fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
