@@ -250,3 +250,40 @@ def test_plot_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert main(["plot", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "pip install 'locallearn[plot]'" in capsys.readouterr().err
+
+
+def test_bench_pareto_joins_study_accuracy_memory_time_and_flops(synthetic_root: Path, tmp_path: Path) -> None:
+    """``bench pareto``: memory and speed are measured, accuracy comes from a study (a +ckpt row takes its base's),
+    and pareto.md/png are written."""
+    study, out = tmp_path / "study", tmp_path / "pareto"
+    args = ["-c", DEMO, "--k", "2", *fast(synthetic_root, study)]
+    assert main(["bench", "accuracy", "--methods", "e2e,dgl", "--out", str(study), *args]) == 0
+    timing = ["--steps", "1", "--repeats", "1", "--warmup", "1"]
+    argv = ["bench", "pareto", "--methods", "e2e,e2e+ckpt,dgl", "--out", str(out), *timing, *args]
+    assert main([*argv, "--accuracy", str(study / "results.json")]) == 0
+    table = (out / "pareto.md").read_text()
+    accs = {r["label"]: r["test_acc"] for r in json.loads((study / "results.json").read_text())["runs"]}
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert f"{100 * accs['e2e']:.2f}" in lines["e2e+ckpt"] and f"{100 * accs['dgl']:.2f}" in lines["dgl"]
+    assert (out / "pareto.png").read_bytes().startswith(PNG)
+    assert main([*argv, "--accuracy", str(tmp_path / "nope.json")]) == 2
+
+
+def test_pareto_frontier_keeps_rows_no_other_row_beats_on_every_axis() -> None:
+    from locallearn.bench.pareto import pareto_rows
+
+    def row(label: str, peak: int, ms: float) -> dict:
+        return {
+            "label": label,
+            "method": label,
+            "k": 1,
+            "memory": {"total_step_peak_bytes": peak},
+            "speed": {"step_ms": ms},
+        }
+
+    results = {"rows": [row("e2e", 100, 10.0), row("a", 50, 12.0), row("b", 60, 13.0), row("c", 40, 20.0)]}
+    study = {
+        "runs": [{"key": f"{n}|k1", "test_acc": acc} for n, acc in (("e2e", 0.9), ("a", 0.8), ("b", 0.8), ("c", 0.7))]
+    }
+    frontier = {r["label"]: r["frontier"] for r in pareto_rows(results, study)}
+    assert frontier == {"e2e": True, "a": True, "b": False, "c": True}  # b: a has less memory, time, same accuracy

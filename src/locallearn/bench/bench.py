@@ -13,6 +13,8 @@ InfoPro*); (method, K) pairs a preset does not define are skipped with a note.
   parameter/gradient/optimizer bytes, peak RSS, CUDA peaks above the data baseline, and forward+backward FLOPs of
   the backbone and of the aux nets (:mod:`torch.utils.flop_counter`).
 * ``speed``: images/s, interleaved rounds of timed blocks (:mod:`locallearn.measure.speed`).
+* ``pareto``: ``memory`` and ``speed``, then one table and figure of accuracy (``--accuracy``: a study's
+  ``results.json``), total step peak, step time and training FLOPs (:mod:`.pareto`).
 * ``accuracy``: :func:`~locallearn.train.loop.fit` per (method, K, seed), ``--jobs`` at a time (:mod:`.runs`).
   Each finished run is written to ``results.json`` at once and skipped when the command is run again with the
   same ``--out``; a run interrupted mid-way continues from its last checkpoint.
@@ -48,11 +50,12 @@ from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.engine import LocalEngine
 from ..train.loop import build_engine, build_loaders, build_task, resolve_device, stream_seed
 from ..train.rundir import make_dir
+from .pareto import write_pareto
 from .report import load_results, machine_info, save_results
 from .runs import plan_runs, train_runs
 from .variants import Variant, parse_variants, variant_config
 
-KINDS = ("memory", "speed", "accuracy", "all")
+KINDS = ("memory", "speed", "accuracy", "all", "pareto")
 
 
 def bench_batches(cfg: TrainCfg, device: torch.device, n: int) -> tuple[list[Batch], str]:
@@ -304,6 +307,7 @@ def run_bench(
     repeats: int = 5,
     warmup: int = 2,
     workers: int = 1,
+    accuracy: str | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark kind (or ``all``) into ``out_dir`` and return the results dict (see module docstring).
@@ -330,10 +334,14 @@ def run_bench(
     results["commands"].append({"command": command, "kind": kind, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     save_results(out, results)
     print(f"bench {kind}: {len(variants)} variants -> {out}", flush=True)
-    if kind in ("memory", "all"):
+    if accuracy is not None and not Path(accuracy).is_file():
+        raise ConfigError(
+            f"--accuracy {accuracy}: no such results.json (an accuracy study's, e.g. bench accuracy --out)"
+        )
+    if kind in ("memory", "all", "pareto"):
         print("memory (saved-tensor meter, one training step each):", flush=True)
         run_memory(base, variants, results, out, steps or 1)
-    if kind in ("speed", "all"):
+    if kind in ("speed", "all", "pareto"):
         print("speed (interleaved rounds):", flush=True)
         run_speed(base, variants, results, out, steps=steps or 5, repeats=repeats, warmup=warmup)
     if kind in ("accuracy", "all"):
@@ -341,6 +349,9 @@ def run_bench(
         run_accuracy(base, variants, results, out, seeds, workers)
     results["machine"]["load_avg_end"] = machine_info(resolve_device(base.run.device))["load_avg"]
     save_results(out, results)
+    if kind == "pareto":
+        for path in write_pareto(out, results, accuracy):
+            print(f"wrote {path}")
     print(f"\nsaved {out / 'results.md'} and results.json\n")
     print((out / "results.md").read_text())
     return results

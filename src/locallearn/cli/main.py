@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="memory, speed, FLOPs and accuracy of several methods and K (results.json/.md)")
     kinds = b.add_subparsers(dest="kind", required=True)  # a sub-level, so key=value may follow the options
-    for kind in ("memory", "speed", "accuracy", "all"):
+    for kind in ("memory", "speed", "accuracy", "all", "pareto"):
         k = kinds.add_parser(kind, help=f"bench {kind}")
         k.add_argument("-c", "--config", required=True, help="YAML preset shared by every (method, K)")
         k.add_argument(
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument("--warmup", type=int, default=2, help="speed: untimed steps per method first (default 2)")
         k.add_argument("--jobs", type=int, default=1, help="accuracy: runs trained at once (default 1)")
         k.add_argument("--out", help="results folder (default RUN_OUT/bench_<config>); rerun with it to resume")
+        k.add_argument("--accuracy", help="pareto: an accuracy study's results.json for the accuracy column")
         k.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
     pp = kinds.add_parser("pipeline", help="PPLL vs sequential LL, GPipe, 1F1B, DDP and E2E on the same split")
     pp.add_argument("-c", "--config", required=True, help="YAML preset; its local method gives the split")
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=args.repeats,
                 warmup=args.warmup,
                 workers=args.jobs,
+                accuracy=args.accuracy,
                 command=command_line(),
             )
         elif args.command == "plot":
