@@ -10,19 +10,18 @@ from typing import Any
 
 import torch
 
-from ..bench.bench import train_step_flops
 from ..bench.report import METRIC_LABELS, format_metric
 from ..bench.runs import plan_runs, train_runs
 from ..bench.variants import Variant, parse_method
 from ..data.datasets import dataset_spec, list_datasets
-from ..local.split import list_presets, module_sizes
-from ..measure.memory import SavedTensorMeter
-from ..measure.profile import count_params, forward_flops
+from ..local.split import list_presets
+from ..local.task import Batch
 from ..methods.base import list_methods, resolve_k
 from ..models.registry import list_models
 from ..parallel.ppll import load_stages, read_stage_checkpoints
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, apply_overrides, changed_keys, config_from_dict, load_config, to_dict
+from ..train.estimate import ModuleEstimate, estimate_step, meta_batch
 from ..train.loop import (
     build_engine,
     build_loaders,
@@ -161,66 +160,52 @@ def _table(rows: list[dict[str, Any]], e2e: dict[str, Any] | None, metric: str) 
 
 def summary(config: str | None, overrides: list[str]) -> str:
     """Per module: units, parameters, forward GFLOPs and saved-activation MiB for one training batch, and the
-    same for its aux net; totals and aux overhead at the bottom. Needs no data files (zeros input)."""
+    same for its aux net; totals, parameter/gradient/optimizer bytes, the method's saved-activation peak over a
+    step and its training FLOPs. Estimated on the ``meta`` device (:mod:`locallearn.train.estimate`): no data
+    files, no real storage, seconds for any preset."""
     cfg = load_config(config, overrides)
     spec = dataset_spec(cfg.data.name)
-    device = resolve_device(cfg.run.device)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    sample = torch.zeros(cfg.data.batch_size, spec.channels, spec.size, spec.size, device=device)
-    sample = sample.contiguous(memory_format=memory_format)
-    from ..local.task import Batch
-
-    batch = Batch(
-        sample, torch.zeros(len(sample), dtype=torch.long, device=device), torch.zeros_like(sample, dtype=torch.uint8)
-    )
-    cfg = resolve_time_balance(cfg, spec, device, [(batch.input, batch.target, batch.raw)], quiet=False)
-    engine = build_engine(cfg, spec, device, sample)
+    if cfg.method.balance == "time" and cfg.method.split == "auto":  # measured seconds need real tensors
+        device = resolve_device(cfg.run.device)
+        real = meta_batch(cfg)
+        shape = real.input.shape
+        sample = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)
+        batch = Batch(
+            sample, torch.zeros(shape[0], dtype=torch.long, device=device), torch.zeros_like(sample, dtype=torch.uint8)
+        )
+        cfg = resolve_time_balance(cfg, spec, device, [(batch.input, batch.target, batch.raw)], quiet=False)
+    est = estimate_step(cfg)
+    side = meta_batch(cfg).input.shape[-1]
     lines = [
-        f"{cfg.model.name}, {cfg.method.name}, K={engine.k}, batch {cfg.data.batch_size}, "
-        f"{spec.channels}x{spec.size}x{spec.size}",
+        f"{cfg.model.name}, {cfg.method.name}, K={len(est.ends)}, batch {cfg.data.batch_size}, "
+        f"{spec.channels}x{side}x{side} (estimated on the meta device)",
         "| module | units | params | GFLOPs fwd | saved act MiB | aux params | aux GFLOPs fwd | aux act MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    totals = [0.0] * 6
-    h = sample
-    engine.backbone.train()
-    engine.method.train()
-    starts = [0, *engine.ends[:-1]]
-    for k, (module, size) in enumerate(zip(engine.modules, module_sizes(engine.ends))):
-        names = f"{engine.backbone.infos[starts[k]].name}..{engine.backbone.infos[engine.ends[k] - 1].name}"
-        flops = forward_flops(module, h) / 1e9
-        meter = SavedTensorMeter()
-        with meter:
-            out = module(h.detach())
-        act = meter.peak / MiB
-        aux = engine.method.aux[k]
-        aux_flops, aux_act = 0.0, 0.0
-        if aux is not None:
-            aux_flops = forward_flops(engine.method.local_loss, k, out.detach(), batch) / 1e9
-            meter = SavedTensorMeter()
-            with meter:
-                engine.method.local_loss(k, out.detach().requires_grad_(), batch)
-            aux_act = meter.peak / MiB
-        row = [count_params(module), flops, act, count_params(aux), aux_flops, aux_act]
-        totals = [t + v for t, v in zip(totals, row)]
+    for k, m in enumerate(est.modules):
         lines.append(
-            f"| {k} | {size} ({names}) | {row[0]:,} | {flops:.3f} | {act:.1f} | {row[3]:,} | "
-            f"{aux_flops:.3f} | {aux_act:.1f} |"
+            f"| {k} | {m.units} | {m.params:,} | {m.fwd_flops / 1e9:.3f} | {m.act_bytes / MiB:.1f} | "
+            f"{m.aux_params:,} | {m.aux_fwd_flops / 1e9:.3f} | {m.aux_act_bytes / MiB:.1f} |"
         )
-        h = out.detach()
+    total = {
+        key: sum(getattr(m, key) for m in est.modules) for key in ModuleEstimate.__dataclass_fields__ if key != "units"
+    }
     lines.append(
-        f"| total | {len(engine.backbone)} | {int(totals[0]):,} | {totals[1]:.3f} | {totals[2]:.1f} | "
-        f"{int(totals[3]):,} | {totals[4]:.3f} | {totals[5]:.1f} |"
+        f"| total | {est.ends[-1]} | {total['params']:,} | {total['fwd_flops'] / 1e9:.3f} | "
+        f"{total['act_bytes'] / MiB:.1f} | {total['aux_params']:,} | {total['aux_fwd_flops'] / 1e9:.3f} | "
+        f"{total['aux_act_bytes'] / MiB:.1f} |"
     )
-    lines.append(
-        f"aux overhead: {100 * totals[3] / max(totals[0], 1):.1f}% params, "
-        f"{100 * totals[4] / max(totals[1], 1e-12):.1f}% forward FLOPs"
-    )
-    train = train_step_flops(engine, batch) / 1e9  # the whole step as the engine runs it, on a copy
-    lines.append(
-        f"training FLOPs per step: {train:.3f} G (forward, every backward, cascade hops, recomputation) = "
-        f"{train / max(totals[1] + totals[4], 1e-12):.2f}x the forward of backbone and aux nets"
-    )
+    forward = total["fwd_flops"] + total["aux_fwd_flops"]
+    lines += [
+        f"aux overhead: {100 * total['aux_params'] / max(total['params'], 1):.1f}% params, "
+        f"{100 * total['aux_fwd_flops'] / max(total['fwd_flops'], 1):.1f}% forward FLOPs",
+        f"training step ({cfg.method.name}): saved activations peak {est.step_act_peak / MiB:.1f} MiB; parameters "
+        f"{est.state['param_bytes'] / MiB:.1f} MiB, gradients {est.state['grad_bytes'] / MiB:.1f} MiB, optimizer "
+        f"state {est.state['optim_state_bytes'] / MiB:.1f} MiB ({cfg.optim.name}), frozen EMA copies "
+        f"{est.state['frozen_param_bytes'] / MiB:.1f} MiB",
+        f"training FLOPs per step: {est.train_flops / 1e9:.3f} G (forward, every backward, cascade hops, "
+        f"recomputation) = {est.train_flops / max(forward, 1):.2f}x the forward of backbone and aux nets",
+    ]
     text = "\n".join(lines)
     print(text)
     return text

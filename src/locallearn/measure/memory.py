@@ -32,7 +32,9 @@ class SavedTensorMeter:
         base = t if t._base is None else t._base
         if not (base.is_leaf and base.requires_grad):  # parameters (and views like weight.t()) are not activations
             storage = t.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
+            # The storage's identity (its StorageImpl), not its address: meta and fake tensors, which the
+            # estimator runs on, all have address 0.
+            key = (storage._cdata, storage.nbytes())
             if key not in self._seen:
                 self._seen.add(key)
                 self.current += storage.nbytes()
@@ -180,7 +182,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
         if t is None:
             continue
         storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
+        key = (storage._cdata, storage.nbytes())  # identity, not address: meta tensors all sit at 0
         if key not in seen:
             seen.add(key)
             total += storage.nbytes()

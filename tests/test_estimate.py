@@ -1,0 +1,80 @@
+"""The meta-device estimator behind ``locallearn summary``: byte for byte the real saved-tensor meter at small
+sizes (every method, add-on and checkpointing), the real parameter/gradient/optimizer bytes and training FLOPs,
+and the largest presets (ImageNet ResNet-152 at batch 1024, ViT-B) summarised in seconds and little memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from locallearn.bench.bench import train_step_flops
+from locallearn.data.datasets import dataset_spec
+from locallearn.measure import SavedTensorMeter, model_state_bytes
+from locallearn.train import load_config
+from locallearn.train.estimate import estimate_step
+from locallearn.train.loop import build_engine
+
+from .test_engine import make_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "e2e": ["method.name=e2e", "method.k=1"],
+    "dgl": ["method.name=dgl", "method.k=3"],
+    "infopro": ["method.name=infopro", "method.k=3"],
+    "dgl+man": ["method.name=dgl", "method.k=3", "method.addons=[man]", "method.ema_warmup=true"],
+    "infopro+manpp": ["method.name=infopro", "method.k=3", "method.addons=[man]", "method.bridge_combine=scaled"],
+    "dgl+hpff": ["method.name=dgl", "method.k=3", "method.addons=[cascade,pff]", "method.cascade_final=both"],
+    "infopro+mlaan": ["method.name=infopro", "method.k=3", "method.addons=[cascade,lam]", "method.cascade_final=both"],
+    "dgl+ckpt": ["method.name=dgl", "method.k=2", "method.checkpoint=2"],
+    "e2e+ckpt": ["method.name=e2e", "method.k=1", "method.checkpoint=sqrt"],
+    "adamw": ["method.name=infopro", "method.k=3", "optim.name=adamw"],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_estimate_equals_the_real_meter_and_state(name: str) -> None:
+    overrides = ["model.name=resnet20", "model.width=8", "data.batch_size=16", *CASES[name]]
+    cfg = load_config("configs/fmnist/demo.yaml", overrides)
+    est = estimate_step(cfg)
+    real = make_batch(n=16, size=28, seed=0)
+    engine = build_engine(cfg, dataset_spec(cfg.data.name), torch.device("cpu"), real.input)
+    flops = train_step_flops(engine, real)
+    engine.meter = meter = SavedTensorMeter()
+    with meter:
+        engine.train_step(real)
+    assert est.step_act_peak == meter.peak > 0
+    params = [p for k in range(engine.k) for p in engine.module_parameters(k)]
+    assert {k: v for k, v in est.state.items() if k != "frozen_param_bytes"} == model_state_bytes(
+        params, engine.optimizers
+    )
+    assert est.train_flops == flops
+    assert est.ends == engine.ends and len(est.modules) == engine.k
+
+
+def test_the_largest_presets_summarise_in_seconds_and_little_memory() -> None:
+    """ImageNet ResNet-152 E2E at batch 1024 saves ~170 GiB of activations; the estimate needs none of it."""
+    code = (
+        "import resource, sys, time\n"
+        "from locallearn.cli.main import main\n"
+        "for c in sys.argv[1:]:\n"
+        "    start = time.perf_counter()\n"
+        "    assert main(['summary', '-c', c]) == 0\n"
+        "    print('TIME', c, time.perf_counter() - start)\n"
+        "print('RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    presets = [
+        "configs/imagenet/resnet152_e2e.yaml",
+        "configs/imagenet/resnet101_dgl_k2.yaml",
+        "configs/imagenet/vit_base_infopro_k4.yaml",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *presets], capture_output=True, text=True, cwd=ROOT, timeout=300, check=True
+    ).stdout
+    times = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("TIME")]
+    rss = int(next(line for line in out.splitlines() if line.startswith("RSS_KB")).split()[-1])
+    assert len(times) == 3 and max(times) < 60 and rss < 2 * 2**20, (times, rss)
+    assert "saved activations peak 173277.1 MiB" in out  # ResNet-152 E2E, batch 1024 at 224 px
