@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="registered models, methods, datasets and split presets")
 
+    pn = sub.add_parser("plan", help="which K and batch fit a memory budget (predicted, nothing allocated)")
+    pn.add_argument("-c", "--config", required=True, help="YAML preset")
+    pn.add_argument("--memory", required=True, help="memory per device, e.g. 24GiB, 80GB")
+    pn.add_argument("--devices", type=int, default=1, help="devices; N > 1 plans PPLL with one stage each (K=N)")
+    pn.add_argument("overrides", nargs="*")
+
     b = sub.add_parser("bench", help="memory, speed, FLOPs and accuracy of several methods and K (results.json/.md)")
     kinds = b.add_subparsers(dest="kind", required=True)  # a sub-level, so key=value may follow the options
     for kind in ("memory", "speed", "accuracy", "all", "pareto"):
@@ -135,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import summary
 
             summary(args.config, args.overrides)
+        elif args.command == "plan":
+            from ..train.config import load_config
+            from ..train.plan import plan_command
+
+            plan_command(load_config(args.config, args.overrides), args.memory, args.devices)
         elif args.command == "list":
             from .commands import list_registries
 

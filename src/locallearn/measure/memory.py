@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class SavedTensorMeter:
@@ -172,6 +174,46 @@ class AllocatorPeak:
             running += event.nbytes()
             peak = max(peak, running)
         self.peak = peak
+
+
+class LiveBytes(TorchDispatchMode):
+    """The allocator's running total, followed on any device, ``meta`` included: every storage an op creates is
+    counted when it appears and uncounted when it dies (a weak reference to its preserved Python storage object),
+    so ``peak`` is the largest sum of live bytes above the start, what :class:`AllocatorPeak` measures on a real
+    device, without allocating. ``watch`` registers storages that already exist (last step's gradients, optimizer
+    state) so that freeing them during the phase counts too, as it does for the allocator. Buffers an op uses
+    internally without returning them (e.g. a convolution's workspace) are not seen."""
+
+    def __init__(self, watch: Iterable[torch.Tensor | None] = ()) -> None:
+        super().__init__()
+        self.current = self.peak = 0
+        self._live: set[int] = set()
+        for t in watch:
+            if t is not None:
+                self._track(t, count=False)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._live.discard(key)
+        self.current -= nbytes
+
+    def _track(self, t: torch.Tensor, count: bool = True) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._live:
+            return
+        self._live.add(key)
+        nbytes = storage.nbytes()
+        weakref.finalize(storage, self._free, key, nbytes)
+        if count:
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
