@@ -151,10 +151,11 @@ class Link:
             else:
                 header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
                 dist.recv(header, peer, group=group, tag=tag)
-            kind, got_step, dtype, a, b, ndim = (int(v) for v in header[:6])
+            values = header.tolist()  # one device-to-host read per message (NCCL: the header lives on the GPU)
+            kind, got_step, dtype, a, b, ndim = values[:6]
             payload = None
             if kind not in EMPTY:
-                shape = tuple(int(v) for v in header[6 : 6 + ndim])
+                shape = tuple(values[6 : 6 + ndim])
                 payload = torch.empty(shape, dtype=DTYPES[dtype], device=self.device)
                 dist.recv(payload, peer, group=group, tag=tag)
             if downstream and kind != STOP:  # pre-post the next header: the sender's next isend finds it waiting
