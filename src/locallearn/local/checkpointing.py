@@ -64,6 +64,14 @@ class BatchNormFrozen:
                     m.num_batches_tracked.copy_(count)
 
 
+def recomputed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` under non-reentrant checkpointing with BatchNorm statistics moved once (:class:`BatchNormFrozen`)
+    and random ops replayed: its activations are rebuilt during backward instead of kept."""
+    return checkpoint(
+        module, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), BatchNormFrozen(module))
+    )
+
+
 class CheckpointedSequential(nn.Sequential):
     """The units of one local module, forwarded in ``segments`` checkpointed pieces while training with gradients
     (evaluation and ``no_grad`` forwards run plainly). Holds the same unit objects as the backbone, so parameters,
@@ -80,13 +88,6 @@ class CheckpointedSequential(nn.Sequential):
         units = list(self)
         for i, (start, end) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
             segment = nn.Sequential(*units[start:end])
-            if i == len(self.bounds) - 2:  # the last segment's activations are used right away: keep them
-                x = segment(x)
-            else:
-                x = checkpoint(
-                    segment,
-                    x,
-                    use_reentrant=False,
-                    context_fn=lambda seg=segment: (contextlib.nullcontext(), BatchNormFrozen(seg)),
-                )
+            last = i == len(self.bounds) - 2  # the last segment's activations are used right away: keep them
+            x = segment(x) if last else recomputed(segment, x)
         return x

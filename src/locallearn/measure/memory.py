@@ -39,6 +39,9 @@ class SavedTensorMeter:
             key = (storage._cdata, storage.nbytes())
             if key not in self._seen:
                 self._seen.add(key)
+                # A storage that dies frees its identity for a new one (a branch of the graph dropped early):
+                # forget it then, so the newcomer is counted.
+                weakref.finalize(storage, self._seen.discard, key)
                 self.current += storage.nbytes()
                 self.peak = max(self.peak, self.current)
         return t

@@ -24,6 +24,7 @@ import copy
 import torch
 from torch import nn
 
+from ..local.checkpointing import recomputed
 from ..local.task import Batch
 from ..models.units import UnitInfo
 from .objective import Objective, ObjectiveBuilder
@@ -116,13 +117,21 @@ class MomentumBridge(nn.Module):
 
 
 class Bridged(Objective):
-    """An objective whose input first passes through a :class:`MomentumBridge`."""
+    """An objective whose input first passes through a :class:`MomentumBridge`.
 
-    def __init__(self, bridge: MomentumBridge, objective: Objective) -> None:
+    ``recompute``: in training the bridge's chain of copied blocks runs under non-reentrant activation
+    checkpointing (:mod:`locallearn.local.checkpointing`, BatchNorm statistics moved once), so its activations are
+    rebuilt block by block during the aux backward instead of being kept from the forward: the copies then cost
+    about one block's activations, not one per block of the chain (MLAAN's 4-block leap chains at the split's
+    resolution cost more than E2E itself otherwise). Same losses and gradients, bitwise on CPU."""
+
+    def __init__(self, bridge: MomentumBridge, objective: Objective, recompute: bool = False) -> None:
         super().__init__()
-        self.bridge, self.objective = bridge, objective
+        self.bridge, self.objective, self.recompute = bridge, objective, recompute
 
     def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return self.objective.outputs(recomputed(self.bridge, h), batch)
         return self.objective.outputs(self.bridge(h), batch)
 
     def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
@@ -148,4 +157,6 @@ def build_bridged(method: ObjectiveBuilder, k: int, info: UnitInfo, main: bool =
     objective = method.build_objective(k, prefix.out_info if prefix else info, independent=not main)
     if "pff" in cfg.addons and cfg.pff_mode == "paper":
         objective = PatchFusion(objective, cfg.pff_patches, cfg.pff_sequential)
-    return Bridged(prefix, objective) if prefix else objective
+    # ema_before_backward moves the EMA weights between forward and backward: a recomputation would see them moved.
+    recompute = cfg.aux_recompute and "ema_before_backward" not in cfg.legacy
+    return Bridged(prefix, objective, recompute) if prefix else objective

@@ -31,6 +31,9 @@ ADDON_PRESETS: dict[str, dict[str, object]] = {
     "mlaan": {"addons": ["cascade", "lam"], "cascade_final": "both"},
     # Not a paper's add-on: activation checkpointing inside every module (√units segments), for E2E as well.
     "ckpt": {"checkpoint": "sqrt"},
+    # Bridge chains keep their forward activations instead of recomputing them (the behaviour before
+    # aux_recompute; for side-by-side memory and time: dgl+man vs dgl+man+keepaux).
+    "keepaux": {"aux_recompute": False},
 }
 
 
@@ -92,6 +95,10 @@ class MethodCfg:
         checkpoint: activation checkpointing inside each local module (:mod:`locallearn.local.checkpointing`): ``0``
             off, ``n`` segments per module, or ``sqrt`` (round(√units) per module); with ``e2e`` the whole network.
             Same losses, gradients and BatchNorm statistics as without (tested bitwise on CPU).
+        aux_recompute: rebuild the activations of MAN/MAN++/LAM bridge chains (copied backbone blocks) during the
+            aux backward instead of keeping them (checkpointing inside the aux net; same losses and gradients,
+            BatchNorm statistics moved once). On by default: it only trades a re-run of the copies' forward for
+            their activations. Not with ``legacy: [ema_before_backward]``.
         glcan_global: GLCAN's global part, the backbone's own task head (SR: the upsampler + reconstruction):
             ``ema`` (one EMA copy of the live head shared by every module, never trained by the aux losses;
             θ ← m·θ + (1−m)·θ_head after each step with m = ``ema_decay``) or ``per_module`` (a trainable copy
@@ -132,6 +139,7 @@ class MethodCfg:
     glcan_local_depth: int = 1
     glcan_global: Literal["ema", "per_module"] = "per_module"
     checkpoint: int | Literal["sqrt"] = 0
+    aux_recompute: bool = True
 
 
 @dataclass
