@@ -287,3 +287,24 @@ def test_pareto_frontier_keeps_rows_no_other_row_beats_on_every_axis() -> None:
     }
     frontier = {r["label"]: r["frontier"] for r in pareto_rows(results, study)}
     assert frontier == {"e2e": True, "a": True, "b": False, "c": True}  # b: a has less memory, time, same accuracy
+
+
+def test_a_study_written_by_an_earlier_version_continues(tmp_path: Path) -> None:
+    """A results.json whose config predates renamed or added keys (run.amp, log, method.aux_recompute) is the same
+    config: a study spanning versions continues instead of being refused."""
+    from locallearn.bench.report import load_results
+    from locallearn.train.config import load_config, to_dict
+
+    config = to_dict(load_config(DEMO))
+    old = json.loads(json.dumps(config))
+    old["run"].pop("precision")
+    old["run"]["amp"] = "none"
+    old.pop("log")
+    old["method"].pop("aux_recompute")
+    (tmp_path / "results.json").write_text(
+        json.dumps({"format": 1, "config": old, "rows": [], "runs": [], "commands": []})
+    )
+    assert load_results(tmp_path, config)["config"] == config
+    changed = to_dict(load_config(DEMO, ["optim.lr=0.2"]))
+    with pytest.raises(ValueError, match="optim.lr"):
+        load_results(tmp_path, changed)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..train.config import ConfigError, changed_keys
+from ..train.config import ConfigError, changed_keys, config_from_dict, to_dict
 from ..train.rundir import environment
 
 MiB = 2**20
@@ -72,12 +72,17 @@ def load_results(out: Path, config: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return {"format": FORMAT, "config": config, "rows": [], "runs": [], "commands": []}
     results = json.loads(path.read_text())
-    if results.get("config") != config:
-        diff = sorted(changed_keys(results.get("config") or {}, config))
+    try:  # written by an earlier version: its keys renamed and new keys at their defaults (same behaviour)
+        saved = to_dict(config_from_dict(results.get("config") or {}))
+    except ConfigError:
+        saved = results.get("config") or {}
+    if saved != config:
+        diff = sorted(changed_keys(saved, config))
         raise ConfigError(
             f"{out} holds results of a different config ({', '.join(diff[:4])} differ); use another --out "
             "or the same config and overrides"
         )
+    results["config"] = config
     return results
 
 

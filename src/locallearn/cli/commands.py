@@ -103,6 +103,7 @@ def compare(
     out_dir = make_dir(out, "--out") if out else new_run_dir(base.run.out, "compare")
     path = out_dir / "compare.json"
     record = json.loads(path.read_text()) if path.exists() else {"config": to_dict(base), "rows": []}
+    record["config"] = to_dict(config_from_dict(record["config"]))  # an earlier version's keys, migrated
     if record["config"] != to_dict(base):
         diff = ", ".join(sorted(changed_keys(record["config"], to_dict(base)))[:4])
         raise ConfigError(f"{out_dir} holds a comparison of another config ({diff} differ); use another --out")
