@@ -49,6 +49,7 @@ from ..measure.speed import interleaved_throughput
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.engine import LocalEngine
 from ..train.loop import build_engine, build_loaders, build_task, resolve_device, stream_seed
+from ..train.plan import predicted_peaks
 from ..train.rundir import make_dir
 from .pareto import write_pareto
 from .report import load_results, machine_info, save_results
@@ -203,6 +204,10 @@ def run_memory(base: TrainCfg, variants: list[Variant], results: dict[str, Any],
             continue
         row = _row(results, v, engine)
         row["memory"] = measure_memory(engine, batches, device)
+        try:  # the planner's prediction of the same total, for the table's estimate column
+            row["memory"]["estimated_total_step_peak_bytes"] = max(predicted_peaks(variant_config(base, v)))
+        except ConfigError:  # a task the meta device cannot run (detection)
+            row["memory"]["estimated_total_step_peak_bytes"] = None
         row["flops"] = engine_flops(engine, batches[0])
         del engine
         save_results(out, results)

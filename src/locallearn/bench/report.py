@@ -177,6 +177,17 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _allocator_note(setting: dict[str, Any] | None) -> str:
+    if not setting:
+        return ""  # recorded before the setting existed
+    if setting.get("applied"):
+        return (
+            f"; CPU allocator tuned (mmap threshold {setting['mmap_threshold'] >> 20} MiB, trim threshold "
+            f"{setting['trim_threshold'] >> 20} MiB)"
+        )
+    return f"; CPU allocator: glibc defaults ({setting.get('reason')})"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     cfg, machine, metric = results["config"], results.get("machine", {}), task_metric(results)
     head = (
@@ -210,12 +221,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             "Memory detail (MiB; parameters, gradients and optimizer state include the aux nets; step peak = "
             "every allocation of one training step above its start (CUDA max_memory_allocated, CPU profiler memory "
             "events), so it adds gradients, aux nets and temporaries to the saved activations; total = step peak + "
-            "parameters, gradients, optimizer state and frozen EMA copies; peak RSS is the whole process, a coarse "
-            "cross-check; CUDA peaks are above the baseline after data load):",
+            "parameters, gradients, optimizer state and frozen EMA copies; estimate = the same predicted on the meta "
+            "device by locallearn plan, which does not see buffers no op returns such as convolution workspaces; "
+            "peak RSS is the whole process, a coarse cross-check; CUDA peaks are above the baseline after data "
+            "load):",
             "",
             "| method | K | module ends | activations | params | grads | optimizer state | step peak (allocator) | "
-            "total step peak | peak RSS | CUDA alloc | CUDA reserved |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "total step peak | estimate (meta) | peak RSS | CUDA alloc | CUDA reserved |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in detail:
             m = r["memory"]
@@ -227,6 +240,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"| {r['label']} | {r['k']} | {r.get('ends', '-')} | {mib(m['peak_act_bytes'])} | "
                 f"{mib(m['param_bytes'])} | {mib(m['grad_bytes'])} | {mib(m['optim_state_bytes'])} | "
                 f"{mib(m.get('step_peak_bytes'))} | {mib(m.get('total_step_peak_bytes'))} | "
+                f"{mib(m.get('estimated_total_step_peak_bytes'))} | "
                 f"{mib(m['peak_rss_bytes'])} | {mib(m['cuda_peak_allocated_above_baseline'])} | "
                 f"{mib(m['cuda_peak_reserved_above_baseline'])} |"
             )
@@ -265,6 +279,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         notes.append(
             f"machine: {machine.get('cpu')} ({machine.get('cpu_count')} CPUs), load average {machine.get('load_avg')}"
             + (f" → {machine['load_avg_end']}" if machine.get("load_avg_end") else "")
+            + _allocator_note(machine.get("cpu_allocator"))
         )
     notes += [f"command ({c['date']}): `{c['command']}`" for c in results.get("commands", []) if c.get("command")]
     lines += ["", *[f"- {n}" for n in notes if n]]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,12 +65,15 @@ class BatchNormFrozen:
                     m.num_batches_tracked.copy_(count)
 
 
-def recomputed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` under non-reentrant checkpointing with BatchNorm statistics moved once (:class:`BatchNormFrozen`)
-    and random ops replayed: its activations are rebuilt during backward instead of kept."""
-    return checkpoint(
-        module, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), BatchNormFrozen(module))
-    )
+def recomputed(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, owner: nn.Module | None = None
+) -> torch.Tensor:
+    """``fn(x)`` under non-reentrant checkpointing with the BatchNorm statistics of ``owner`` (default: ``fn``
+    itself, a module) moved once (:class:`BatchNormFrozen`) and random ops replayed: its activations are rebuilt
+    during backward instead of kept."""
+    norms = owner if owner is not None else fn
+    assert isinstance(norms, nn.Module), "recomputed needs the module whose BatchNorms fn runs"
+    return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), BatchNormFrozen(norms)))
 
 
 class CheckpointedSequential(nn.Sequential):

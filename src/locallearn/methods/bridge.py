@@ -82,14 +82,25 @@ class MomentumBridge(nn.Module):
         self.scale = nn.Parameter(torch.ones(())) if self.combine == "scaled" else None
         self.out_info: UnitInfo = infos[sources[-1]]
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for j, lb in enumerate(self.learnable):
-            y = lb(h)
-            if j < len(self.ema):
-                e = self.ema[j](h)
-                y = y + e if self.scale is None else self.scale * y + (2 - self.scale) * e
-            h = y
+    def forward(self, h: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """The chain; with ``recompute`` each link (a learnable copy with its EMA twin) is checkpointed on its own,
+        so its backward rebuilds one link's activations at a time (spec §5.3 chains are 4 blocks long)."""
+        for j in range(len(self.learnable)):
+            if recompute:
+                h = recomputed(lambda x, j=j: self.link(j, x), h, owner=self.link_modules(j))
+            else:
+                h = self.link(j, h)
         return h
+
+    def link(self, j: int, h: torch.Tensor) -> torch.Tensor:
+        y = self.learnable[j](h)
+        if j < len(self.ema):
+            e = self.ema[j](h)
+            y = y + e if self.scale is None else self.scale * y + (2 - self.scale) * e
+        return y
+
+    def link_modules(self, j: int) -> nn.Module:
+        return nn.ModuleList([self.learnable[j], *([self.ema[j]] if j < len(self.ema) else [])])
 
     def ema_weight(self) -> float | torch.Tensor:
         """1 − m of the next update: a float, or with ``ema_warmup`` a 0-d tensor 1 − min(m, (1+t)/(10+t)) on the
@@ -119,20 +130,20 @@ class MomentumBridge(nn.Module):
 class Bridged(Objective):
     """An objective whose input first passes through a :class:`MomentumBridge`.
 
-    ``recompute``: in training the bridge's chain of copied blocks runs under non-reentrant activation
-    checkpointing (:mod:`locallearn.local.checkpointing`, BatchNorm statistics moved once), so its activations are
-    rebuilt block by block during the aux backward instead of being kept from the forward: the copies then cost
-    about one block's activations, not one per block of the chain (MLAAN's 4-block leap chains at the split's
-    resolution cost more than E2E itself otherwise). Same losses and gradients, bitwise on CPU."""
+    ``recompute``: in training each link of the bridge's chain of copied blocks runs under its own non-reentrant
+    checkpoint (:mod:`locallearn.local.checkpointing`, BatchNorm statistics moved once), so the aux backward rebuilds
+    the links one at a time instead of keeping them all from the forward: a chain then costs its links' inputs and
+    one link's activations, not every link's (MLAAN's 4-block leap chains at the split's resolution cost more than
+    E2E itself otherwise). A one-link bridge (MAN) gains little: its link is rebuilt whole. Same losses and
+    gradients, bitwise on CPU."""
 
     def __init__(self, bridge: MomentumBridge, objective: Objective, recompute: bool = False) -> None:
         super().__init__()
         self.bridge, self.objective, self.recompute = bridge, objective, recompute
 
     def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
-        if self.recompute and self.training and torch.is_grad_enabled():
-            return self.objective.outputs(recomputed(self.bridge, h), batch)
-        return self.objective.outputs(self.bridge(h), batch)
+        recompute = self.recompute and self.training and torch.is_grad_enabled()
+        return self.objective.outputs(self.bridge(h, recompute), batch)
 
     def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
         return self.objective.loss_from(outputs, batch)
