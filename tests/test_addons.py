@@ -11,8 +11,8 @@ import torch
 
 from locallearn import Batch, ClassificationTask, MethodCfg, create_model
 from locallearn.local.split import module_sizes, preset_split
-from locallearn.methods.base import ADDON_PRESETS
 from locallearn.methods.bridge import Bridged, MomentumBridge, leap_chain
+from locallearn.methods.options import ADDON_PRESETS
 from locallearn.methods.pff import PatchFusion, patches
 from locallearn.train.config import OptimCfg, load_config
 from locallearn.train.engine import LocalEngine

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..methods.base import ADDON_PRESETS, list_methods
+from ..methods.base import list_methods
+from ..methods.options import ADDON_PRESETS
 from ..train.config import ConfigError, TrainCfg, apply_overrides, config_from_dict, to_dict
 
 

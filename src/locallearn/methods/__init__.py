@@ -2,22 +2,13 @@
 cascade) compose with the bases through ``method.addons``."""
 
 from . import dgl, e2e, glcan, infopro  # noqa: F401  (registration)
-from .base import (
-    ADDONS,
-    LocalLoss,
-    LocalMethod,
-    MethodCfg,
-    MethodContext,
-    Objective,
-    build_method,
-    list_methods,
-    method_class,
-    register_method,
-    resolve_k,
-)
+from .base import LocalMethod, build_method, list_methods, method_class, register_method, resolve_k
+from .objective import LocalLoss, Objective
+from .options import ADDON_PRESETS, ADDONS, MethodCfg, MethodContext
 
 __all__ = [
     "ADDONS",
+    "ADDON_PRESETS",
     "LocalLoss",
     "LocalMethod",
     "MethodCfg",

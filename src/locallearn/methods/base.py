@@ -27,25 +27,8 @@ from ..local.task import Batch
 from ..models.units import UnitInfo
 from .bridge import build_bridged
 from .objective import LocalLoss, ModuleAux, Objective
-from .options import ADDON_PRESETS, ADDONS, LEGACY, MethodCfg, MethodContext
+from .options import ADDONS, LEGACY, MethodCfg, MethodContext
 from .pff import PatchDecoders
-
-__all__ = [
-    "ADDONS",
-    "ADDON_PRESETS",
-    "LEGACY",
-    "LocalLoss",
-    "LocalMethod",
-    "MethodCfg",
-    "MethodContext",
-    "ModuleAux",
-    "Objective",
-    "build_method",
-    "list_methods",
-    "method_class",
-    "register_method",
-    "resolve_k",
-]
 
 
 class LocalMethod(nn.Module):

@@ -16,7 +16,8 @@ import torch
 from ..local.aux_nets import DGLHead, TokenHead
 from ..local.task import Batch
 from ..models.units import UnitInfo
-from .base import LocalMethod, Objective, register_method
+from .base import LocalMethod, register_method
+from .objective import Objective
 
 
 class DGLObjective(Objective):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import LocalMethod, MethodCfg, MethodContext, register_method
+from .base import LocalMethod, register_method
+from .options import MethodCfg, MethodContext
 
 
 @register_method("e2e")

@@ -33,8 +33,9 @@ from torch import nn
 
 from ..models.edsr import ResBlock, conv3x3
 from ..models.units import UnitInfo
-from .base import LocalMethod, Objective, register_method
+from .base import LocalMethod, register_method
 from .dgl import DGLObjective
+from .objective import Objective
 
 LOCAL_KINDS = ("resblock", "conv", "none")
 GLOBAL_KINDS = ("ema", "per_module")

@@ -22,7 +22,9 @@ from ..local.losses import infopro_lambdas, reconstruction_loss, supcon_loss
 from ..local.split import PAPER_K_ALIASES
 from ..local.task import Batch, ClassificationTask
 from ..models.units import UnitInfo
-from .base import LocalMethod, MethodCfg, MethodContext, Objective, register_method
+from .base import LocalMethod, register_method
+from .objective import Objective
+from .options import MethodCfg, MethodContext
 from .pff import PatchDecoders
 
 

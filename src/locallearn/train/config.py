@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..methods.base import MethodCfg
+from ..methods.options import MethodCfg
 
 # Scientific notation that YAML 1.1 (PyYAML) leaves as a string: 1e-3, 2E5, 5e+2.
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

@@ -27,7 +27,8 @@ from ..local.split import backbone_layout, balanced_split, check_k, preset_split
 from ..local.task import Batch, Task
 from ..measure.memory import SavedTensorMeter
 from ..measure.profile import unit_costs
-from ..methods.base import LocalMethod, MethodCfg, MethodContext, build_method, method_class, resolve_k
+from ..methods.base import LocalMethod, build_method, method_class, resolve_k
+from ..methods.options import MethodCfg, MethodContext
 from ..models.units import UnitBackbone
 from .config import OptimCfg
 from .schedule import build_optimizer

@@ -28,7 +28,8 @@ from ..data.sr import sr_loaders
 from ..local.detection import DetectionTask
 from ..local.task import Batch, ClassificationTask, SuperResolutionTask, Task
 from ..measure.memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
-from ..methods.base import MethodCfg, resolve_k
+from ..methods.base import resolve_k
+from ..methods.options import MethodCfg
 from ..models.registry import create_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict

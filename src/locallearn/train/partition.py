@@ -34,7 +34,8 @@ import torch
 
 from ..local.split import balanced_split, check_k
 from ..local.task import Batch
-from ..methods.base import MethodCfg, resolve_k
+from ..methods.base import resolve_k
+from ..methods.options import MethodCfg
 from .engine import LocalEngine
 
 
