@@ -33,7 +33,7 @@ ADDON_PRESETS: dict[str, dict[str, object]] = {
     "ckpt": {"checkpoint": "sqrt"},
     # Bridge chains keep their forward activations instead of recomputing them (the behaviour before
     # aux_recompute; for side-by-side memory and time: dgl+man vs dgl+man+keepaux).
-    "keepaux": {"aux_recompute": False},
+    "keepaux": {"aux_recompute": False, "cascade_recompute": False},
 }
 
 
@@ -99,6 +99,9 @@ class MethodCfg:
             aux backward instead of keeping them (checkpointing inside the aux net; same losses and gradients,
             BatchNorm statistics moved once). On by default: it only trades a re-run of the copies' forward for
             their activations. Not with ``legacy: [ema_before_backward]``.
+        cascade_recompute: with a cascade (HPFF, MLAAN), a module's graph keeps only its input and is rebuilt for
+            each backward that walks it, instead of staying alive until the next module's cascade loss reaches
+            back (on by default: one more forward per module, every activation of the waiting module freed).
         glcan_global: GLCAN's global part, the backbone's own task head (SR: the upsampler + reconstruction):
             ``ema`` (one EMA copy of the live head shared by every module, never trained by the aux losses;
             θ ← m·θ + (1−m)·θ_head after each step with m = ``ema_decay``) or ``per_module`` (a trainable copy
@@ -140,6 +143,7 @@ class MethodCfg:
     glcan_global: Literal["ema", "per_module"] = "per_module"
     checkpoint: int | Literal["sqrt"] = 0
     aux_recompute: bool = True
+    cascade_recompute: bool = True
 
 
 @dataclass

@@ -99,7 +99,7 @@ def stage_step(
     """Module k on one batch: forward, send downstream at once, local backward, optimizer step. With ``cross``,
     the cross-stage messages of MAN/LAM and cascades happen at their documented points (:mod:`.cross_stage`);
     without it every loss stays on this stage (timing probes)."""
-    module, opt = engine.modules[k], engine.optimizers[k]
+    opt = engine.optimizers[k]
     engine.backbone.train()
     engine.method.train()
     opt.zero_grad(set_to_none=True)
@@ -107,7 +107,7 @@ def stage_step(
     if cascade is not None:  # cascades reach back through this module's input
         x = x.detach().requires_grad_(k > 0)
     with engine.autocast():
-        out = module(x)
+        out = engine.forward_module(k, x)
         link.send(TRAIN, step, out)
         if cross is not None:
             cross.pull("loss", step)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..local.checkpointing import CheckpointedSequential, segment_count
+from ..local.checkpointing import CheckpointedSequential, recomputed, segment_count
 from ..local.split import backbone_layout, balanced_split, check_k, preset_split, validate_ends
 from ..local.task import Batch, Task
 from ..measure.memory import SavedTensorMeter
@@ -111,6 +111,7 @@ class LocalEngine:
             torch.manual_seed(aux_seed)
             self.method: LocalMethod = build_method(method_cfg, ctx)
         self.step_mode = method_cfg.step or method_class(method_cfg.name).default_step
+        self.cascade_recompute = method_cfg.cascade_recompute
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         for part in (backbone, self.method):
             part.to(device=self.device, memory_format=memory_format)
@@ -186,12 +187,12 @@ class LocalEngine:
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (leaf input, output) of modules whose graph lives
         kept_bytes: list[int] = []  # saved-activation bytes of those graphs (for the meter)
         h = batch.input
-        for k, module in enumerate(self.modules):
+        for k in range(self.k):
             if not at_end:
                 self.optimizers[k].zero_grad(set_to_none=True)
             x = h.detach().requires_grad_(span > 1 and k > 0)
             with self.autocast():
-                out = module(x)
+                out = self.forward_module(k, x)
                 losses = self.method.local_losses(k, out, batch)
             for loss, reach in losses:
                 if loss.requires_grad:
@@ -213,6 +214,15 @@ class LocalEngine:
         self.method.after_iteration()
         self.stats[-2] += self.task.train_stat(h.detach(), batch)
         self.stats[-1] += 1
+
+    def forward_module(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Module k's training forward. Under a cascade (``max_reach > 1``) with ``method.cascade_recompute``, its
+        graph keeps only the input and is rebuilt for each backward that walks it (its own losses, then the next
+        module's cascade hop), so a module waiting for that hop holds its input, not its activations
+        (:func:`~locallearn.local.checkpointing.recomputed`: BatchNorm moved once, random ops replayed)."""
+        if self.cascade_recompute and self.method.max_reach > 1:
+            return recomputed(self.modules[k], x)
+        return self.modules[k](x)
 
     def local_backward(
         self,
