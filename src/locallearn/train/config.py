@@ -326,7 +326,6 @@ DOMAINS: dict[str, tuple[str, str]] = {
     "data.pad": (">= 0", "pixels of random-crop padding"),
     "data.num_workers": (">= 0", "DataLoader processes"),
     "data.image_size": (">= 1", "crop side in pixels"),
-    "data.scale": ("[2, 4]", "super-resolution scale"),
     "data.patch_size": (">= 1", "HR patch side in pixels"),
     "data.repeat": (">= 1", "patches per training image per epoch"),
     "model.width": (">= 1", "the backbone's base width"),
