@@ -119,10 +119,15 @@ class MomentumBridge(nn.Module):
         if not len(self.ema):
             return
         weight = self.ema_weight()
-        for ema, live in zip(self.ema, self.live):
-            for e, p in zip(ema.parameters(), live.parameters(), strict=True):
-                w = weight if isinstance(weight, float) else weight.to(e.dtype)
-                (e.data if under_autograd else e).lerp_(p.detach().to(e.dtype), w)
+        pairs = [
+            (e, p)
+            for ema, live in zip(self.ema, self.live)
+            for e, p in zip(ema.parameters(), live.parameters(), strict=True)
+        ]
+        targets = [e.data if under_autograd else e for e, _ in pairs]
+        sources = [p.detach().to(e.dtype) for e, p in pairs]
+        # One fused multi-tensor update instead of one kernel per parameter (bitwise the same as lerp_ per tensor).
+        torch._foreach_lerp_(targets, sources, weight if isinstance(weight, float) else weight.to(targets[0].dtype))
         if isinstance(weight, torch.Tensor):
             self.ema_updates += 1
 

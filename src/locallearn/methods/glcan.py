@@ -125,5 +125,7 @@ class GLCAN(LocalMethod):
         if head is None:
             return
         with torch.no_grad():
-            for ema, live in zip(head.parameters(), self._global_source().parameters(), strict=True):
-                ema.lerp_(live.detach().to(ema.dtype), 1 - self.cfg.ema_decay)
+            pairs = list(zip(head.parameters(), self._global_source().parameters(), strict=True))
+            torch._foreach_lerp_(
+                [e for e, _ in pairs], [p.detach().to(e.dtype) for e, p in pairs], 1 - self.cfg.ema_decay
+            )
