@@ -41,6 +41,7 @@ from ..measure.memory import (
     AllocatorPeak,
     CudaPeak,
     SavedTensorMeter,
+    frozen_param_bytes,
     model_state_bytes,
     peak_rss_bytes,
     reset_peak_rss,
@@ -163,7 +164,7 @@ def measure_memory(engine: LocalEngine, batches: list[Batch], device: torch.devi
         engine.train_step(batches[-1])
     params = [p for k in range(engine.k) for p in engine.module_parameters(k)]
     state = model_state_bytes(params, engine.optimizers)
-    frozen = sum(p.numel() * p.element_size() for p in engine.method.parameters() if not p.requires_grad)
+    frozen = frozen_param_bytes(engine.method)
     return {
         "peak_act_bytes": meter.peak,
         **state,

@@ -168,8 +168,7 @@ def summary(config: str | None, overrides: list[str]) -> str:
     spec = dataset_spec(cfg.data.name)
     if cfg.method.balance == "time" and cfg.method.split == "auto":  # measured seconds need real tensors
         device = resolve_device(cfg.run.device)
-        real = meta_batch(cfg)
-        shape = real.input.shape
+        shape = meta_batch(cfg).input.shape
         sample = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)
         batch = Batch(
             sample, torch.zeros(shape[0], dtype=torch.long, device=device), torch.zeros_like(sample, dtype=torch.uint8)

@@ -234,6 +234,12 @@ def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return total
 
 
+def frozen_param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters that no optimizer steps (EMA copies): held in memory, never updated by
+    gradients."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+
+
 def model_state_bytes(params: Iterable[torch.nn.Parameter], optimizers: Iterable[torch.optim.Optimizer]) -> dict:
     """Parameter, gradient and optimizer-state bytes, reported separately from activations.
 

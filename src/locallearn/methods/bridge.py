@@ -126,8 +126,11 @@ class MomentumBridge(nn.Module):
         ]
         targets = [e.data if under_autograd else e for e, _ in pairs]
         sources = [p.detach().to(e.dtype) for e, p in pairs]
-        # One fused multi-tensor update instead of one kernel per parameter (bitwise the same as lerp_ per tensor).
-        torch._foreach_lerp_(targets, sources, weight if isinstance(weight, float) else weight.to(targets[0].dtype))
+        if isinstance(weight, float):  # one fused multi-tensor update (bitwise the same as lerp_ per tensor)
+            torch._foreach_lerp_(targets, sources, weight)
+        else:  # the warm-up's 0-d tensor weight: per tensor, since the fused form reads it on the host
+            for target, source in zip(targets, sources):
+                target.lerp_(source, weight.to(target.dtype))
         if isinstance(weight, torch.Tensor):
             self.ema_updates += 1
 

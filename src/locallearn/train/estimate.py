@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data.datasets import dataset_spec
 from ..local.split import module_sizes
 from ..local.task import Batch
-from ..measure.memory import SavedTensorMeter, model_state_bytes
+from ..measure.memory import SavedTensorMeter, frozen_param_bytes, model_state_bytes
 from ..measure.profile import count_params
 from .config import ConfigError, TrainCfg
 from .engine import LocalEngine
@@ -127,9 +127,7 @@ def estimate_step(cfg: TrainCfg) -> StepEstimate:
     est.step_act_peak, est.train_flops = meter.peak, int(step_flops.get_total_flops())
     params = [p for k in range(twin.k) for p in twin.module_parameters(k)]
     est.state = model_state_bytes(params, twin.optimizers)
-    est.state["frozen_param_bytes"] = sum(
-        p.numel() * p.element_size() for p in twin.method.parameters() if not p.requires_grad
-    )
+    est.state["frozen_param_bytes"] = frozen_param_bytes(twin.method)
     return est
 
 
