@@ -9,6 +9,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
 from .memory import SavedTensorMeter
@@ -44,10 +45,10 @@ def unit_costs(units: list[nn.Module], sample: torch.Tensor, by: str) -> list[fl
                 x = unit(x)
         else:
             meter = SavedTensorMeter()
-            with meter:
-                y = unit(x.detach().requires_grad_(x.is_floating_point()))
+            with meter:  # x may be a captured model's carry (a tuple of tensors): each becomes a leaf
+                y = unit(tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.is_floating_point()), x))
             costs.append(float(meter.peak))
-            x = y.detach()
+            x = tree_map_only(torch.Tensor, torch.Tensor.detach, y)
     return costs
 
 

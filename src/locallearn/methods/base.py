@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..local.task import Batch
-from ..models.units import UnitInfo
+from ..models.units import UnitInfo, main_tensor
 from .bridge import build_bridged
 from .objective import LocalLoss, ModuleAux, Objective
 from .options import ADDONS, LEGACY, MethodCfg, MethodContext
@@ -87,8 +87,9 @@ class LocalMethod(nn.Module):
         light independent head that sits beside a cascade (HiLo's IAN, MLAAN's classifier: no decoder)."""
         raise NotImplementedError
 
-    def local_losses(self, k: int, h: torch.Tensor, batch: Batch) -> list[LocalLoss]:
-        """The losses module k's output contributes, each with its reach."""
+    def local_losses(self, k: int, h: torch.Tensor | tuple, batch: Batch) -> list[LocalLoss]:
+        """The losses module k's output contributes, each with its reach. ``h``: the module's output, a tensor or
+        a captured model's carry (main tensor first; the last module's output is always the prediction)."""
         last = k == self.num_modules - 1
         if last:
             task_loss = self.ctx.task.loss(h, batch)
@@ -98,12 +99,13 @@ class LocalMethod(nn.Module):
                 return [LocalLoss(task_loss, self.span)]
             return [LocalLoss(self.cfg.w_ind * task_loss), LocalLoss(self.cfg.w_casc * task_loss, self.span)]
         aux = self.aux[k]
+        independent = aux.independent.loss(aux.independent.input_of(h), batch)
         if aux.cascade is None:
-            losses = [LocalLoss(aux.independent.loss(h, batch))]
+            losses = [LocalLoss(independent)]
         else:
             losses = [
-                LocalLoss(self.cfg.w_ind * aux.independent.loss(h, batch)),
-                LocalLoss(self.cfg.w_casc * aux.cascade.loss(h, batch), self.span),
+                LocalLoss(self.cfg.w_ind * independent),
+                LocalLoss(self.cfg.w_casc * aux.cascade.loss(aux.cascade.input_of(h), batch), self.span),
             ]
         if "ema_before_backward" in self.cfg.legacy:  # MAN++ ViT: backward then sees the moved EMA weights
             self._update_ema(k, under_autograd=True)
@@ -111,13 +113,15 @@ class LocalMethod(nn.Module):
 
     def local_loss(self, k: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The sum of module k's losses (for measuring and for tests; training uses :meth:`local_losses`)."""
-        return sum((item.loss for item in self.local_losses(k, h, batch)), h.new_zeros((), dtype=torch.float32))
+        zero = main_tensor(h).new_zeros((), dtype=torch.float32)
+        return sum((item.loss for item in self.local_losses(k, h, batch)), zero)
 
     def aux_logits(self, k: int, h: torch.Tensor) -> torch.Tensor | None:
         """Class logits of module k's independent aux net for accuracy-by-depth, or None."""
         if k == self.num_modules - 1:
             return None
-        return self.aux[k].independent.logits(h)
+        independent = self.aux[k].independent
+        return independent.logits(independent.input_of(h))
 
     def after_backward(self, k: int) -> None:
         """Called by the engine after module k's local backward (EMA updates of the reference)."""

@@ -20,13 +20,14 @@ decayed), and they are saved and restored with the method's state dict.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..local.checkpointing import recomputed
 from ..local.task import Batch
-from ..models.units import UnitInfo
+from ..models.units import UnitInfo, main_tensor
 from .objective import Objective, ObjectiveBuilder
 from .pff import PatchFusion
 
@@ -92,12 +93,19 @@ class MomentumBridge(nn.Module):
                 h = self.link(j, h)
         return h
 
-    def link(self, j: int, h: torch.Tensor) -> torch.Tensor:
+    def link(self, j: int, h: Any) -> Any:
+        """Copy j on ``h`` (a tensor, or a captured model's carry: every floating tensor of it is combined)."""
         y = self.learnable[j](h)
-        if j < len(self.ema):
-            e = self.ema[j](h)
-            y = y + e if self.scale is None else self.scale * y + (2 - self.scale) * e
-        return y
+        if j >= len(self.ema):
+            return y
+        e = self.ema[j](h)
+
+        def mix(a: Any, b: Any) -> Any:
+            if not (isinstance(a, torch.Tensor) and a.is_floating_point()):
+                return a
+            return a + b if self.scale is None else self.scale * a + (2 - self.scale) * b
+
+        return tuple(mix(a, b) for a, b in zip(y, e)) if isinstance(y, tuple) else mix(y, e)
 
     def link_modules(self, j: int) -> nn.Module:
         return nn.ModuleList([self.learnable[j], *([self.ema[j]] if j < len(self.ema) else [])])
@@ -145,19 +153,21 @@ class Bridged(Objective):
     E2E itself otherwise). A one-link bridge (MAN) gains little: its link is rebuilt whole. Same losses and
     gradients, bitwise on CPU."""
 
+    takes_carry = True  # the bridge's copies of the next units read the whole carry of a captured model
+
     def __init__(self, bridge: MomentumBridge, objective: Objective, recompute: bool = False) -> None:
         super().__init__()
         self.bridge, self.objective, self.recompute = bridge, objective, recompute
 
     def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
         recompute = self.recompute and self.training and torch.is_grad_enabled()
-        return self.objective.outputs(self.bridge(h, recompute), batch)
+        return self.objective.outputs(main_tensor(self.bridge(h, recompute)), batch)
 
     def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
         return self.objective.loss_from(outputs, batch)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor | None:
-        return self.objective.logits(self.bridge(h))
+        return self.objective.logits(main_tensor(self.bridge(h)))
 
     def update_ema(self, under_autograd: bool = False) -> None:
         self.bridge.update_ema(under_autograd)

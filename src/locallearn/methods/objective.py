@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..local.task import Batch
-from ..models.units import UnitInfo
+from ..models.units import UnitInfo, main_tensor
 from .options import MethodCfg, MethodContext
 
 
@@ -31,6 +31,13 @@ class Objective(nn.Module):
     ``loss_from`` turns them into the loss. The split lets :class:`~.pff.PatchFusion` average the outputs of
     patches before the loss, whatever the objective.
     """
+
+    # Objectives see a module's main tensor; one with ``takes_carry`` (a bridge, which runs copies of the next
+    # units) gets the whole carry of a captured model (locallearn.models.capture); input_of picks.
+    takes_carry = False
+
+    def input_of(self, h: object) -> object:
+        return h if self.takes_carry else main_tensor(h)
 
     def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
         raise NotImplementedError

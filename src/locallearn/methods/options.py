@@ -50,6 +50,8 @@ class MethodCfg:
             (measured forward + backward seconds per unit *and* of the aux net at each split point, for pipeline
             throughput; resolved to explicit ``ends`` once, by ``locallearn train``/``summary``).
         ends: explicit exclusive end unit index of each module (with ``split: ends``).
+        cuts: your own model (``model.name: package.module:function``): the submodules after which the local
+            modules end, fully qualified (``[layer1, layer2.3]``); K = len(cuts) + 1.
         aux: InfoPro aux head config (``--aux_net_config``), e.g. ``1c2f``.
         widen: ``--aux_net_widen``. feature_dim: ``--aux_net_feature_dim``.
         loss_mode: InfoPro ``--local_loss_mode``: ``contrast`` (SupCon) or ``softmax`` (CE).
@@ -113,6 +115,7 @@ class MethodCfg:
     split: str = "auto"
     balance: Literal["units", "params", "flops", "activations", "time"] = "units"
     ends: list[int] = field(default_factory=list)
+    cuts: list[str] = field(default_factory=list)
     aux: str = "1c2f"
     widen: int = 1
     feature_dim: int = 128

@@ -7,6 +7,7 @@ cuts into modules. No ``exec``/``eval``: names map to functions.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,3 +36,32 @@ def create_model(name: str, **kwargs: Any) -> UnitBackbone:
         more = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(f"unknown model {name!r}{more} Known models: {', '.join(list_models())}")
     return _MODELS[name](**kwargs)
+
+
+def is_import_path(name: str) -> bool:
+    """``package.module:function``: the user's own model builder rather than a registered name."""
+    return ":" in name
+
+
+def import_builder(path: str) -> Callable[..., Any]:
+    """The function named by ``package.module:function``, imported explicitly with importlib (never ``eval``)."""
+    module_name, _, attr = path.partition(":")
+    if (
+        not module_name
+        or not attr
+        or not all(part.isidentifier() for part in [*module_name.split("."), *attr.split(".")])
+    ):
+        raise ValueError(f"model.name={path!r} must look like package.module:function, e.g. mynets.unet:build_unet")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"model.name={path}: cannot import {module_name!r} ({e}); install it or put its folder on PYTHONPATH"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model.name={path}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model.name={path}: {attr!r} is not callable; name a function or class that builds the model")
+    return obj

@@ -63,7 +63,11 @@ class DataCfg:
 
 @dataclass
 class ModelCfg:
-    """``name``: registered backbone; ``width``: its base width (a ViT's embedding dim); ``patch_size``: a ViT's
+    """``name``: registered backbone, or your own model as ``package.module:function`` (imported with importlib;
+    the function returns an ``nn.Module``, wrapped with ``UnitBackbone.from_module`` and cut at ``method.cuts``);
+    ``kwargs``: keyword arguments of the builder (``model.kwargs.depth=50``); ``output``: the key or index of the
+    prediction when your model returns a dict / tuple / dataclass (default: ``.logits``, else the first tensor);
+    ``width``: its base width (a ViT's embedding dim); ``patch_size``: a ViT's
     patch side (None = the model's own, 16 at 224 px); when set, the ViT is built for the dataset's image size, e.g.
     ``model.patch_size=4`` on CIFAR's 32×32 gives the 8×8 token grid of CIFAR ViTs."""
 
@@ -71,6 +75,8 @@ class ModelCfg:
     width: int = 16
     channels_last: bool = True
     patch_size: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    output: int | str | None = None
 
 
 @dataclass
@@ -204,6 +210,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        raise ConfigError(f"{key}: expected a mapping like {{depth: 50}}, got {value!r}")
     if origin is list:
         if isinstance(value, (tuple, list)):
             return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,20 +31,34 @@ from ..measure.memory import SavedTensorMeter
 from ..measure.profile import unit_costs
 from ..methods.base import LocalMethod, build_method, method_class, resolve_k
 from ..methods.options import MethodCfg, MethodContext
-from ..models.units import UnitBackbone
+from ..models.units import ModuleBackbone, UnitBackbone, carry_tensors, detach_carry
 from .config import OptimCfg
 from .schedule import build_optimizer
 
 
 def resolve_split(backbone: UnitBackbone, cfg: MethodCfg, sample: torch.Tensor | None = None) -> list[int]:
-    """Exclusive end unit index of each local module, from ``method.split`` (see :mod:`locallearn.local.split`)."""
-    n, k = len(backbone), resolve_k(cfg)
+    """Exclusive end unit index of each local module, from ``method.split`` (see :mod:`locallearn.local.split`),
+    ``method.cuts`` (submodule names of a captured model) or the cuts / k a captured backbone was built with."""
+    n = len(backbone)
+    if cfg.cuts:
+        if not isinstance(backbone, ModuleBackbone):
+            raise ValueError(
+                "method.cuts names submodules of your own model (model.name=package.module:function, or "
+                "UnitBackbone.from_module); for a zoo backbone use method.split or method.ends"
+            )
+        return _agree(backbone.ends_after(cfg.cuts), cfg, "method.cuts")
+    if backbone.planned_ends is not None and cfg.split == "auto" and not cfg.ends:
+        return _agree(list(backbone.planned_ends), cfg, "the backbone's cuts")
+    if backbone.planned_k is not None:
+        if cfg.k is not None and cfg.k != backbone.planned_k:
+            raise ValueError(
+                f"method.k={cfg.k} but the backbone was wrapped with k={backbone.planned_k}; make them agree"
+            )
+        cfg = replace(cfg, k=backbone.planned_k)
+    k = resolve_k(cfg)
     check_k(k, n)
     if cfg.split == "ends":
-        ends = validate_ends(cfg.ends, n)
-        if cfg.k is not None and len(ends) != cfg.k:
-            raise ValueError(f"method.ends has {len(ends)} modules but method.k={cfg.k}; make them agree")
-        return ends
+        return _agree(validate_ends(cfg.ends, n), cfg, "method.ends")
     if cfg.ends:
         raise ValueError("method.ends is only used with method.split=ends")
     if cfg.split == "auto":
@@ -58,6 +74,12 @@ def resolve_split(backbone: UnitBackbone, cfg: MethodCfg, sample: torch.Tensor |
         return balanced_split(unit_costs(list(backbone.units), sample, cfg.balance), k)
     # Presets are looked up by the backbone's layout (blocks per stage): CIFAR/ImageNet ResNets, ViT.
     return preset_split(cfg.split, backbone_layout(backbone.infos), k)
+
+
+def _agree(ends: list[int], cfg: MethodCfg, source: str) -> list[int]:
+    if cfg.k is not None and len(ends) != cfg.k:
+        raise ValueError(f"{source} make {len(ends)} modules but method.k={cfg.k}; make them agree")
+    return ends
 
 
 class LocalEngine:
@@ -184,13 +206,13 @@ class LocalEngine:
         if at_end:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
-        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (leaf input, output) of modules whose graph lives
+        kept: list[tuple[Any, Any]] = []  # (leaf input, output) of modules whose graph lives (tensors or carries)
         kept_bytes: list[int] = []  # saved-activation bytes of those graphs (for the meter)
         h = batch.input
         for k in range(self.k):
             if not at_end:
                 self.optimizers[k].zero_grad(set_to_none=True)
-            x = h.detach().requires_grad_(span > 1 and k > 0)
+            x = detach_carry(h, span > 1 and k > 0)
             with self.autocast():
                 out = self.forward_module(k, x)
                 losses = self.method.local_losses(k, out, batch)
@@ -215,7 +237,7 @@ class LocalEngine:
         self.stats[-2] += self.task.train_stat(h.detach(), batch)
         self.stats[-1] += 1
 
-    def forward_module(self, k: int, x: torch.Tensor) -> torch.Tensor:
+    def forward_module(self, k: int, x: Any) -> Any:
         """Module k's training forward. Under a cascade (``max_reach > 1``) with ``method.cascade_recompute``, its
         graph keeps only the input and is rebuilt for each backward that walks it (its own losses, then the next
         module's cascade hop), so a module waiting for that hop holds its input, not its activations
@@ -229,14 +251,14 @@ class LocalEngine:
         loss: torch.Tensor,
         k: int,
         reach: int,
-        x: torch.Tensor,
-        kept: list[tuple[torch.Tensor, torch.Tensor]],
+        x: Any,
+        kept: list[tuple[Any, Any]],
         span: int,
     ) -> None:
         """Backward of one loss into module k and its aux net, then through ``reach - 1`` earlier modules whose
-        graphs are ``kept`` ((leaf input, output) pairs). ``x`` is module k's leaf input; ``span`` the method's
-        longest reach (1: the input is detached and a plain backward suffices). Public for the pipeline
-        runtime, which runs the same backward per stage."""
+        graphs are ``kept`` ((leaf input, output) pairs). ``x`` is module k's leaf input (a tensor, or a captured
+        model's carry of tensors); ``span`` the method's longest reach (1: the input is detached and a plain
+        backward suffices). Public for the pipeline runtime, which runs the same backward per stage."""
         scaled = loss if self.scaler is None else self.scaler.scale(loss)
         if span == 1:
             scaled.backward()  # the input is detached: nothing beyond module k can be reached
@@ -245,17 +267,33 @@ class LocalEngine:
         if reach == 1:
             torch.autograd.backward(scaled, inputs=params, retain_graph=True)
             return
-        torch.autograd.backward(scaled, inputs=[*params, x], retain_graph=True)
-        grad, x.grad = x.grad, None
+        leaves = [t for t in carry_tensors(x) if t.requires_grad]
+        torch.autograd.backward(scaled, inputs=[*params, *leaves], retain_graph=True)
+        grads = self._take_grads(x)
         for hop in range(1, reach):
             prev_x, prev_out = kept[-hop]
             last = hop == reach - 1
             inputs = [p for p in self.modules[k - hop].parameters() if p.requires_grad]
-            torch.autograd.backward(
-                prev_out, grad_tensors=grad, inputs=inputs if last else [*inputs, prev_x], retain_graph=True
-            )
+            outs = [(o, g) for o, g in zip(carry_tensors(prev_out), grads) if g is not None and o.requires_grad]
+            prev_leaves = [] if last else [t for t in carry_tensors(prev_x) if t.requires_grad]
+            if outs:
+                torch.autograd.backward(
+                    [o for o, _ in outs],
+                    grad_tensors=[g for _, g in outs],
+                    inputs=[*inputs, *prev_leaves],
+                    retain_graph=True,
+                )
             if not last:
-                grad, prev_x.grad = prev_x.grad, None
+                grads = self._take_grads(prev_x)
+
+    @staticmethod
+    def _take_grads(x: Any) -> list[torch.Tensor | None]:
+        """The gradients gathered on a leaf input's tensors, cleared for the next backward."""
+        grads = []
+        for t in carry_tensors(x):
+            grads.append(t.grad)
+            t.grad = None
+        return grads
 
     def pop_train_stats(self) -> dict[str, object]:
         """Mean loss per module and the sum of the final head's per-sample ``task.train_stat`` (top-1 hits for

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..data.datasets import dataset_spec, load_split
@@ -30,7 +31,9 @@ from ..local.task import Batch, ClassificationTask, SuperResolutionTask, Task
 from ..measure.memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
 from ..methods.base import resolve_k
 from ..methods.options import MethodCfg
-from ..models.registry import create_model
+from ..models.capture import CaptureError
+from ..models.registry import create_model, import_builder, is_import_path
+from ..models.units import UnitBackbone
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
 from .engine import LocalEngine
@@ -135,12 +138,22 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
         kwargs |= {"patch_size": cfg.model.patch_size, "image_size": cfg.data.image_size or spec.size}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(cfg.run.seed, "backbone"))
-        try:
-            backbone = create_model(cfg.model.name, in_channels=spec.channels, width=cfg.model.width, **kwargs)
-        except (TypeError, ValueError) as e:  # a classifier asked for a scale, a patch that does not tile the image
-            raise ConfigError(
-                f"model.name={cfg.model.name} cannot be built for the {task.kind} dataset {cfg.data.name} ({e})"
-            ) from None
+        if is_import_path(cfg.model.name):
+            backbone = user_backbone(cfg, task, sample)
+        else:
+            if cfg.method.cuts:
+                raise ConfigError(
+                    "method.cuts names submodules of your own model (model.name=package.module:function); for "
+                    f"{cfg.model.name} use method.split or method.ends"
+                )
+            try:
+                backbone = create_model(
+                    cfg.model.name, in_channels=spec.channels, width=cfg.model.width, **kwargs, **cfg.model.kwargs
+                )
+            except (TypeError, ValueError) as e:  # a classifier asked for a scale, a patch that does not tile
+                raise ConfigError(
+                    f"model.name={cfg.model.name} cannot be built for the {task.kind} dataset {cfg.data.name} ({e})"
+                ) from None
     return LocalEngine(
         backbone,
         cfg.method,
@@ -153,6 +166,34 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
         compile=cfg.run.compile,
         channels_last=cfg.model.channels_last,
     )
+
+
+def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbone:
+    """``model.name: package.module:function``: build the user's model with ``model.kwargs`` and capture it
+    (``UnitBackbone.from_module``, cut at ``method.cuts``); a builder may also return a UnitBackbone itself."""
+    name = cfg.model.name
+    try:
+        model = import_builder(name)(**cfg.model.kwargs)
+    except TypeError as e:  # the builder's signature does not take model.kwargs
+        raise ConfigError(f"model.name={name}: calling it with model.kwargs={cfg.model.kwargs} failed ({e})") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if isinstance(model, UnitBackbone):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name={name} returned {type(model).__name__}, not an nn.Module")
+    try:
+        backbone = UnitBackbone.from_module(model, sample[:2], cuts=cfg.method.cuts or None, output=cfg.model.output)
+    except CaptureError as e:
+        raise ConfigError(f"model.name={name}: {e}") from None
+    width = backbone.infos[-1].channels
+    expected = getattr(task, "num_classes", None)
+    if expected is not None and width != expected:
+        raise ConfigError(
+            f"model.name={name} predicts {width} outputs but {cfg.data.name} has {expected} classes; "
+            f"set the builder's class count (e.g. model.kwargs.num_classes={expected})"
+        )
+    return backbone
 
 
 def resolve_time_balance(cfg: TrainCfg, spec: Any, device: torch.device, loader: Any, quiet: bool = True) -> TrainCfg:
@@ -176,7 +217,9 @@ def resolve_time_balance(cfg: TrainCfg, spec: Any, device: torch.device, loader:
 def run_name(cfg: TrainCfg) -> str:
     """``resnet32_dgl+cascade+pff_k16``: model, method with its add-ons, K."""
     method = "+".join([cfg.method.name, *cfg.method.addons])
-    return cfg.run.name or f"{cfg.model.name}_{method}_k{resolve_k(cfg.method)}"
+    model = cfg.model.name.rpartition(":")[2]  # your own model: the builder's name
+    k = len(cfg.method.cuts) + 1 if cfg.method.cuts else resolve_k(cfg.method)
+    return cfg.run.name or f"{model}_{method}_k{k}"
 
 
 def checkpoint_path(run: str | Path) -> Path:
