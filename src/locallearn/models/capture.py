@@ -104,6 +104,7 @@ class Captured:
     names: list[list[str]]
     planned_ends: list[int] | None
     carried: list[list[str]]  # per cut, the values carried besides the main tensor (graph node names)
+    untensored: list[list[str]]  # per cut, those carried values that are not tensors (sizes)
 
 
 class CapturedUnit(nn.Module):
@@ -336,7 +337,8 @@ def capture(
     planned = [nodes.index(n) + 1 for n in user_bounds] if user else None
     planned = None if planned is None else [*sorted(planned), len(units)]
     carried = [[v.name for v in carry[1:]] for carry in carries]
-    return Captured(units, shapes, names, planned, carried)
+    untensored = [[v.name for v in carry[1:] if _tensor_shape(v) is None] for carry in carries]
+    return Captured(units, shapes, names, planned, carried, untensored)
 
 
 @contextlib.contextmanager

@@ -92,8 +92,13 @@ class UnitBackbone(nn.Module):
         module boundary, so no gradient leaves its module."""
 
     def cross_module_reads(self, ends: list[int]) -> list[str]:
-        """Names of unit outputs that a later module reads besides the chain's activation (a detector's FPN taps).
-        Only the chain's activation crosses processes under PPLL, which therefore refuses a split with any."""
+        """Names of unit outputs that a later module reads besides what the units pass on (a detector's FPN
+        taps). Only what units pass on crosses processes under PPLL, which therefore refuses a split with any."""
+        return []
+
+    def carries_across(self, ends: list[int]) -> list[str]:
+        """Values passed across the module boundaries besides the main activation (a captured model's skips and
+        class tokens, carried in a tuple by the units themselves)."""
         return []
 
     @classmethod
@@ -154,9 +159,15 @@ class UnitBackbone(nn.Module):
         x = inputs[0]
         infos = unit_infos(captured.shapes, tuple(x.shape[1:]), [names[0] for names in captured.names])
         backbone = ModuleBackbone(units=captured.units, infos=infos, in_channels=int(x.shape[1]), source=model)
-        backbone.cut_names, backbone.carried = captured.names, captured.carried
+        backbone.cut_names, backbone.carried, backbone.untensored = (
+            captured.names,
+            captured.carried,
+            captured.untensored,
+        )
         backbone.planned_ends = captured.planned_ends
         backbone.planned_k = k
+        if captured.planned_ends is not None:  # refuse cuts that leave a module empty or split a shared parameter
+            backbone.configure_split(captured.planned_ends)
         return backbone
 
 
@@ -192,7 +203,8 @@ class ModuleBackbone(UnitBackbone):
         super().__init__(units, infos, in_channels, num_stages=max(1, max(info.stage for info in infos)))
         self.source = source
         self.cut_names: list[list[str]] = []
-        self.carried: list[list[str]] = []
+        self.carried: list[list[str]] = []  # per cut: values carried besides the main tensor (graph node names)
+        self.untensored: list[list[str]] = []  # per cut: those of them that are not tensors
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.source.state_dict(*args, **kwargs)
@@ -228,5 +240,8 @@ class ModuleBackbone(UnitBackbone):
                     )
 
     def cross_module_reads(self, ends: list[int]) -> list[str]:
-        """The values carried across module boundaries besides the main tensor (skips, class tokens)."""
+        """Carried values that are not tensors (a size computed early, read late): they cannot cross processes."""
+        return sorted({v for e in ends[:-1] for v in self.untensored[e - 1]})
+
+    def carries_across(self, ends: list[int]) -> list[str]:
         return sorted({v for e in ends[:-1] for v in self.carried[e - 1]})

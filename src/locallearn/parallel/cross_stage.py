@@ -55,6 +55,12 @@ def check_supported(engine: LocalEngine) -> None:
             f"PPLL cannot split this backbone at {engine.ends}: a later stage reads {', '.join(reads)} from an earlier "
             "one besides the chain's activation, and only that crosses processes; train without parallel=ppll"
         )
+    if engine.method.max_reach > 1 and engine.backbone.carries_across(engine.ends):
+        raise ConfigError(
+            "PPLL cascades send one input gradient upstream, and this split carries skips or tokens across stages "
+            f"({', '.join(engine.backbone.carries_across(engine.ends))}); drop the cascade add-on or choose cuts "
+            "where only the main activation crosses"
+        )
     if engine.method.name == "glcan" and cfg.glcan_global == "ema":
         raise ConfigError(
             "PPLL cannot run GLCAN's shared EMA head (every stage would follow the last stage's head); "

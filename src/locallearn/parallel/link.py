@@ -184,18 +184,28 @@ class Link:
             self.idle += time.perf_counter() - start
 
     # ---- downstream: activations -----------------------------------------------------------------------------
-    def send(self, kind: int, step: int, tensor: torch.Tensor | None = None) -> None:
-        """To stage k+1 (nothing on the last stage)."""
-        if self.stage < self.stages - 1:
-            self._post(self.stage + 1, kind, step, tensor, (0, 0), None, self.pending)
+    def send(self, kind: int, step: int, tensor: Any = None) -> None:
+        """To stage k+1 (nothing on the last stage). A captured model's carry (a tuple of tensors: the main
+        activation, then skips and tokens) goes as one message per tensor, ``a`` = its index, ``b`` = their count
+        (0 for a plain tensor)."""
+        if self.stage == self.stages - 1:
+            return
+        parts = tensor if isinstance(tensor, tuple) else (tensor,)
+        count = len(parts) if isinstance(tensor, tuple) else 0
+        for i, part in enumerate(parts):
+            self._post(self.stage + 1, kind, step, part, (i, count), None, self.pending, per_step=len(parts))
 
-    def recv(self, expect_kind: int | None, expect_step: int | None) -> tuple[int, int, torch.Tensor | None]:
-        """From stage k-1: ``(kind, step, payload)``; a 4-D payload comes back channels_last when the model is."""
+    def recv(self, expect_kind: int | None, expect_step: int | None) -> tuple[int, int, Any]:
+        """From stage k-1: ``(kind, step, payload)``; the payload is a tensor or a carry tuple (see :meth:`send`);
+        4-D tensors come back channels_last when the model is."""
         kinds = tuple(range(len(KINDS))) if expect_kind is None else (expect_kind,)
-        kind, step, _, payload = self._take(self.stage - 1, kinds, expect_step, None, 0)
-        if payload is not None and payload.dim() == 4 and self.channels_last:
-            payload = payload.contiguous(memory_format=torch.channels_last)
-        return kind, step, payload
+        kind, step, (_, count), payload = self._take(self.stage - 1, kinds, expect_step, None, 0)
+        parts = [payload] + [self._take(self.stage - 1, (kind,), step, None, 0)[3] for _ in range(count - 1)]
+        if self.channels_last:
+            parts = [
+                p.contiguous(memory_format=torch.channels_last) if p is not None and p.dim() == 4 else p for p in parts
+            ]
+        return kind, step, tuple(parts) if count else parts[0]
 
     def send_data(self, step: int, batch: Batch, whole: int) -> None:
         """Batch ``step``'s input shape, targets and raw images (if any) to stage k+1 (``ppll.labels: send``);

@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 
 from ..local.task import Batch
+from ..models.units import detach_carry
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.config import ConfigError, TrainCfg, dump_config, to_dict
 from ..train.engine import LocalEngine
@@ -105,7 +106,7 @@ def stage_step(
     opt.zero_grad(set_to_none=True)
     cascade = None if cross is None else cross.cascade
     if cascade is not None:  # cascades reach back through this module's input
-        x = x.detach().requires_grad_(k > 0)
+        x = detach_carry(x, k > 0)
     with engine.autocast():
         out = engine.forward_module(k, x)
         link.send(TRAIN, step, out)
@@ -129,7 +130,7 @@ def stage_step(
     if cross is not None:
         cross.stepped(step)
     engine.method.after_iteration()
-    return out.detach()
+    return detach_carry(out)
 
 
 def bench_step(

@@ -78,7 +78,7 @@ def resolve_split(backbone: UnitBackbone, cfg: MethodCfg, sample: torch.Tensor |
 
 def _agree(ends: list[int], cfg: MethodCfg, source: str) -> list[int]:
     if cfg.k is not None and len(ends) != cfg.k:
-        raise ValueError(f"{source} make {len(ends)} modules but method.k={cfg.k}; make them agree")
+        raise ValueError(f"{source} make {len(ends)} modules but method.k={cfg.k}; set method.k={len(ends)} (or null)")
     return ends
 
 

@@ -1,0 +1,294 @@
+"""Your own nn.Module: ``UnitBackbone.from_module`` on a torchvision-style ResNet-50, a U-Net with three skips and
+a ViT (tests/user_models.py): shapes for K = 1..4, K=1 ≡ E2E bitwise, gradient isolation of skips probed from
+outside, the state_dict round trip into the user's class, every add-on, PPLL ≡ sequential, and the refusals."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from locallearn import UnitBackbone
+from locallearn.cli.main import main
+from locallearn.local.task import Batch, ClassificationTask
+from locallearn.methods.options import MethodCfg
+from locallearn.models.capture import CaptureError
+from locallearn.parallel.ppll import spawn_ppll
+from locallearn.train import fit, load_checkpoint, load_config
+from locallearn.train.config import OptimCfg
+from locallearn.train.engine import LocalEngine
+from locallearn.train.schedule import build_optimizer
+
+from . import user_models
+from .conftest import tiny_overrides
+
+MODELS = {"resnet50": user_models.resnet50, "unet": user_models.unet, "vit": lambda: user_models.vit(image=16)}
+SIDE = 16
+
+
+def batch(seed: int = 0, n: int = 8) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, SIDE, SIDE, generator=g)
+    return Batch(x, torch.randint(0, 10, (n,), generator=g), (x * 40 + 128).clamp(0, 255).to(torch.uint8))
+
+
+def engine_for(model: torch.nn.Module, k: int, method: str = "dgl", addons: tuple[str, ...] = (), **kw) -> LocalEngine:
+    backbone = UnitBackbone.from_module(model, batch().input[:2], k=k)
+    cfg = MethodCfg(name=method, addons=list(addons), loss_mode="softmax", cascade_span=2, **kw)
+    return LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), channels_last=False)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_shapes_for_every_k(name: str, k: int) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    engine = engine_for(model, k)
+    assert engine.k == k and len(engine.ends) == k
+    b = batch()
+    model.eval()
+    engine.backbone.eval()
+    h = b.input
+    for module in engine.modules:
+        h = module(h)
+    expected = user_models.ViTOutput if name == "vit" else torch.Tensor
+    reference = model(b.input)
+    assert isinstance(reference, expected)
+    assert torch.equal(h, reference.logits if name == "vit" else reference)
+    engine.train_step(b)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in engine.pop_train_stats()["train_loss"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_k1_is_end_to_end_bitwise(name: str) -> None:
+    """K=1 trains the user's model exactly as a hand-written loop over the original class does."""
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    reference = copy.deepcopy(model)
+    engine = engine_for(model, 1, method="e2e")
+    optim = build_optimizer([p for p in reference.parameters() if p.requires_grad], OptimCfg(lr=0.05))
+    for step in range(3):
+        b = batch(step)
+        torch.manual_seed(step)  # the same dropout masks on both sides
+        engine.train_step(b)
+        torch.manual_seed(step)
+        out = reference(b.input)
+        loss = F.cross_entropy(out.logits if name == "vit" else out, b.target)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_gradient_crosses_a_module_boundary_skips_included(name: str) -> None:
+    """Probed from outside: every tensor a module receives (the main activation and each carried skip) needs no
+    gradient, and each module's accumulated gradient equals that of its own local loss alone."""
+    torch.manual_seed(0)
+    engine = engine_for(MODELS[name](), 3)
+    engine.step_mode = "end"
+    reference = copy.deepcopy(engine)
+    b = batch()
+    seen: list[list[bool]] = []
+    for module in engine.modules:
+        module.register_forward_pre_hook(
+            lambda m, args: seen.append([t.requires_grad for t in (args[0] if isinstance(args[0], tuple) else args)])
+        )
+    engine.set_lr(0.0)
+    torch.manual_seed(1)  # the same dropout masks (the ViT's blocks) in the engine and in the probe below
+    engine.train_step(b)
+    carried = [len(flags) for flags in seen[1:]]
+    assert not any(flag for flags in seen[1:] for flag in flags)
+    if name == "unet":
+        assert max(carried) >= 2, "the U-Net's skips should cross at least one cut"
+    h = b.input
+    torch.manual_seed(1)
+    for j, module in enumerate(reference.modules):
+        out = module(h)
+        params = reference.module_parameters(j)
+        grads = torch.autograd.grad(reference.method.local_loss(j, out, b), params, allow_unused=True)
+        for p_engine, g in zip(engine.module_parameters(j), grads):
+            expected = torch.zeros_like(p_engine) if g is None else g
+            got = torch.zeros_like(p_engine) if p_engine.grad is None else p_engine.grad
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        h = tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
+
+
+def test_unet_cut_in_the_encoder_carries_every_open_skip() -> None:
+    model = user_models.unet()
+    backbone = UnitBackbone.from_module(model, batch().input[:2], cuts=["enc2", "bottleneck"])
+    assert backbone.planned_ends is not None and len(backbone.planned_ends) == 3
+    ends = backbone.planned_ends
+    assert len(backbone.carries_across(ends[:1] + ends[-1:])) == 1  # after enc2: e1 rides along
+    assert len(backbone.carried[ends[1] - 1]) == 3  # after the bottleneck: e1, e2, e3
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_loads_back_into_the_users_class(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    engine = engine_for(model, 3, addons=("man",))
+    for step in range(2):
+        engine.train_step(batch(step))
+    state = engine.backbone.state_dict()
+    assert list(state) == list(model.state_dict())
+    running = [k for k in state if k.endswith("running_mean")]
+    if running:  # BatchNorm statistics moved in the user's own buffers
+        assert not torch.equal(state[running[0]], torch.zeros_like(state[running[0]]))
+    fresh = MODELS[name]()
+    fresh.load_state_dict(state, strict=True)
+    fresh.eval()
+    engine.backbone.eval()
+    x = batch(5).input
+    out = fresh(x)
+    assert torch.equal(engine.backbone(x), out.logits if name == "vit" else out)
+
+
+@pytest.mark.parametrize(
+    "addons",
+    [("man",), ("man",), ("pff",), ("lam", "cascade"), ("pff", "cascade")],
+    ids=["man", "manpp", "hpff", "mlaan", "hpff-cascade"],
+)
+@pytest.mark.parametrize("method", ["dgl", "infopro"])
+def test_every_addon_trains_a_unet(method: str, addons: tuple[str, ...], request) -> None:
+    torch.manual_seed(0)
+    extra = {"bridge_combine": "scaled"} if "manpp" in request.node.callspec.id else {}
+    engine = engine_for(user_models.unet(), 3, method, addons, **extra)
+    for step in range(2):
+        engine.train_step(batch(step))
+    losses = engine.pop_train_stats()["train_loss"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    result = engine.evaluate([(b.input, b.target, b.raw) for b in [batch(9)]])
+    assert 0 <= result["test_acc"] <= 1
+
+
+def test_train_and_eval_modes_follow_the_original() -> None:
+    """The ViT's blocks call F.dropout(..., self.training): eval mode must be deterministic and equal the model's."""
+    torch.manual_seed(0)
+    model = user_models.vit(image=SIDE)
+    backbone = UnitBackbone.from_module(model, batch().input[:2], k=2)
+    x = batch().input
+    backbone.train()
+    assert not torch.equal(backbone(x), backbone(x))  # dropout active
+    backbone.eval()
+    model.eval()
+    assert torch.equal(backbone(x), model(x).logits)
+    assert not model.training and not model.blocks[0].training
+
+
+def test_refusals_name_the_problem_and_the_way_out() -> None:
+    x = batch().input[:2]
+    with pytest.raises(CaptureError, match="did you mean 'layer1'"):
+        UnitBackbone.from_module(user_models.resnet50(), x, cuts=["layr1"])
+    with pytest.raises(CaptureError, match="leaf_modules"):
+        UnitBackbone.from_module(user_models.DataDependent(), x)
+    opaque = UnitBackbone.from_module(user_models.DataDependent(), x, leaf_modules=["gate"])
+    assert len(opaque) >= 1
+    with pytest.raises(CaptureError, match="runs 3 times"):
+        UnitBackbone.from_module(user_models.Looped(), x, cuts=["shared"])
+    with pytest.raises(CaptureError, match="no parameters"):
+        UnitBackbone.from_module(user_models.resnet50(), x, cuts=["relu", "maxpool"])
+    with pytest.raises(CaptureError, match="'proj.weight' is used by local modules 0 and 1"):
+        UnitBackbone.from_module(user_models.Tied(), x, cuts=["block2"])
+    with pytest.raises(CaptureError, match="nothing of the model runs after it"):
+        UnitBackbone.from_module(user_models.resnet50(), x, cuts=["fc"])
+    with pytest.raises(CaptureError, match="output='scores'"):
+        UnitBackbone.from_module(user_models.vit(image=SIDE), x, output="scores")
+    with pytest.raises(CaptureError, match="make 3 modules, not k=2"):
+        UnitBackbone.from_module(user_models.unet(), x, cuts=["enc1", "enc2"], k=2)
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_cli_trains_your_own_model_with_an_addon(synthetic_root: Path, tmp_path: Path) -> None:
+    args = tiny_overrides(synthetic_root, tmp_path) + [
+        "model.name=tests.user_models:unet",
+        "model.kwargs.width=4",
+        "method.name=dgl",
+        "method.cuts=[enc2,dec3]",
+        "method.addons=[man]",
+        "run.max_steps=3",
+    ]
+    assert main(["train", "-c", "configs/fmnist/demo.yaml", *args, "method.k=null"]) == 0
+    run = next((tmp_path).glob("*unet_dgl+man_k3*"))
+    state = load_checkpoint(run / "ckpt_last.pt")
+    assert set(state["model"]) == set(user_models.unet(width=4).state_dict())  # the user's own keys
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.name=tests.user_models:nope", "has no 'nope'"),
+        ("model.name=no_such_package.nets:build", "cannot import 'no_such_package.nets'"),
+        ("model.name=tests.user_models:unet model.kwargs.depth=50", "model.kwargs"),
+        ("model.name=tests.user_models:unet model.kwargs.num_classes=7", "set the builder's class count"),
+        ("model.name=tests.user_models:unet method.cuts=[enc9]", "did you mean 'enc"),
+        ("method.cuts=[layer1]", "method.cuts names submodules of your own model"),
+    ],
+)
+def test_cli_refusals_are_one_line_exit_2(
+    synthetic_root: Path, tmp_path: Path, capsys, override: str, message: str
+) -> None:
+    args = tiny_overrides(synthetic_root, tmp_path) + ["model.kwargs={}", *override.split()]
+    assert main(["train", "-c", "configs/fmnist/demo.yaml", *args, "method.k=null"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_resnet50_from_the_user_learns_real_fashion_mnist(tmp_path: Path) -> None:
+    cfg = load_config(
+        "configs/fmnist/demo.yaml",
+        [
+            "model.name=tests.user_models:resnet50",
+            "model.kwargs.width=8",
+            "method.name=dgl",
+            "method.cuts=[layer2]",
+            "method.k=null",
+            "data.limit_train=6000",
+            "data.batch_size=64",
+            "data.limit_test=1000",
+            "run.epochs=2",
+            "run.threads=1",
+            f"run.out={tmp_path}",
+            "run.progress=false",
+        ],
+    )
+    result = fit(cfg, quiet=True)
+    assert result["test_acc"] > 0.6, f"did not learn: test accuracy {result['test_acc']:.3f}"
+
+
+@pytest.mark.timeout(240)
+def test_ppll_two_ranks_equal_sequential_on_the_unet(synthetic_root: Path, tmp_path: Path) -> None:
+    """Cut after enc3, the skips e1 and e2 cross the process boundary with the main activation; each stage's
+    weights and aux net equal the sequential engine's, bit for bit."""
+    base = tiny_overrides(synthetic_root, tmp_path) + [
+        "model.name=tests.user_models:unet",
+        "model.kwargs.width=4",
+        "method.name=dgl",
+        "method.cuts=[enc3]",
+        "run.epochs=1",
+        "data.batch_size=120",
+        "run.threads=1",
+    ]
+    sequential = fit(load_config(None, base), quiet=True)
+    pipelined = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=2"]))
+    reference = load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt")
+    assert pipelined["step"] == reference["step"] == 5
+    for stage in range(2):
+        got = load_checkpoint(Path(pipelined["run_dir"]) / f"ckpt_stage{stage}.pt")
+        assert got["model"]
+        for key, value in got["model"].items():
+            original = key.split(".model.", 1)[1]  # "<unit>.train_graph.model.enc1.0.weight" → "enc1.0.weight"
+            assert torch.equal(value, reference["model"][original]), f"stage {stage}: {original} differs"
+        prefix = f"aux.{stage}."
+        for name, ref in ((k[len(prefix) :], v) for k, v in reference["aux"].items() if k.startswith(prefix)):
+            assert torch.equal(got["aux"][name], ref), f"stage {stage}: aux {name} differs"
+    assert pipelined["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
