@@ -55,6 +55,9 @@ MANY_OVERRIDES = [
     "model.name=resnet32",
     "model.width=32",
     "model.channels_last=false",
+    "model.kwargs.depth=50",
+    "model.kwargs.zero_init=true",
+    "model.output=logits",
     "method.name=dgl",
     "method.k=8",
     "method.split=ends",
@@ -159,7 +162,14 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
         repeat=4,
         test_root="/tmp/set5",
     )
-    assert d["model"] == dict(name="resnet32", width=32, channels_last=False, patch_size=None)
+    assert d["model"] == dict(
+        name="resnet32",
+        width=32,
+        channels_last=False,
+        patch_size=None,
+        kwargs={"depth": 50, "zero_init": True},
+        output="logits",
+    )
     method_keys = (
         "name",
         "k",
@@ -481,6 +491,8 @@ def test_literal_message_lists_choices():
         ("model.width=1.5", "model.width"),
         ("data.batch_size=true", "data.batch_size"),
         ("model.name=[1, 2]", "model.name"),
+        ("model.kwargs=3", "model.kwargs: expected a mapping"),
+        ("method.cuts=layer1", "method.cuts: expected a list"),
         ("run.name=true", "run.name"),
         ("run.threads=two", "run.threads"),
     ],

@@ -231,6 +231,7 @@ def test_cli_trains_your_own_model_with_an_addon(synthetic_root: Path, tmp_path:
         ("model.name=tests.user_models:unet model.kwargs.num_classes=7", "set the builder's class count"),
         ("model.name=tests.user_models:unet method.cuts=[enc9]", "did you mean 'enc"),
         ("method.cuts=[layer1]", "method.cuts names submodules of your own model"),
+        ("model.name=tests.user_models:vit", "the model fails on an example input of shape [2, 1, 16, 16]"),
     ],
 )
 def test_cli_refusals_are_one_line_exit_2(

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 ROOT = "model"  # the user's model inside the tracing wrapper; names given to users are relative to it
 
@@ -137,16 +136,45 @@ def _trace(wrapper: _Picked, leaves: set[str], training: bool) -> tuple[fx.Graph
     return fx.GraphModule(wrapper, graph), tracer
 
 
+class _ShapePass(fx.Interpreter):
+    """Runs the graph once, recording each tensor-valued node's shape in ``node.meta["shape"]``; a failing op
+    becomes one CaptureError naming it and the input's shape."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.failure = (
+                f"the model fails on an example input of shape {list(self.example_shape)} at {_readable(n)} ({first}); does "
+                "it take this dataset's images (channels, size, model.kwargs)?"
+            )
+            raise
+        n.meta["shape"] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+        return result
+
+
 def _shape_pass(gm: fx.GraphModule, x: torch.Tensor) -> None:
-    """Record every node's tensor metadata (``node.meta['tensor_meta']``) with one eval-mode forward, under
-    no_grad and a forked RNG, so the user's BatchNorm statistics and random streams stay untouched."""
+    """Record every node's output shape with one eval-mode forward, under no_grad and a forked RNG, so the user's
+    BatchNorm statistics and random streams stay untouched (meta tensors work: the estimator captures on meta)."""
+    interpreter = _ShapePass(gm)
+    interpreter.example_shape, interpreter.failure = tuple(x.shape), ""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        ShapeProp(gm).propagate(x)
+        try:
+            interpreter.run(x)
+        except Exception:
+            if interpreter.failure:  # (fx appends the failing graph to the exception's text: leave it out)
+                raise CaptureError(interpreter.failure) from None
+            raise
+
+
+def _readable(node: fx.Node) -> str:
+    """A node's name as the user reads it: ``enc1_5`` (the 6th op of enc1), not ``model_enc1_5``."""
+    return node.name.removeprefix(ROOT + "_")
 
 
 def _tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+    return node.meta.get("shape")
 
 
 def _has_params(node: fx.Node, root: nn.Module) -> bool:
@@ -336,8 +364,8 @@ def capture(
     names = [bounds[n] for n in nodes] + [["output"]]
     planned = [nodes.index(n) + 1 for n in user_bounds] if user else None
     planned = None if planned is None else [*sorted(planned), len(units)]
-    carried = [[v.name for v in carry[1:]] for carry in carries]
-    untensored = [[v.name for v in carry[1:] if _tensor_shape(v) is None] for carry in carries]
+    carried = [[_readable(v) for v in carry[1:]] for carry in carries]
+    untensored = [[_readable(v) for v in carry[1:] if _tensor_shape(v) is None] for carry in carries]
     return Captured(units, shapes, names, planned, carried, untensored)
 
 

@@ -11,6 +11,7 @@ switching method never changes the data order or the backbone's initial weights,
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import time
@@ -168,12 +169,25 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
     )
 
 
+def dataset_kwargs(builder: Any, task: Task, cfg: TrainCfg) -> dict[str, int]:
+    """``num_classes`` and ``in_channels`` of the dataset for a builder whose signature has them and whose
+    ``model.kwargs`` does not set them (so ``model.name=pkg:resnet50`` fits CIFAR-10 without more keys)."""
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return {}
+    spec = dataset_spec(cfg.data.name)
+    given = {"num_classes": getattr(task, "num_classes", None), "in_channels": spec.channels}
+    return {k: v for k, v in given.items() if k in params and k not in cfg.model.kwargs and v is not None}
+
+
 def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbone:
     """``model.name: package.module:function``: build the user's model with ``model.kwargs`` and capture it
     (``UnitBackbone.from_module``, cut at ``method.cuts``); a builder may also return a UnitBackbone itself."""
     name = cfg.model.name
     try:
-        model = import_builder(name)(**cfg.model.kwargs)
+        builder = import_builder(name)
+        model = builder(**dataset_kwargs(builder, task, cfg), **cfg.model.kwargs)
     except TypeError as e:  # the builder's signature does not take model.kwargs
         raise ConfigError(f"model.name={name}: calling it with model.kwargs={cfg.model.kwargs} failed ({e})") from None
     except ValueError as e:
