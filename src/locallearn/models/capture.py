@@ -146,8 +146,8 @@ class _ShapePass(fx.Interpreter):
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             self.failure = (
-                f"the model fails on an example input of shape {list(self.example_shape)} at {_readable(n)} ({first}); does "
-                "it take this dataset's images (channels, size, model.kwargs)?"
+                f"the model fails on an example input of shape {list(self.example_shape)} at {_readable(n)} ({first}); "
+                "does it take this dataset's images (channels, size, model.kwargs)?"
             )
             raise
         n.meta["shape"] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
