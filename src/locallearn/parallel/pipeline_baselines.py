@@ -247,12 +247,19 @@ class _GlooSafe(torch.nn.Module):
         super().__init__()
         self.module, self.channels_last = module, channels_last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """One tensor, or the tensors of a captured model's carry (the pipelining stage passes a tuple output
+        on as several arguments)."""
+        xs = tuple(self._inward(x) for x in xs)
+        out = self.module(xs if len(xs) > 1 else xs[0])
+        return tuple(o.contiguous() for o in out) if isinstance(out, tuple) else out.contiguous()
+
+    def _inward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
             x = _ContiguousGrad.apply(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.module(x).contiguous()
+        return x
 
 
 def _pipelined(kind: str) -> Callable[..., dict[str, Any]]:
