@@ -38,7 +38,7 @@ class Variant:
             f"method.{key}={json.dumps(value)}" for name in self.addons for key, value in ADDON_PRESETS[name].items()
         ]
         if self.method == "e2e":  # one module is the whole network whatever the split says
-            return ["method.name=e2e", "method.k=1", "method.split=auto", "method.ends=[]", *presets]
+            return ["method.name=e2e", "method.k=1", "method.split=auto", "method.ends=[]", "method.cuts=[]", *presets]
         return (
             [f"method.name={self.method}", f"method.k={self.k}"]
             + ([f"method.split={self.split}"] if self.split else [])

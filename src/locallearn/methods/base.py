@@ -191,8 +191,10 @@ def method_class(name: str) -> type[LocalMethod]:
 
 
 def resolve_k(cfg: MethodCfg) -> int:
-    """The module count a config asks for: ``method.k`` or the method's default."""
-    return method_class(cfg.name).default_k if cfg.k is None else cfg.k
+    """The module count a config asks for: ``method.k``, else len(``method.cuts``) + 1, else the method's default."""
+    if cfg.k is not None:
+        return cfg.k
+    return len(cfg.cuts) + 1 if cfg.cuts else method_class(cfg.name).default_k
 
 
 def build_method(cfg: MethodCfg, ctx: MethodContext) -> LocalMethod:

@@ -232,8 +232,7 @@ def run_name(cfg: TrainCfg) -> str:
     """``resnet32_dgl+cascade+pff_k16``: model, method with its add-ons, K."""
     method = "+".join([cfg.method.name, *cfg.method.addons])
     model = cfg.model.name.rpartition(":")[2]  # your own model: the builder's name
-    k = len(cfg.method.cuts) + 1 if cfg.method.cuts else resolve_k(cfg.method)
-    return cfg.run.name or f"{model}_{method}_k{k}"
+    return cfg.run.name or f"{model}_{method}_k{resolve_k(cfg.method)}"
 
 
 def checkpoint_path(run: str | Path) -> Path:
