@@ -220,6 +220,33 @@ def test_cli_trains_your_own_model_with_an_addon(synthetic_root: Path, tmp_path:
     run = next((tmp_path).glob("*unet_dgl+man_k3*"))
     state = load_checkpoint(run / "ckpt_last.pt")
     assert set(state["model"]) == set(user_models.unet(width=4).state_dict())  # the user's own keys
+    assert main(["train", "--resume", str(run), "run.max_steps=5"]) == 0  # the saved config rebuilds the model
+    assert load_checkpoint(run / "ckpt_last.pt")["step"] == 5
+    summary = ["model.name=tests.user_models:resnet50", "method.name=dgl", "method.cuts=[layer2,layer3]"]
+    assert main(["summary", "-c", "configs/fmnist/demo.yaml", *summary, "method.k=null"]) == 0  # on the meta device
+
+
+def test_a_parameter_shared_inside_one_module_trains_as_in_the_original() -> None:
+    """Tied's ``proj`` runs twice; with both uses in one module, K=1 training equals the original's."""
+    torch.manual_seed(0)
+    model = user_models.Tied()
+    reference = copy.deepcopy(model)
+    engine = LocalEngine(
+        UnitBackbone.from_module(model, batch().input[:2], k=1),
+        MethodCfg(name="e2e"),
+        ClassificationTask(10),
+        OptimCfg(lr=0.05),
+        channels_last=False,
+    )
+    optim = build_optimizer(list(reference.parameters()), OptimCfg(lr=0.05))
+    for step in range(2):
+        b = batch(step)
+        engine.train_step(b)
+        optim.zero_grad(set_to_none=True)
+        F.cross_entropy(reference(b.input), b.target).backward()
+        optim.step()
+    assert torch.equal(model.proj.weight, reference.proj.weight)
+    assert not torch.equal(model.proj.weight, user_models.Tied().proj.weight)
 
 
 @pytest.mark.parametrize(
