@@ -294,14 +294,17 @@ def test_resnet50_from_the_user_learns_real_fashion_mnist(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(240)
-def test_ppll_two_ranks_equal_sequential_on_the_unet(synthetic_root: Path, tmp_path: Path) -> None:
-    """Cut after enc3, the skips e1 and e2 cross the process boundary with the main activation; each stage's
-    weights and aux net equal the sequential engine's, bit for bit."""
+@pytest.mark.parametrize("addons", ["[]", "[lam,cascade]"], ids=["dgl", "dgl+mlaan"])
+def test_ppll_two_ranks_equal_sequential_on_the_unet(synthetic_root: Path, tmp_path: Path, addons: str) -> None:
+    """Cut after enc3, the skips e1 and e2 cross the process boundary with the main activation (and, with MLAAN's
+    cascade, their gradients cross back); each stage's weights and aux net equal the sequential engine's, bit for
+    bit."""
     base = tiny_overrides(synthetic_root, tmp_path) + [
         "model.name=tests.user_models:unet",
         "model.kwargs.width=4",
         "method.name=dgl",
         "method.cuts=[enc3]",
+        f"method.addons={addons}",
         "run.epochs=1",
         "data.batch_size=120",
         "run.threads=1",

@@ -38,9 +38,12 @@ step t, so cascades pipeline less well than plain local learning.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..methods.bridge import MomentumBridge
+from ..models.units import carry_tensors
 from ..train.config import ConfigError
 from ..train.engine import LocalEngine
 from .link import GRAD, NOGRAD, WEIGHTS, Link, StageError
@@ -54,12 +57,6 @@ def check_supported(engine: LocalEngine) -> None:
         raise ConfigError(
             f"PPLL cannot split this backbone at {engine.ends}: a later stage reads {', '.join(reads)} from an earlier "
             "one besides the chain's activation, and only that crosses processes; train without parallel=ppll"
-        )
-    if engine.method.max_reach > 1 and engine.backbone.carries_across(engine.ends):
-        raise ConfigError(
-            "PPLL cascades send one input gradient upstream, and this split carries skips or tokens across stages "
-            f"({', '.join(engine.backbone.carries_across(engine.ends))}); drop the cascade add-on or choose cuts "
-            "where only the main activation crosses"
         )
     if engine.method.name == "glcan" and cfg.glcan_global == "ema":
         raise ConfigError(
@@ -188,8 +185,9 @@ class CascadeGrads:
             sent, grad = True, None
             if loss.requires_grad:
                 scaled = loss if engine.scaler is None else engine.scaler.scale(loss)
-                torch.autograd.backward(scaled, inputs=[*engine.module_parameters(k), x], retain_graph=True)
-                grad, x.grad = x.grad, None
+                leaves = [t for t in carry_tensors(x) if t.requires_grad]
+                torch.autograd.backward(scaled, inputs=[*engine.module_parameters(k), *leaves], retain_graph=True)
+                grad = take_input_grad(x)
             self._send(step, k, grad, reach - 1)
         if not sent:
             self._send(step, k, None, 0)
@@ -206,13 +204,49 @@ class CascadeGrads:
                 self._send(step, origin, None, 0)
                 continue
             further = reach_left > 1 and self.k > 0
-            grad = torch.empty_like(out).copy_(grad)  # the strides the sequential engine's gradient has
-            inputs = [*params, x] if further else params
-            torch.autograd.backward(out, grad_tensors=grad, inputs=inputs, retain_graph=True)
-            relay = None
-            if further:
-                relay, x.grad = x.grad, None
+            outs, grads = output_grads(out, grad)
+            inputs = [*params, *(t for t in carry_tensors(x) if t.requires_grad)] if further else params
+            if outs:
+                torch.autograd.backward(outs, grad_tensors=grads, inputs=inputs, retain_graph=True)
+            relay = take_input_grad(x) if further else None
             self._send(step, origin, relay, reach_left - 1)
+
+
+def take_input_grad(x: Any) -> torch.Tensor | None:
+    """d(loss)/dx gathered on a stage's leaf input, cleared, as one message payload: the gradient itself for a
+    tensor; for a captured model's carry one flat tensor, a presence flag per floating tensor of the carry and then
+    the gradients that are present (a tensor the loss never reached has none, as in the sequential engine, so the
+    earlier stage skips it instead of backpropagating zeros). None when nothing was reached."""
+    if not isinstance(x, tuple):
+        grad, x.grad = x.grad, None
+        return grad
+    floats = [t for t in carry_tensors(x) if t.is_floating_point()]
+    grads = [t.grad for t in floats]
+    for t in floats:
+        t.grad = None
+    if all(g is None for g in grads):
+        return None
+    flags = torch.tensor([g is not None for g in grads], dtype=floats[0].dtype, device=floats[0].device)
+    return torch.cat([flags, *(g.reshape(-1) for g in grads if g is not None)])
+
+
+def output_grads(out: Any, grad: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The (outputs, gradients) pairs a received cascade gradient (:func:`take_input_grad`'s payload) backpropagates
+    through this stage's output, each gradient with the strides the sequential engine's has."""
+    if not isinstance(out, tuple):
+        return [out], [torch.empty_like(out).copy_(grad)]
+    floats = [o for o in carry_tensors(out) if o.is_floating_point()]
+    flags, offset = grad[: len(floats)].tolist(), len(floats)
+    outs, grads = [], []
+    for o, present in zip(floats, flags):
+        if not present:
+            continue
+        piece = grad[offset : offset + o.numel()].view(o.shape)
+        offset += o.numel()
+        if o.requires_grad:
+            outs.append(o)
+            grads.append(torch.empty_like(o).copy_(piece))
+    return outs, grads
 
 
 class CrossStage:
