@@ -10,7 +10,8 @@ mismatch is an error naming both stages, never a silent misalignment.
 Kinds and channels:
 
 * downstream, stage k → k+1, default process group, tag 0: ``TRAIN`` (activation of step t), ``EVAL``
-  (activation of evaluation batch i), ``STOP`` (end of run, no payload), and with ``ppll.labels: send``
+  (activation of evaluation batch i; a captured model's carry of skips and tokens goes as one message per
+  tensor, ``a`` = its index, ``b`` = their count), ``STOP`` (end of run, no payload), and with ``ppll.labels: send``
   ``DATA`` (three messages for batch t: the input's shape, with ``a`` = 1 when raw images follow and ``b`` =
   the size of the whole global batch so a replica knows its share; the targets; the raw images), sent *before*
   the activation so a stage can pass them on before computing;
