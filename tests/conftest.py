@@ -69,3 +69,21 @@ def one_line_data_error(exc: pytest.ExceptionInfo, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in msg, msg
     return msg
+
+
+def assert_grads_of_isolated_losses(engine, reference, batch) -> None:
+    """After ``engine.train_step(batch)`` (lr 0, step at the end), each module's accumulated gradient equals the
+    gradient of its own local loss alone, computed on ``reference`` (a deep copy taken before the step) with every
+    module input detached (a captured model's carry too): nothing else reached it."""
+    from locallearn.models.units import detach_carry
+
+    h = batch.input
+    for j, module in enumerate(reference.modules):
+        out = module(h)
+        params = reference.module_parameters(j)
+        grads = torch.autograd.grad(reference.method.local_loss(j, out, batch), params, allow_unused=True)
+        for p_engine, g in zip(engine.module_parameters(j), grads):
+            expected = torch.zeros_like(p_engine) if g is None else g
+            got = torch.zeros_like(p_engine) if p_engine.grad is None else p_engine.grad
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        h = detach_carry(out)

@@ -12,6 +12,8 @@ from torch import nn
 
 from locallearn import Batch, ClassificationTask, LocalEngine, MethodCfg, OptimCfg, UnitBackbone, create_model
 
+from .conftest import assert_grads_of_isolated_losses
+
 METHODS = [
     MethodCfg(name="dgl", dgl_head="mlp-sr"),
     MethodCfg(name="dgl", dgl_head="cnn"),
@@ -75,16 +77,7 @@ def test_engine_detaches_and_matches_isolated_gradients(cfg: MethodCfg) -> None:
     engine.set_lr(0.0)  # step with lr 0 leaves params in place (momentum buffers start at 0), grads stay
     engine.train_step(batch)
     assert seen[1:] == [False] * (len(seen) - 1)
-    h = batch.input
-    for j, module in enumerate(reference.modules):
-        out = module(h)
-        params = reference.module_parameters(j)
-        grads = torch.autograd.grad(reference.method.local_loss(j, out, batch), params, allow_unused=True)
-        for p_engine, g in zip(engine.module_parameters(j), grads):
-            expected = torch.zeros_like(p_engine) if g is None else g
-            got = torch.zeros_like(p_engine) if p_engine.grad is None else p_engine.grad
-            torch.testing.assert_close(got, expected, rtol=0, atol=0)
-        h = out.detach()
+    assert_grads_of_isolated_losses(engine, reference, batch)
 
 
 def test_k1_equals_plain_end_to_end_bitwise() -> None:
