@@ -181,18 +181,11 @@ def _has_params(node: fx.Node, root: nn.Module) -> bool:
     if node.op == "call_module":
         return any(True for _ in root.get_submodule(node.target).parameters())
     if node.op == "get_attr":
-        return isinstance(getattr_path(root, node.target), nn.Parameter)
+        return isinstance(operator.attrgetter(node.target)(root), nn.Parameter)
     return False
 
 
-def getattr_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _cut_table(tracer: _Tracer, gm: fx.GraphModule) -> dict[str, tuple[int, fx.Node | None, str]]:
+def _cut_table(tracer: _Tracer) -> dict[str, tuple[int, fx.Node | None, str]]:
     """Every submodule name → (times called, the node its single call returns or None, why it cannot be a cut)."""
     table = {}
     for name, outs in tracer.calls.items():
@@ -346,7 +339,7 @@ def capture(
         raise CaptureError("the picked prediction is not a tensor; pass output=<key or index of a tensor>")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     last = order[pred]
-    table = _cut_table(tracer, gm)
+    table = _cut_table(tracer)
     user = list(cuts or [])
     user_bounds = _resolve(table, user, order, last, auto=False)
     auto_bounds = _resolve(table, _auto_cuts(table, tracer, order, last), order, last, auto=True)
@@ -407,7 +400,7 @@ def _eval_units(
     """The eval-mode trace cut at the same names, or Nones when it is the same graph as the training one."""
     if gm.code == train_gm.code:
         return [None] * (count + 1)
-    table = _cut_table(tracer, gm)
+    table = _cut_table(tracer)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     pred = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     bounds = []
