@@ -144,7 +144,16 @@ def test_method_syntax_names_add_on_presets_and_splits() -> None:
     assert parse_method("infopro+hpff:infopro_star") == ("infopro", ("hpff",), "infopro_star")
     (v,) = parse_variants(["dgl+man"], [8])
     assert (v.label, v.key, v.addons) == ("dgl+man", "dgl+man|k8", ("man",))
-    assert v.overrides() == ["method.name=dgl", "method.k=8", 'method.addons=["man"]', 'method.bridge_combine="sum"']
+    assert v.overrides() == [
+        "method.name=dgl",
+        "method.k=8",
+        "method.addons=[]",  # the config's own add-ons never leak into a row: it runs what its label says
+        'method.addons=["man"]',
+        'method.bridge_combine="sum"',
+    ]
+    hpff_preset = load_config("configs/cifar10/resnet32_dgl_hpff_k8.yaml")
+    assert variant_config(hpff_preset, parse_variants(["dgl"], [8])[0]).method.addons == []
+    assert variant_config(hpff_preset, parse_variants(["e2e"], [8])[0]).method.addons == []
     cfg = variant_config(load_config(DEMO), parse_variants(["infopro+mlaan"], [4])[0])
     assert (cfg.method.name, cfg.method.addons, cfg.method.cascade_final) == ("infopro", ["cascade", "lam"], "both")
     for token, message in (("dgl+mann", "unknown add-on preset 'mann'"), ("e2e+man", "e2e has one module")):

@@ -5,6 +5,7 @@ outside, the state_dict round trip into the user's class, every add-on, PPLL ≡
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,10 @@ def test_cli_trains_your_own_model_with_an_addon(synthetic_root: Path, tmp_path:
     assert set(state["model"]) == set(user_models.unet(width=4).state_dict())  # the user's own keys
     assert main(["train", "--resume", str(run), "run.max_steps=5"]) == 0  # the saved config rebuilds the model
     assert load_checkpoint(run / "ckpt_last.pt")["step"] == 5
+    bench = ["bench", "memory", "-c", "configs/fmnist/demo.yaml", "--methods", "e2e,dgl,dgl+man", "--k", "3"]
+    assert main([*bench, "--out", str(tmp_path / "bench"), *args, "method.k=null"]) == 0
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
+    assert {(r["label"], r["k"]) for r in rows} == {("e2e", 1), ("dgl", 3), ("dgl+man", 3)}
     summary = ["model.name=tests.user_models:resnet50", "method.name=dgl", "method.cuts=[layer2,layer3]"]
     assert main(["summary", "-c", "configs/fmnist/demo.yaml", *summary, "method.k=null"]) == 0  # on the meta device
 

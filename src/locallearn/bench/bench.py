@@ -47,6 +47,7 @@ from ..measure.memory import (
     reset_peak_rss,
 )
 from ..measure.speed import interleaved_throughput
+from ..models.units import backward_carry, carry_tensors, detach_carry
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.engine import LocalEngine
 from ..train.loop import build_engine, build_loaders, build_task, resolve_device, stream_seed
@@ -112,7 +113,7 @@ def engine_flops(engine: LocalEngine, batch: Batch) -> dict[str, Any]:
         with FlopCounterMode(display=False) as c:
             out = module(h)
         row["fwd"] = int(c.get_total_flops())
-        z = out.detach().requires_grad_()
+        z = detach_carry(out, requires_grad=True)
         with FlopCounterMode(display=False) as c:
             loss = method.local_loss(k, z, batch)
         row["aux_fwd"] = int(c.get_total_flops())
@@ -120,12 +121,12 @@ def engine_flops(engine: LocalEngine, batch: Batch) -> dict[str, Any]:
             loss.backward()
         row["aux_bwd"] = int(c.get_total_flops())
         with FlopCounterMode(display=False) as c:
-            out.backward(z.grad)
+            backward_carry(out, [t.grad for t in carry_tensors(z)])
         row["bwd"] = int(c.get_total_flops())
         if k == len(modules) - 1:  # the task loss of the last module is part of ordinary training
             row = {"fwd": row["fwd"] + row["aux_fwd"], "bwd": row["bwd"] + row["aux_bwd"], "aux_fwd": 0, "aux_bwd": 0}
         per_module.append(row)
-        h = out.detach()
+        h = detach_carry(out)
     total = {key: sum(r[key] for r in per_module) for key in ("fwd", "bwd", "aux_fwd", "aux_bwd")}
     backbone, aux = total["fwd"] + total["bwd"], total["aux_fwd"] + total["aux_bwd"]
     return {

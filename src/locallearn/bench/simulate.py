@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from ..data.datasets import dataset_spec
 from ..local.task import Batch
+from ..models.units import backward_carry, carry_tensors, detach_carry
 from ..parallel.ppll import stage_step
 from ..train.config import TrainCfg
 from ..train.loop import build_engine
@@ -142,15 +144,15 @@ def measure_stage_costs(
         last = k == engine.k - 1
         for m in ms:
             size = len(batch) // m
-            part = Batch(x[:size], batch.target[:size])
+            part = Batch(tree_map_only(torch.Tensor, lambda t, size=size: t[:size], x), batch.target[:size])
 
-            def forward(module=module, part=part, k=k, last=last) -> torch.Tensor:
-                out = module(part.input.detach().requires_grad_(k > 0))
+            def forward(module=module, part=part, k=k, last=last) -> Any:
+                out = module(detach_carry(part.input, requires_grad=k > 0))
                 return engine.task.loss(out, part) if last else out
 
             def backward(forward=forward) -> None:
                 out = forward()
-                out.backward(torch.ones_like(out))
+                backward_carry(out, [torch.ones_like(t) for t in carry_tensors(out)])
 
             fwd[m].append(_median_time(forward, repeats))
             bwd[m].append(max(0.0, _median_time(backward, repeats) - fwd[m][-1]))

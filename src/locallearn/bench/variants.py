@@ -37,10 +37,19 @@ class Variant:
         presets = [
             f"method.{key}={json.dumps(value)}" for name in self.addons for key, value in ADDON_PRESETS[name].items()
         ]
+        # A row runs what its label says: the config's own add-ons are cleared, the label's presets set them.
         if self.method == "e2e":  # one module is the whole network whatever the split says
-            return ["method.name=e2e", "method.k=1", "method.split=auto", "method.ends=[]", "method.cuts=[]", *presets]
+            return [
+                "method.name=e2e",
+                "method.k=1",
+                "method.split=auto",
+                "method.ends=[]",
+                "method.cuts=[]",
+                "method.addons=[]",
+                *presets,
+            ]
         return (
-            [f"method.name={self.method}", f"method.k={self.k}"]
+            [f"method.name={self.method}", f"method.k={self.k}", "method.addons=[]"]
             + ([f"method.split={self.split}"] if self.split else [])
             + presets
         )

@@ -62,6 +62,14 @@ def carry_tensors(h: Any) -> list[torch.Tensor]:
     return [t for t in (h if isinstance(h, tuple) else (h,)) if isinstance(t, torch.Tensor)]
 
 
+def backward_carry(out: Any, grads: Sequence[torch.Tensor | None]) -> None:
+    """``out.backward(grads)`` for a tensor or a carry: ``grads`` pairs with :func:`carry_tensors` of ``out``;
+    tensors without a gradient, or that need none, are skipped."""
+    pairs = [(o, g) for o, g in zip(carry_tensors(out), grads) if g is not None and o.requires_grad]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], grad_tensors=[g for _, g in pairs])
+
+
 class UnitBackbone(nn.Module):
     """An ``nn.Module`` whose forward is the composition of ``units`` in order."""
 

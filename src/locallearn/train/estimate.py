@@ -27,6 +27,7 @@ from ..local.split import module_sizes
 from ..local.task import Batch
 from ..measure.memory import SavedTensorMeter, frozen_param_bytes, model_state_bytes
 from ..measure.profile import count_params
+from ..models.units import detach_carry
 from .config import ConfigError, TrainCfg
 from .engine import LocalEngine
 from .loop import build_engine
@@ -101,10 +102,10 @@ def estimate_step(cfg: TrainCfg) -> StepEstimate:
     for k, (module, size) in enumerate(zip(engine.modules, module_sizes(engine.ends))):
         names = f"{engine.backbone.infos[starts[k]].name}..{engine.backbone.infos[engine.ends[k] - 1].name}"
         with FlopCounterMode(display=False) as flops, SavedTensorMeter() as meter:
-            out = module(h.detach())
+            out = module(detach_carry(h))
         aux, aux_flops, aux_act = engine.method.aux[k], 0, 0
         if aux is not None:
-            z = out.detach().requires_grad_()
+            z = detach_carry(out, requires_grad=True)
             with FlopCounterMode(display=False) as c, SavedTensorMeter() as aux_meter:
                 engine.method.local_loss(k, z, batch)
             aux_flops, aux_act = int(c.get_total_flops()), aux_meter.peak
@@ -119,7 +120,7 @@ def estimate_step(cfg: TrainCfg) -> StepEstimate:
                 aux_act,
             )
         )
-        h = out.detach()
+        h = detach_carry(out)
     twin = copy.deepcopy(engine)  # the step changes BN statistics and creates optimizer state
     twin.meter = meter = SavedTensorMeter()
     with FlopCounterMode(display=False) as step_flops, meter:

@@ -36,6 +36,7 @@ from ..local.split import balanced_split, check_k
 from ..local.task import Batch
 from ..methods.base import resolve_k
 from ..methods.options import MethodCfg
+from ..models.units import backward_carry, carry_tensors, detach_carry
 from .engine import LocalEngine
 
 
@@ -64,23 +65,21 @@ def measure_unit_times(probe: LocalEngine, batch: Batch, repeats: int = 3) -> tu
     probe.backbone.train()
     probe.method.train()
     rounds: list[list[tuple[float, float]]] = []
-    grads: list[torch.Tensor | None] = []  # one fixed random projection per unit output, drawn in the first round
+    grads: list[list[torch.Tensor | None]] = []  # a fixed random projection per unit output, drawn in round one
     for _ in range(repeats + 1):
         h, times = batch.input, []
         for k, module in enumerate(probe.modules):
-            x = h.detach()
+            x = detach_carry(h)
             with torch.no_grad():
                 out = module(x)
             if len(grads) == k:
-                grads.append(torch.randn_like(out) if out.is_floating_point() else None)
+                grads.append([torch.randn_like(t) if t.is_floating_point() else None for t in carry_tensors(out)])
 
             def unit_step(module=module, x=x, grad=grads[k]) -> None:
-                y = module(x)
-                if grad is not None:
-                    y.backward(grad)
+                backward_carry(module(x), grad)
 
             def aux_step(k=k, out=out) -> None:
-                leaf = out.detach().requires_grad_(out.is_floating_point())
+                leaf = detach_carry(out, requires_grad=True)
                 loss = probe.method.local_loss(k, leaf, batch)
                 if loss.requires_grad:
                     loss.backward()
@@ -131,7 +130,7 @@ def _module_seconds(engine: LocalEngine, batch: Batch) -> list[float]:
     losses, backward; no optimizer step, gradients dropped)."""
     times, h = [], batch.input
     for k, module in enumerate(engine.modules):
-        x, outs = h.detach(), []
+        x, outs = detach_carry(h), []
 
         def module_step(k=k, module=module, x=x, outs=outs) -> None:
             with engine.autocast():
@@ -139,7 +138,7 @@ def _module_seconds(engine: LocalEngine, batch: Batch) -> list[float]:
                 losses = [loss for loss, _ in engine.method.local_losses(k, out, batch) if loss.requires_grad]
             if losses:
                 torch.stack([loss.float() for loss in losses]).sum().backward()
-            outs.append(out.detach())
+            outs.append(detach_carry(out))
 
         times.append(_seconds(module_step, engine.device))
         h = outs[0]

@@ -27,6 +27,7 @@ import torch
 from ..local.split import backbone_layout, presets_for
 from ..measure.memory import LiveBytes
 from ..methods.base import resolve_k
+from ..models.units import detach_carry
 from .config import ConfigError, TrainCfg
 from .engine import LocalEngine
 from .estimate import meta_batch, meta_engine
@@ -77,7 +78,7 @@ def predicted_peaks(cfg: TrainCfg) -> list[int]:
     for k in range(engine.k):  # each stage alone: its forward, losses, backward and step
         with LiveBytes(_held(engine, range(k, k + 1))) as live:
             engine.optimizers[k].zero_grad(set_to_none=True)
-            x = h.detach()
+            x = detach_carry(h)
             out = engine.modules[k](x)
             for loss, _ in engine.method.local_losses(k, out, batch):  # as a PPLL stage runs them
                 if loss.requires_grad:
@@ -86,7 +87,7 @@ def predicted_peaks(cfg: TrainCfg) -> list[int]:
             del out, x
         peaks.append(_state_bytes(engine, range(k, k + 1)) + live.peak)
         with torch.no_grad():
-            h = engine.modules[k](h.detach())
+            h = engine.modules[k](detach_carry(h))
     return peaks
 
 
