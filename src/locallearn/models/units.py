@@ -62,12 +62,20 @@ def carry_tensors(h: Any) -> list[torch.Tensor]:
     return [t for t in (h if isinstance(h, tuple) else (h,)) if isinstance(t, torch.Tensor)]
 
 
-def backward_carry(out: Any, grads: Sequence[torch.Tensor | None]) -> None:
+def backward_carry(
+    out: Any,
+    grads: Sequence[torch.Tensor | None],
+    inputs: Sequence[torch.Tensor] | None = None,
+    retain_graph: bool = False,
+) -> None:
     """``out.backward(grads)`` for a tensor or a carry: ``grads`` pairs with :func:`carry_tensors` of ``out``;
-    tensors without a gradient, or that need none, are skipped."""
+    tensors without a gradient, or that need none, are skipped. ``inputs``/``retain_graph`` as in
+    :func:`torch.autograd.backward`."""
     pairs = [(o, g) for o, g in zip(carry_tensors(out), grads) if g is not None and o.requires_grad]
     if pairs:
-        torch.autograd.backward([o for o, _ in pairs], grad_tensors=[g for _, g in pairs])
+        torch.autograd.backward(
+            [o for o, _ in pairs], grad_tensors=[g for _, g in pairs], inputs=inputs, retain_graph=retain_graph
+        )
 
 
 class UnitBackbone(nn.Module):

@@ -31,7 +31,7 @@ from ..measure.memory import SavedTensorMeter
 from ..measure.profile import unit_costs
 from ..methods.base import LocalMethod, build_method, method_class, resolve_k
 from ..methods.options import MethodCfg, MethodContext
-from ..models.units import ModuleBackbone, UnitBackbone, carry_tensors, detach_carry
+from ..models.units import ModuleBackbone, UnitBackbone, backward_carry, carry_tensors, detach_carry
 from .config import OptimCfg
 from .schedule import build_optimizer
 
@@ -274,15 +274,8 @@ class LocalEngine:
             prev_x, prev_out = kept[-hop]
             last = hop == reach - 1
             inputs = [p for p in self.modules[k - hop].parameters() if p.requires_grad]
-            outs = [(o, g) for o, g in zip(carry_tensors(prev_out), grads) if g is not None and o.requires_grad]
             prev_leaves = [] if last else [t for t in carry_tensors(prev_x) if t.requires_grad]
-            if outs:
-                torch.autograd.backward(
-                    [o for o, _ in outs],
-                    grad_tensors=[g for _, g in outs],
-                    inputs=[*inputs, *prev_leaves],
-                    retain_graph=True,
-                )
+            backward_carry(prev_out, grads, inputs=[*inputs, *prev_leaves], retain_graph=True)
             if not last:
                 grads = self._take_grads(prev_x)
 
