@@ -1,10 +1,10 @@
 """locallearn: supervised local learning for PyTorch (E2E, DGL, InfoPro in one engine).
 
-Quick start with your own model::
+Quick start with your own model (any ``nn.Module``, captured with torch.fx and cut after named submodules)::
 
     import locallearn as ll
-    backbone = ll.UnitBackbone.from_sequential(my_layers, input_shape=(1, 28, 28))
-    engine = ll.LocalEngine(backbone, ll.MethodCfg(name="infopro", k=3), ll.ClassificationTask(10), ll.OptimCfg())
+    backbone = ll.UnitBackbone.from_module(my_model, example_batch, cuts=["layer2", "layer3"])
+    engine = ll.LocalEngine(backbone, ll.MethodCfg(name="dgl"), ll.ClassificationTask(10), ll.OptimCfg())
     engine.train_step(ll.Batch(x, y, raw_uint8_images))
 
 or from a preset: ``ll.fit(ll.load_config("configs/fmnist/demo.yaml", ["method.name=dgl"]))``.
