@@ -17,6 +17,7 @@ from locallearn.cli.main import main
 from locallearn.local.task import Batch, ClassificationTask
 from locallearn.methods.options import MethodCfg
 from locallearn.models.capture import CaptureError
+from locallearn.parallel.data_parallel import fit_dp
 from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_checkpoint, load_config
 from locallearn.train.config import OptimCfg
@@ -319,3 +320,27 @@ def test_ppll_two_ranks_equal_sequential_on_the_unet(synthetic_root: Path, tmp_p
         for name, ref in ((k[len(prefix) :], v) for k, v in reference["aux"].items() if k.startswith(prefix)):
             assert torch.equal(got["aux"][name], ref), f"stage {stage}: aux {name} differs"
     assert pipelined["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
+
+
+@pytest.mark.timeout(240)
+def test_data_parallel_trains_a_user_model(synthetic_root: Path, tmp_path: Path) -> None:
+    """``parallel=dp``: 2 replicas of the user's ViT (class token, position embedding, dataclass output) train
+    and save the user's own state_dict keys."""
+    cfg = load_config(
+        None,
+        tiny_overrides(synthetic_root, tmp_path)
+        + [
+            "model.name=tests.user_models:vit",
+            "model.kwargs.image=16",
+            "method.name=dgl",
+            "method.cuts=[blocks.1]",
+            "run.max_steps=4",
+            "run.threads=1",
+            "parallel=dp",
+            "ppll.procs=2",
+        ],
+    )
+    result = fit_dp(cfg)
+    state = load_checkpoint(Path(result["run_dir"]) / "ckpt_last.pt")
+    assert state["step"] == 4 and set(state["model"]) == set(user_models.vit(image=16).state_dict())
+    assert 0 <= result["test_acc"] <= 1
