@@ -28,6 +28,16 @@ def test_tuning_applies_mallopt_and_children_inherit_it(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PATH": ""})
     before, after, child = json.loads(out.stdout)
+    kept = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"LOCALLEARN_CPU_ALLOCATOR": "glibc"},
+    )
+    _, opted_out, child_of_opted_out = json.loads(kept.stdout)
+    assert not opted_out["applied"] and "glibc's defaults kept" in opted_out["reason"]
+    assert not child_of_opted_out["applied"]
     assert before == {"applied": False, "reason": "not requested"}
     assert after["applied"] and after["mmap_threshold"] == 32 * 2**20 and after["trim_threshold"] == 2**30
     assert child["applied"] and child["mmap_threshold"] == 32 * 2**20 and "inherited" in child["reason"]

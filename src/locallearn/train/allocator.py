@@ -6,7 +6,8 @@ returning them and page-faulting them in again; on this project's 2-core CPU mac
 ResNet-110's E2E step time, which made local learning (smaller blocks) look faster than it is. Raising
 ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD`` to 1 GiB keeps the blocks in the heap between steps, as
 PyTorch's CUDA caching allocator does on GPUs. The ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
-environment variables do the same for a process started with them.
+environment variables do the same for a process started with them. ``LOCALLEARN_CPU_ALLOCATOR=glibc`` in the
+environment keeps glibc's defaults (to measure the difference; recorded as the reason in ``env.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 MMAP_THRESHOLD = 32 * 2**20  # glibc's own upper bound for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 2**30
 ENV_MMAP, ENV_TRIM = "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"
+ENV_OPT_OUT = "LOCALLEARN_CPU_ALLOCATOR"
 
 _APPLIED: dict[str, Any] = {"applied": False, "reason": "not requested"}
 
@@ -33,7 +35,9 @@ def tune_cpu_allocator() -> dict[str, Any]:
         return dict(_APPLIED)
     result: dict[str, Any] = {"applied": False}
     libc_name = ctypes.util.find_library("c") if platform.system() == "Linux" else None
-    if libc_name is None or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(ENV_OPT_OUT) == "glibc":
+        result["reason"] = f"{ENV_OPT_OUT}=glibc (glibc's defaults kept)"
+    elif libc_name is None or platform.libc_ver()[0] != "glibc":
         result["reason"] = f"not Linux/glibc ({platform.system()} {platform.libc_ver()[0] or 'unknown libc'})"
     else:
         libc = ctypes.CDLL(libc_name)
