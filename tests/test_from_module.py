@@ -175,6 +175,32 @@ def test_train_and_eval_modes_follow_the_original() -> None:
     assert not model.training and not model.blocks[0].training
 
 
+class TwoHeads(torch.nn.Module):
+    """Returns a tuple, or a dict without a ``logits`` key: the prediction is picked by ``output``."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.body, self.first, self.second = (
+            user_models.double_conv(1, 4),
+            torch.nn.Linear(4, 3),
+            torch.nn.Linear(4, 10),
+        )
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor) -> tuple | dict:
+        h = self.body(x).mean((2, 3))
+        return {"aux": self.first(h), "main": self.second(h)} if self.as_dict else (self.first(h), self.second(h))
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_output_picks_the_prediction(as_dict: bool) -> None:
+    x = batch().input
+    model = TwoHeads(as_dict).eval()
+    assert UnitBackbone.from_module(model, x[:2]).eval()(x).shape == (8, 3)  # default: the first tensor
+    picked = UnitBackbone.from_module(model, x[:2], output="main" if as_dict else 1).eval()
+    assert torch.equal(picked(x), model(x)["main" if as_dict else 1])
+
+
 def test_refusals_name_the_problem_and_the_way_out() -> None:
     x = batch().input[:2]
     with pytest.raises(CaptureError, match="did you mean 'layer1'"):

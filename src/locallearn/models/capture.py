@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import difflib
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -319,20 +319,17 @@ def capture(
     them, so split-time balancing and add-ons that copy the next unit have blocks to work with) and return the
     units. ``leaf_modules``: submodule names kept opaque (never traced into, so never cut inside)."""
     wrapper = _Picked(model, output)
-    modes = {n: m.training for n, m in model.named_modules()}
-    leaves = {f"{ROOT}.{name}" for name in leaf_modules}
-    missing = [n for n in leaf_modules if n not in modes]
+    names = dict(model.named_modules())
+    missing = [n for n in leaf_modules if n not in names]
     if missing:
         raise CaptureError(f"leaf_modules: the model has no submodule {missing[0]!r}; use names from named_modules()")
-    try:
+    leaves = {f"{ROOT}.{name}" for name in leaf_modules}
+    with _modes_kept(model):  # tracing and the shape pass switch modes; the user's model ends as it was
         graphs = {mode: _trace(wrapper, leaves, mode) for mode in (True, False)}
-    finally:
-        for name, module in model.named_modules():
-            module.training = modes[name]
-    gm, tracer = graphs[True]
-    with _eval_mode(wrapper):
+        wrapper.eval()
         for g, _ in graphs.values():
             _shape_pass(g, example)
+    gm, tracer = graphs[True]
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     pred = outputs[0].args[0]
     if not isinstance(pred, fx.Node) or _tensor_shape(pred) is None:
@@ -343,34 +340,31 @@ def capture(
     user = list(cuts or [])
     user_bounds = _resolve(table, user, order, last, auto=False)
     auto_bounds = _resolve(table, _auto_cuts(table, tracer, order, last), order, last, auto=True)
-    merged = {
-        node: [*user_bounds.get(node, []), *(n for n in names if n not in user)] for node, names in auto_bounds.items()
-    }
-    merged |= {node: names for node, names in user_bounds.items() if node not in merged}
-    bounds = dict(sorted(merged.items(), key=lambda item: order[item[0]]))
-    bounds = _drop_empty(bounds, set(user_bounds), gm, order)
+    merged: dict[fx.Node, list[str]] = {}  # one cut per value; the user's name for it first
+    for node, aliases in [*user_bounds.items(), *auto_bounds.items()]:
+        merged.setdefault(node, []).extend(a for a in aliases if a not in merged[node])
+    bounds = _drop_empty(dict(sorted(merged.items(), key=lambda item: order[item[0]])), set(user_bounds), gm, order)
     nodes = list(bounds)
     train_units, carries = _partition(gm, nodes, pred)
     eval_units = _eval_units(*graphs[False], bounds, len(nodes), gm)
     units = [CapturedUnit(t, e) for t, e in zip(train_units, eval_units)]
     shapes = [_tensor_shape(n) for n in nodes] + [_tensor_shape(pred)]
-    names = [bounds[n] for n in nodes] + [["output"]]
-    planned = [nodes.index(n) + 1 for n in user_bounds] if user else None
-    planned = None if planned is None else [*sorted(planned), len(units)]
+    cut_names = [bounds[n] for n in nodes] + [["output"]]
+    planned = [*sorted(nodes.index(n) + 1 for n in user_bounds), len(units)] if user else None
     carried = [[_readable(v) for v in carry[1:]] for carry in carries]
     untensored = [[_readable(v) for v in carry[1:] if _tensor_shape(v) is None] for carry in carries]
-    return Captured(units, shapes, names, planned, carried, untensored)
+    return Captured(units, shapes, cut_names, planned, carried, untensored)
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    modes = {n: m.training for n, m in module.named_modules()}
-    module.eval()
+def _modes_kept(module: nn.Module) -> Iterator[None]:
+    """Restore every submodule's ``training`` flag on exit."""
+    modes = [(m, m.training) for m in module.modules()]
     try:
         yield
     finally:
-        for name, m in module.named_modules():
-            m.training = modes[name]
+        for m, mode in modes:
+            m.training = mode
 
 
 def _drop_empty(bounds: dict, keep: set, gm: fx.GraphModule, order: dict) -> dict:
