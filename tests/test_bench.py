@@ -276,6 +276,12 @@ def test_bench_pareto_joins_study_accuracy_memory_time_and_flops(synthetic_root:
     assert f"{100 * accs['e2e']:.2f}" in lines["e2e+ckpt"] and f"{100 * accs['dgl']:.2f}" in lines["dgl"]
     assert (out / "pareto.png").read_bytes().startswith(PNG)
     assert main([*argv, "--accuracy", str(tmp_path / "nope.json")]) == 2
+    # --report-only: the study grew; the table is rewritten from the measured record, which stays untouched
+    (out / "pareto.md").unlink()
+    record = (out / "results.json").read_text()
+    assert main([*argv, "--accuracy", str(study / "results.json"), "--report-only"]) == 0
+    assert (out / "pareto.md").read_text() == table and (out / "results.json").read_text() == record
+    assert main(["bench", "pareto", "--report-only", *args, "--out", str(tmp_path / "empty")]) == 2
 
 
 def test_pareto_frontier_keeps_rows_no_other_row_beats_on_every_axis() -> None:

@@ -315,13 +315,15 @@ def run_bench(
     warmup: int = 2,
     workers: int = 1,
     accuracy: str | None = None,
+    report_only: bool = False,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark kind (or ``all``) into ``out_dir`` and return the results dict (see module docstring).
 
     ``steps``: measured steps per variant for ``memory`` (default 1) and timed steps per round for ``speed``
     (default 5). An existing ``results.json`` in ``out_dir`` must come from the same config; its rows are updated
-    and its finished accuracy runs kept.
+    and its finished accuracy runs kept. ``report_only`` (pareto): measure nothing, rewrite the table and figure from
+    the existing ``results.json`` with ``accuracy`` (the study has more rows since).
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown bench kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -330,21 +332,27 @@ def run_bench(
     if workers < 1:
         raise ConfigError(f"--jobs must be >= 1, got {workers}")
     base = load_config(config, list(overrides))
+    if report_only and (kind != "pareto" or out_dir is None or not (Path(out_dir) / "results.json").is_file()):
+        raise ConfigError("--report-only rewrites a pareto table: give bench pareto and the --out of an earlier run")
     if base.run.threads:
         torch.set_num_threads(base.run.threads)
     variants = parse_variants(methods, ks)
     out = Path(out_dir) if out_dir is not None else Path(base.run.out) / f"bench_{Path(config or 'default').stem}"
     make_dir(out, "--out")
     results = load_results(out, to_dict(base))
+    if accuracy is not None and not Path(accuracy).is_file():
+        raise ConfigError(
+            f"--accuracy {accuracy}: no such results.json (an accuracy study's, e.g. bench accuracy --out)"
+        )
+    if report_only:  # the measured record stays as it is; only the table and figure are rewritten
+        for path in write_pareto(out, results, accuracy):
+            print(f"wrote {path}")
+        return results
     results["machine"] = machine_info(resolve_device(base.run.device))
     results["metric"] = build_task(base, dataset_spec(base.data.name)).headline  # the table's test column
     results["commands"].append({"command": command, "kind": kind, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     save_results(out, results)
     print(f"bench {kind}: {len(variants)} variants -> {out}", flush=True)
-    if accuracy is not None and not Path(accuracy).is_file():
-        raise ConfigError(
-            f"--accuracy {accuracy}: no such results.json (an accuracy study's, e.g. bench accuracy --out)"
-        )
     if kind in ("memory", "all", "pareto"):
         print("memory (saved-tensor meter, one training step each):", flush=True)
         run_memory(base, variants, results, out, steps or 1)

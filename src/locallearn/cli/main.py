@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument("--jobs", type=int, default=1, help="accuracy: runs trained at once (default 1)")
         k.add_argument("--out", help="results folder (default RUN_OUT/bench_<config>); rerun with it to resume")
         k.add_argument("--accuracy", help="pareto: an accuracy study's results.json for the accuracy column")
+        k.add_argument(
+            "--report-only",
+            action="store_true",
+            help="pareto: measure nothing, rewrite the table and plot from --out's results.json (a study grew)",
+        )
         k.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
     pp = kinds.add_parser("pipeline", help="PPLL vs sequential LL, GPipe, 1F1B, DDP and E2E on the same split")
     pp.add_argument("-c", "--config", required=True, help="YAML preset; its local method gives the split")
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=args.warmup,
                 workers=args.jobs,
                 accuracy=args.accuracy,
+                report_only=args.report_only,
                 command=command_line(),
             )
         elif args.command == "plot":
