@@ -113,6 +113,24 @@ def test_no_gradient_crosses_a_module_boundary_skips_included(name: str) -> None
     assert_grads_of_isolated_losses(engine, reference, b)
 
 
+@pytest.mark.parametrize("method,k", [("e2e", 1), ("dgl", 2)])
+def test_checkpointing_across_carried_skips_is_bitwise_the_plain_run(method: str, k: int) -> None:
+    """``method.checkpoint=sqrt`` on the U-Net: checkpoint segments end where skips are still open, so segment
+    inputs are carries; two steps equal the un-checkpointed ones bit for bit, BatchNorm counted once per step."""
+    states = []
+    for checkpoint in (0, "sqrt"):
+        torch.manual_seed(0)
+        model = user_models.unet()
+        backbone = UnitBackbone.from_module(model, batch().input[:2], k=k)
+        cfg = MethodCfg(name=method, checkpoint=checkpoint)
+        engine = LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), channels_last=False)
+        for step in range(2):
+            engine.train_step(batch(step))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    assert states[1]["enc1.1.num_batches_tracked"].item() == 2
+
+
 def test_unet_cut_in_the_encoder_carries_every_open_skip() -> None:
     model = user_models.unet()
     backbone = UnitBackbone.from_module(model, batch().input[:2], cuts=["enc2", "bottleneck"])
