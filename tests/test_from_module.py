@@ -219,6 +219,18 @@ def test_output_picks_the_prediction(as_dict: bool) -> None:
     assert torch.equal(picked(x), model(x)["main" if as_dict else 1])
 
 
+def test_a_size_read_early_trains_in_one_process_and_is_refused_by_ppll() -> None:
+    from locallearn.parallel.cross_stage import check_supported
+    from locallearn.train.config import ConfigError
+
+    backbone = UnitBackbone.from_module(user_models.SizeEarly(), batch().input[:2], cuts=["block1"])
+    engine = LocalEngine(backbone, MethodCfg(name="dgl"), ClassificationTask(10), OptimCfg(lr=0.05))
+    engine.train_step(batch())  # the size rides in the carry, untouched by detaching
+    assert all(torch.isfinite(torch.tensor(v)) for v in engine.pop_train_stats()["train_loss"])
+    with pytest.raises(ConfigError, match="non-tensor value of your model"):
+        check_supported(engine)
+
+
 def test_refusals_name_the_problem_and_the_way_out() -> None:
     x = batch().input[:2]
     with pytest.raises(CaptureError, match="did you mean 'layer1'"):

@@ -56,7 +56,8 @@ def check_supported(engine: LocalEngine) -> None:
     if reads:
         raise ConfigError(
             f"PPLL cannot split this backbone at {engine.ends}: a later stage reads {', '.join(reads)} from an earlier "
-            "one besides the chain's activation, and only that crosses processes; train without parallel=ppll"
+            "one, which cannot cross processes (a detector's FPN tap, or a non-tensor value of your model such as a "
+            "size read early and used late); choose other cuts or train without parallel=ppll"
         )
     if engine.method.name == "glcan" and cfg.glcan_global == "ema":
         raise ConfigError(
