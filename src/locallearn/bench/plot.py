@@ -47,7 +47,8 @@ def _run_label(run_dir: Path, records: list[dict[str, Any]]) -> str:
     k = len(records[0].get("train_loss", [])) if records else "?"
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        return f"{cfg['method']['name']} K={k} seed {cfg['run']['seed']}"
+        method = "+".join([cfg["method"]["name"], *(cfg["method"].get("addons") or [])])
+        return f"{method} K={k} seed {cfg['run']['seed']}"
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return run_dir.name
 
