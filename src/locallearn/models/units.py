@@ -62,6 +62,11 @@ def carry_tensors(h: Any) -> list[torch.Tensor]:
     return [t for t in (h if isinstance(h, tuple) else (h,)) if isinstance(t, torch.Tensor)]
 
 
+def grad_leaves(h: Any) -> list[torch.Tensor]:
+    """The tensors of ``h`` that collect a gradient (a cascade's leaf input: its floating tensors)."""
+    return [t for t in carry_tensors(h) if t.requires_grad]
+
+
 def backward_carry(
     out: Any,
     grads: Sequence[torch.Tensor | None],

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ..methods.bridge import MomentumBridge
-from ..models.units import carry_tensors
+from ..models.units import carry_tensors, grad_leaves
 from ..train.config import ConfigError
 from ..train.engine import LocalEngine
 from .link import GRAD, NOGRAD, WEIGHTS, Link, StageError
@@ -186,7 +186,7 @@ class CascadeGrads:
             sent, grad = True, None
             if loss.requires_grad:
                 scaled = loss if engine.scaler is None else engine.scaler.scale(loss)
-                leaves = [t for t in carry_tensors(x) if t.requires_grad]
+                leaves = grad_leaves(x)
                 torch.autograd.backward(scaled, inputs=[*engine.module_parameters(k), *leaves], retain_graph=True)
                 grad = take_input_grad(x)
             self._send(step, k, grad, reach - 1)
@@ -206,7 +206,7 @@ class CascadeGrads:
                 continue
             further = reach_left > 1 and self.k > 0
             outs, grads = output_grads(out, grad)
-            inputs = [*params, *(t for t in carry_tensors(x) if t.requires_grad)] if further else params
+            inputs = [*params, *grad_leaves(x)] if further else params
             if outs:
                 torch.autograd.backward(outs, grad_tensors=grads, inputs=inputs, retain_graph=True)
             relay = take_input_grad(x) if further else None

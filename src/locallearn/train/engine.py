@@ -31,7 +31,7 @@ from ..measure.memory import SavedTensorMeter
 from ..measure.profile import unit_costs
 from ..methods.base import LocalMethod, build_method, method_class, resolve_k
 from ..methods.options import MethodCfg, MethodContext
-from ..models.units import ModuleBackbone, UnitBackbone, backward_carry, carry_tensors, detach_carry
+from ..models.units import ModuleBackbone, UnitBackbone, backward_carry, carry_tensors, detach_carry, grad_leaves
 from .config import OptimCfg
 from .schedule import build_optimizer
 
@@ -267,14 +267,14 @@ class LocalEngine:
         if reach == 1:
             torch.autograd.backward(scaled, inputs=params, retain_graph=True)
             return
-        leaves = [t for t in carry_tensors(x) if t.requires_grad]
+        leaves = grad_leaves(x)
         torch.autograd.backward(scaled, inputs=[*params, *leaves], retain_graph=True)
         grads = self._take_grads(x)
         for hop in range(1, reach):
             prev_x, prev_out = kept[-hop]
             last = hop == reach - 1
             inputs = [p for p in self.modules[k - hop].parameters() if p.requires_grad]
-            prev_leaves = [] if last else [t for t in carry_tensors(prev_x) if t.requires_grad]
+            prev_leaves = [] if last else grad_leaves(prev_x)
             backward_carry(prev_out, grads, inputs=[*inputs, *prev_leaves], retain_graph=True)
             if not last:
                 grads = self._take_grads(prev_x)
