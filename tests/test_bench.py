@@ -241,6 +241,18 @@ def test_bench_accuracy_runs_add_ons_in_parallel_workers(synthetic_root: Path, t
     assert "base→E2E gap closed" in md and md.count(" % |") >= 1
 
 
+def test_parallel_studies_start_the_costliest_run_first(tmp_path: Path) -> None:
+    """With several workers the run predicted to cost most (training FLOPs per step on the meta device) starts
+    first; equal costs keep the given order (the seeds of one variant)."""
+    base = load_config(DEMO, ["model.width=8"])
+    variants = parse_variants(["e2e", "dgl", "dgl+mlaan", "infopro"], [4])
+    runs = runs_mod.plan_runs(base, variants, [0, 1], tmp_path)
+    order = [(r.variant.label, r.seed) for r in runs_mod.longest_first(runs)]
+    assert order[:2] == [("dgl+mlaan", 0), ("dgl+mlaan", 1)]
+    assert order[2:4] == [("infopro", 0), ("infopro", 1)]
+    assert {label for label, _ in order[4:]} == {"e2e", "dgl"}
+
+
 def test_plot_writes_pngs(bench_dir: Path, tmp_path: Path) -> None:
     if not (bench_dir / "runs").exists():
         pytest.skip("needs the accuracy runs of test_bench_accuracy_resumes")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from locallearn.data.detection import render_shapes
-from locallearn.local.detection import DetectionTask, assign, giou_loss, nms
+from locallearn.local.detection import DetectionTask, assign, giou_loss, nms, sigmoid_focal_loss
 from locallearn.local.task import Batch
 from locallearn.models import create_model
 from locallearn.models.detector import Tap
@@ -41,6 +41,60 @@ def test_multi_level_assignment_sends_large_boxes_to_coarse_levels() -> None:
     assert labels.tolist() == [[-1, -1, 0]]
     labels, _ = assign(_pred([(48, 48, 8)]), target)  # a single level (an aux head) takes every size
     assert labels.tolist() == [[0]]
+
+
+def test_assignment_ranges_follow_the_next_finer_level_whatever_the_strides() -> None:
+    # Levels 8 and 32 only: stride 8 takes reaches up to 16, stride 32 everything above 2 x 8.
+    target = torch.tensor([[[0, 0, 0, 40, 40], [1, 100, 100, 120, 120]]], dtype=torch.float32)  # reaches 20, 10
+    labels, _ = assign(_pred([(20, 20, 8), (20, 20, 32), (110, 110, 8), (110, 110, 32)]), target)
+    assert labels.tolist() == [[-1, 0, 1, -1]]
+
+
+def _sparse_fcos_loss(task: DetectionTask, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """FCOS's loss written the direct way, on the positives picked by a mask (data-dependent shapes)."""
+    labels, matched = assign(pred, target)
+    positive = labels >= 0
+    num_pos = positive.sum().clamp(min=1)
+    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), task.num_classes).float() * positive[..., None]
+    cls = sigmoid_focal_loss(pred[..., : task.num_classes], onehot).sum() / num_pos
+    if not positive.any():
+        return cls
+    p, b = pred[positive], matched[positive]
+    x, y = p[:, -3], p[:, -2]
+    ltrb = torch.stack([x - b[:, 0], y - b[:, 1], b[:, 2] - x, b[:, 3] - y], -1).detach()
+    ctr = torch.sqrt(
+        (ltrb[:, [0, 2]].amin(-1) / ltrb[:, [0, 2]].amax(-1)) * (ltrb[:, [1, 3]].amin(-1) / ltrb[:, [1, 3]].amax(-1))
+    )
+    box = (
+        giou_loss(torch.stack([x - p[:, -8], y - p[:, -7], x + p[:, -6], y + p[:, -5]], -1), b) * ctr
+    ).sum() / ctr.sum()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(p[:, -4], ctr, reduction="sum") / num_pos
+    return cls + box + bce
+
+
+@pytest.mark.parametrize("boxes", [True, False])
+def test_dense_loss_equals_the_loss_over_the_positives_and_runs_on_meta(boxes: bool) -> None:
+    """The loss weights every point by its 0/1 positive mask instead of indexing the positives: same value and
+    gradients (within float rounding of the longer sums), and shapes that never depend on the data."""
+    torch.manual_seed(0)
+    model, task = create_model("fcos_resnet18", num_classes=3, width=8), DetectionTask(["a", "b", "c"])
+    data = render_shapes(4, size=64, seed=1)
+    x = torch.from_numpy(data.images).float() / 255
+    target = data.targets() if boxes else torch.full((4, 1, 5), -1.0)
+    grads = []
+    for loss_fn in (lambda p: task.loss(p, Batch(x, target)), lambda p: _sparse_fcos_loss(task, p, target)):
+        model.zero_grad()
+        loss = loss_fn(model(x))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.device("meta"):
+        meta = create_model("fcos_resnet18", num_classes=3, width=8)
+        loss = task.loss(meta(torch.empty(4, 3, 64, 64)), Batch(torch.empty(4, 3, 64, 64), torch.empty(4, 5, 5)))
+    assert loss.shape == () and loss.is_meta
 
 
 def test_giou_and_nms() -> None:

@@ -13,9 +13,11 @@ import torch
 
 from locallearn.bench.bench import train_step_flops
 from locallearn.data.datasets import dataset_spec
+from locallearn.data.detection import render_shapes
+from locallearn.local.task import Batch
 from locallearn.measure import SavedTensorMeter, model_state_bytes
 from locallearn.train import load_config
-from locallearn.train.estimate import estimate_step
+from locallearn.train.estimate import META_BOXES, estimate_step
 from locallearn.train.loop import build_engine
 
 from .test_engine import make_batch
@@ -53,6 +55,24 @@ def test_estimate_equals_the_real_meter_and_state(name: str) -> None:
     )
     assert est.train_flops == flops
     assert est.ends == engine.ends and len(est.modules) == engine.k
+
+
+@pytest.mark.parametrize("preset", ["shapes_fcos_e2e", "shapes_fcos_dgl_k2", "shapes_fcos_glcan_k4"])
+def test_detection_estimate_equals_the_real_meter(preset: str) -> None:
+    """Detection too: the loss's shapes never depend on the boxes (the assignment runs without autograd), so the
+    estimate, made with a placeholder box count, equals the meter on real images with their own boxes."""
+    cfg = load_config(f"configs/detection/{preset}.yaml", ["model.width=8", "data.batch_size=4"])
+    est = estimate_step(cfg)
+    data = render_shapes(4, size=64, seed=3, max_objects=5)
+    real = Batch(torch.from_numpy(data.images).float() / 255, data.targets())
+    assert real.target.shape[1] != META_BOXES
+    engine = build_engine(cfg, dataset_spec(cfg.data.name), torch.device("cpu"), real.input)
+    flops = train_step_flops(engine, real)
+    engine.meter = meter = SavedTensorMeter()
+    with meter:
+        engine.train_step(real)
+    assert est.step_act_peak == meter.peak > 0
+    assert est.train_flops == flops and est.ends == engine.ends
 
 
 def test_the_largest_presets_summarise_in_seconds_and_little_memory() -> None:

@@ -25,8 +25,12 @@ from ..models.units import UnitInfo
 from .task import Batch, Task
 
 
+@torch.no_grad()  # targets: the points' coordinates are constants, the boxes are data
 def assign(pred: torch.Tensor, target: torch.Tensor, radius: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels (B, P) with −1 for background, matched boxes (B, P, 4)) for predictions ``pred``."""
+    """(labels (B, P) with −1 for background, matched boxes (B, P, 4)) for predictions ``pred``.
+
+    Every shape follows (B, P, M) and none the data (no ``unique``, no indexing by a mask), so the assignment runs
+    without a host sync and on the ``meta`` device (the estimator behind ``summary``)."""
     px, py, stride = pred[..., -3], pred[..., -2], pred[..., -1]  # (B, P)
     valid = target[..., 0] >= 0  # (B, M)
     boxes = target[..., 1:]  # (B, M, 4)
@@ -37,14 +41,16 @@ def assign(pred: torch.Tensor, target: torch.Tensor, radius: float = 1.5) -> tup
     cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
     near = ((x - cx[:, None]).abs() < radius * s) & ((y - cy[:, None]).abs() < radius * s)
     ok = (ltrb.amin(-1) > 0) & near & valid[:, None, :]
-    levels = torch.unique(stride)
-    if len(levels) > 1:
-        reach = ltrb.amax(-1)
-        upper = torch.where(s >= levels.max(), torch.full_like(s, float("inf")), 2 * s)
-        lower = torch.zeros_like(s)
-        for finer, coarser in zip(levels[:-1], levels[1:]):
-            lower = torch.where(s == coarser, 2 * finer, lower)
-        ok &= (reach > lower) & (reach <= upper)
+    # Scale ranges: a level takes boxes whose largest distance exceeds 2x the next finer level's stride and is at
+    # most 2x its own (the coarsest: no upper bound). The next finer stride is the largest one below the point's,
+    # found in the sorted strides; with a single level (an aux head) every size passes.
+    ordered = stride.sort(-1).values
+    below = torch.searchsorted(ordered, stride.contiguous())  # how many points have a smaller stride
+    finer = ordered.gather(-1, (below - 1).clamp(min=0))
+    lower = torch.where(below > 0, 2 * finer, torch.zeros_like(finer))[..., None]
+    upper = torch.where(s >= stride.amax(-1, keepdim=True)[..., None], torch.full_like(s, float("inf")), 2 * s)
+    reach = ltrb.amax(-1)
+    ok &= (reach > lower) & (reach <= upper)
     area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[:, None, :].expand_as(ok)
     area = torch.where(ok, area, torch.full_like(area, float("inf")))
     best_area, best = area.min(-1)  # (B, P)
@@ -126,25 +132,25 @@ class DetectionTask(Task):
         self.score_threshold, self.nms_iou, self.top_k = score_threshold, nms_iou, top_k
 
     def loss(self, pred: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Focal loss over every point and class / number of positives, GIoU weighted by the centerness target
+        over the positives, centerness BCE / number of positives. The positive terms are computed on every point
+        and weighted by a 0/1 mask instead of indexing the positives: the same sums, but no shape depends on the
+        data (no host sync; the meta-device estimate runs it)."""
         pred = pred.float()
         labels, matched = assign(pred, batch.target.float())
-        positive = labels >= 0
+        positive = (labels >= 0).float()
         num_pos = positive.sum().clamp(min=1)
-        logits = pred[..., : self.num_classes]
         onehot = F.one_hot(labels.clamp(min=0), self.num_classes).float() * positive[..., None]
-        cls = sigmoid_focal_loss(logits, onehot).sum() / num_pos
-        if not positive.any():
-            return cls + 0 * pred.sum()  # keep every output in the graph
-        pos_pred, pos_box = pred[positive], matched[positive]
-        x, y = pos_pred[:, -3], pos_pred[:, -2]
-        ltrb = torch.stack([x - pos_box[:, 0], y - pos_box[:, 1], pos_box[:, 2] - x, pos_box[:, 3] - y], -1)
-        centerness = torch.sqrt(
-            (ltrb[:, [0, 2]].amin(-1) / ltrb[:, [0, 2]].amax(-1))
-            * (ltrb[:, [1, 3]].amin(-1) / ltrb[:, [1, 3]].amax(-1))
-        )
-        box = (giou_loss(_boxes(pos_pred), pos_box) * centerness).sum() / centerness.sum().clamp(min=1e-6)
-        ctr = F.binary_cross_entropy_with_logits(pos_pred[:, -4], centerness, reduction="sum") / num_pos
-        return cls + box + ctr
+        cls = sigmoid_focal_loss(pred[..., : self.num_classes], onehot).sum() / num_pos
+        with torch.no_grad():  # the centerness target, from the point and its box (1 off the positives, masked)
+            x, y = pred[..., -3], pred[..., -2]
+            ltrb = torch.stack([x - matched[..., 0], y - matched[..., 1], matched[..., 2] - x, matched[..., 3] - y], -1)
+            ltrb = torch.where(positive[..., None] > 0, ltrb, torch.ones_like(ltrb))
+            lr, tb = ltrb[..., [0, 2]], ltrb[..., [1, 3]]
+            centerness = torch.sqrt((lr.amin(-1) / lr.amax(-1)) * (tb.amin(-1) / tb.amax(-1))) * positive
+        box = (giou_loss(_boxes(pred), matched) * centerness).sum() / centerness.sum().clamp(min=1e-6)
+        bce = F.binary_cross_entropy_with_logits(pred[..., -4], centerness, reduction="none")
+        return cls + box + (bce * positive).sum() / num_pos
 
     @torch.no_grad()
     def decode(self, pred: torch.Tensor, size: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -15,6 +15,8 @@ pyramid level emit the same layout, so one task loss (:mod:`locallearn.local.det
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,7 +55,7 @@ class DenseHead(nn.Module):
         self.cls = nn.Conv2d(width, num_classes, 3, padding=1)
         self.box = nn.Conv2d(width, 4, 3, padding=1)
         self.ctr = nn.Conv2d(width, 1, 3, padding=1)
-        nn.init.constant_(self.cls.bias, -float(torch.log(torch.tensor((1 - prior) / prior))))  # focal-loss prior
+        nn.init.constant_(self.cls.bias, -math.log((1 - prior) / prior))  # focal-loss prior
 
     def forward(self, x: torch.Tensor, stride: int) -> torch.Tensor:
         b, _, h, w = x.shape

@@ -33,6 +33,7 @@ from .engine import LocalEngine
 from .loop import build_engine
 
 META = torch.device("meta")
+META_BOXES = 8  # boxes per image in a detection estimate (see meta_batch)
 
 
 @dataclass
@@ -63,23 +64,21 @@ class StepEstimate:
 
 def meta_batch(cfg: TrainCfg) -> Batch:
     """A training batch of the config's shape on ``meta`` (channels_last as the loaders give it): images of the
-    dataset's size (class folders: ``data.image_size``), or for super-resolution LR patches of
-    ``patch_size / scale`` with their HR targets."""
+    dataset's size (class folders, detection: ``data.image_size``), for super-resolution LR patches of
+    ``patch_size / scale`` with their HR targets, for detection padded box targets. The number of boxes per image
+    sizes only the assignment, which runs without autograd, so it changes no saved activation and any count
+    stands for the data's (``META_BOXES``)."""
     spec = dataset_spec(cfg.data.name)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    lr_side = hr_side = cfg.data.image_size or spec.size
     if spec.task == "super_resolution":
         lr_side, hr_side = cfg.data.patch_size // cfg.data.scale, cfg.data.patch_size
-    elif spec.task == "classification":
-        lr_side = hr_side = cfg.data.image_size or spec.size
-    else:
-        raise ConfigError(
-            f"summary estimates classification and super-resolution presets; {cfg.data.name} is {spec.task}, whose "
-            "targets decide the loss's shapes (the meta device holds no data): use bench memory on real batches"
-        )
     shape = (cfg.data.batch_size, spec.channels, lr_side, lr_side)
     x = torch.empty(shape, device=META).contiguous(memory_format=memory_format)
     if spec.task == "super_resolution":
         target = torch.empty(shape[0], spec.channels, hr_side, hr_side, device=META)
+    elif spec.task == "detection":
+        target = torch.empty(shape[0], META_BOXES, 5, device=META)
     else:
         target = torch.empty(shape[0], dtype=torch.long, device=META)
     return Batch(x, target, torch.empty(shape, dtype=torch.uint8, device=META))
@@ -96,6 +95,9 @@ def estimate_step(cfg: TrainCfg) -> StepEstimate:
     batch = meta_batch(cfg)
     engine = meta_engine(cfg, batch)
     est = StepEstimate(ends=list(engine.ends))
+    # A twin for the whole step, copied before any forward: the step changes BN statistics and creates optimizer
+    # state, and a forward leaves non-leaf tensors on the model (a detector's FPN board) that cannot be copied.
+    twin = copy.deepcopy(engine)
     engine.backbone.train()
     engine.method.train()
     starts, h = [0, *engine.ends[:-1]], batch.input
@@ -121,7 +123,6 @@ def estimate_step(cfg: TrainCfg) -> StepEstimate:
             )
         )
         h = detach_carry(out)
-    twin = copy.deepcopy(engine)  # the step changes BN statistics and creates optimizer state
     twin.meter = meter = SavedTensorMeter()
     with FlopCounterMode(display=False) as step_flops, meter:
         twin.train_step(batch)
