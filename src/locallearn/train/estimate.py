@@ -28,7 +28,7 @@ from ..local.task import Batch
 from ..measure.memory import SavedTensorMeter, frozen_param_bytes, model_state_bytes
 from ..measure.profile import count_params
 from ..models.units import detach_carry
-from .config import ConfigError, TrainCfg
+from .config import TrainCfg
 from .engine import LocalEngine
 from .loop import build_engine
 
