@@ -14,10 +14,11 @@ from torch import nn
 from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
 from locallearn.bench import engine_flops, parse_method, parse_variants, variant_config
 from locallearn.bench import runs as runs_mod
+from locallearn.bench.report import load_results, save_results
 from locallearn.cli.main import main
 from locallearn.measure import SavedTensorMeter, model_state_bytes, peak_rss_bytes, tensor_bytes, train_flops
 from locallearn.measure.speed import interleaved_throughput
-from locallearn.train.config import load_config
+from locallearn.train.config import load_config, to_dict
 
 from .conftest import tiny_overrides
 from .test_engine import make_batch
@@ -251,6 +252,30 @@ def test_parallel_studies_start_the_costliest_run_first(tmp_path: Path) -> None:
     assert order[:2] == [("dgl+mlaan", 0), ("dgl+mlaan", 1)]
     assert order[2:4] == [("infopro", 0), ("infopro", 1)]
     assert {label for label, _ in order[4:]} == {"e2e", "dgl"}
+
+
+def test_two_bench_commands_on_one_folder_keep_each_others_results(tmp_path: Path) -> None:
+    """A speed bench written into a study that is still training (each read the file before the other wrote):
+    the study's next save keeps the speed, the speed bench's save keeps the study's runs."""
+    config = to_dict(load_config(DEMO))
+    study = load_results(tmp_path, config)
+    study["rows"] = [
+        {"key": "e2e|k1", "label": "e2e", "method": "e2e", "k": 1},
+        {"key": "dgl|k2", "label": "dgl", "method": "dgl", "k": 2},
+    ]
+    study["runs"] = [{"key": "dgl|k2", "seed": 0, "test_acc": 0.8}]
+    save_results(tmp_path, study)
+    speed = load_results(tmp_path, config)
+    study["runs"].append({"key": "e2e|k1", "seed": 0, "test_acc": 0.9})
+    save_results(tmp_path, study)  # finished a run meanwhile
+    speed["rows"][1]["timing"] = {"images_per_s": 100.0}  # a field only the speed bench measured
+    speed["commands"].append({"command": "bench speed", "date": "2026-12-05 01:00:00 UTC"})
+    save_results(tmp_path, speed)
+    study["runs"].append({"key": "dgl|k2", "seed": 1, "test_acc": 0.82})
+    save_results(tmp_path, study)
+    disk = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["key"], r["seed"]) for r in disk["runs"]] == [("e2e|k1", 0), ("dgl|k2", 0), ("dgl|k2", 1)]
+    assert disk["rows"][1]["timing"]["images_per_s"] == 100.0 and disk["commands"][0]["command"] == "bench speed"
 
 
 def test_plot_writes_pngs(bench_dir: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ always be traced to what produced it. ``results.md`` is derived from it and rewr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -93,8 +94,36 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def save_results(out: Path, results: dict[str, Any]) -> None:
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "results.md", render_markdown(results) + "\n")
+    """Write ``results.json`` and ``results.md``, merged with what another bench command wrote to the same folder
+    since this one read it (a speed or memory bench into a study that is still training; two studies training
+    different runs): under a lock, what ``results`` holds wins, and rows, runs, commands and row fields found only
+    on disk are kept (and added to ``results``)."""
+    path = out / "results.json"
+    with open(out / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            merge_results(results, json.loads(path.read_text()))
+        write_atomic(path, json.dumps(results, indent=2) + "\n")
+        write_atomic(out / "results.md", render_markdown(results) + "\n")
+
+
+def merge_results(ours: dict[str, Any], disk: dict[str, Any]) -> None:
+    """Add to ``ours`` what only ``disk`` has: rows (and fields of a shared row), runs by (row, seed), commands."""
+    rows = {row["key"]: row for row in ours["rows"]}
+    for row in disk.get("rows", []):
+        if row["key"] in rows:
+            for field, value in row.items():
+                rows[row["key"]].setdefault(field, value)
+        else:
+            ours["rows"].append(row)
+    have = {(run["key"], run["seed"]) for run in ours["runs"]}
+    ours["runs"] += [run for run in disk.get("runs", []) if (run["key"], run["seed"]) not in have]
+    order = {row["key"]: i for i, row in enumerate(ours["rows"])}
+    ours["runs"].sort(key=lambda run: (order.get(run["key"], len(order)), run["seed"]))
+    ours["commands"] += [c for c in disk.get("commands", []) if c not in ours["commands"]]
+    ours["commands"].sort(key=lambda c: c.get("date") or "")
+    for field, value in disk.items():
+        ours.setdefault(field, value)
 
 
 def task_metric(results: dict[str, Any]) -> str:
