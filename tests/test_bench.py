@@ -290,6 +290,17 @@ def test_plot_writes_pngs(bench_dir: Path, tmp_path: Path) -> None:
         assert data.startswith(PNG) and len(data) > 1000
 
 
+def test_accuracy_vs_memory_uses_the_total_step_peak_when_every_row_has_one() -> None:
+    """The saved-tensor meter does not see recomputation, so the frontier plots the allocator-level total when the
+    memory bench measured it for every point, and the meter's figure otherwise (never a mix)."""
+    from locallearn.bench.plot import memory_axis
+
+    both = [{"peak_act_mib": 30.0, "total_peak_mib": 110.0}, {"peak_act_mib": 58.0, "total_peak_mib": 85.0}]
+    assert memory_axis(both)[0] == "total_peak_mib" and "total step peak" in memory_axis(both)[1]
+    mixed = [both[0], {"peak_act_mib": 58.0, "total_peak_mib": None}]
+    assert memory_axis(mixed)[0] == "peak_act_mib" and "saved-tensor meter" in memory_axis(mixed)[1]
+
+
 def test_plot_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -192,6 +192,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "k": row["k"],
                 "peak_act_mib": mem,
                 "mem_ratio": mem / e2e_mem if mem is not None and e2e_mem else None,
+                "total_peak_mib": (row.get("memory") or {}).get("total_step_peak_bytes", 0) / MiB or None,
                 "images_per_s": speed.get("images_per_s"),
                 "speed_ratio": speed.get("ratio_to_e2e"),
                 "aux_flops_pct": 100 * row["flops"]["aux_overhead"] if "flops" in row else None,
