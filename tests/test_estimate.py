@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from locallearn import LocalEngine
 from locallearn.bench.bench import train_step_flops
 from locallearn.data.datasets import dataset_spec
 from locallearn.data.detection import render_shapes
@@ -37,18 +38,23 @@ CASES = {
 }
 
 
+def real_step(cfg, batch: Batch) -> tuple[LocalEngine, int, int]:
+    """(engine, training FLOPs of one step, saved-tensor peak of the next) on real CPU tensors."""
+    engine = build_engine(cfg, dataset_spec(cfg.data.name), torch.device("cpu"), batch.input)
+    flops = train_step_flops(engine, batch)
+    engine.meter = meter = SavedTensorMeter()
+    with meter:
+        engine.train_step(batch)
+    return engine, flops, meter.peak
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_estimate_equals_the_real_meter_and_state(name: str) -> None:
     overrides = ["model.name=resnet20", "model.width=8", "data.batch_size=16", *CASES[name]]
     cfg = load_config("configs/fmnist/demo.yaml", overrides)
     est = estimate_step(cfg)
-    real = make_batch(n=16, size=28, seed=0)
-    engine = build_engine(cfg, dataset_spec(cfg.data.name), torch.device("cpu"), real.input)
-    flops = train_step_flops(engine, real)
-    engine.meter = meter = SavedTensorMeter()
-    with meter:
-        engine.train_step(real)
-    assert est.step_act_peak == meter.peak > 0
+    engine, flops, peak = real_step(cfg, make_batch(n=16, size=28, seed=0))
+    assert est.step_act_peak == peak > 0
     params = [p for k in range(engine.k) for p in engine.module_parameters(k)]
     assert {k: v for k, v in est.state.items() if k != "frozen_param_bytes"} == model_state_bytes(
         params, engine.optimizers
@@ -66,12 +72,8 @@ def test_detection_estimate_equals_the_real_meter(preset: str) -> None:
     data = render_shapes(4, size=64, seed=3, max_objects=5)
     real = Batch(torch.from_numpy(data.images).float() / 255, data.targets())
     assert real.target.shape[1] != META_BOXES
-    engine = build_engine(cfg, dataset_spec(cfg.data.name), torch.device("cpu"), real.input)
-    flops = train_step_flops(engine, real)
-    engine.meter = meter = SavedTensorMeter()
-    with meter:
-        engine.train_step(real)
-    assert est.step_act_peak == meter.peak > 0
+    engine, flops, peak = real_step(cfg, real)
+    assert est.step_act_peak == peak > 0
     assert est.train_flops == flops and est.ends == engine.ends
 
 
