@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -101,3 +104,19 @@ def test_train_step_flops_count_recomputation_and_cascade_hops() -> None:
     dgl = engine(name="dgl", k=3, dgl_head="mlp")
     cascade = engine(name="dgl", k=3, dgl_head="mlp", addons=["cascade"], cascade_final="plain")
     assert train_step_flops(cascade, batch) > 1.3 * train_step_flops(dgl, batch)
+
+
+def test_meter_leaves_no_cycle_behind_a_retained_graph() -> None:
+    """exp saves its own output; had the meter handed autograd that very tensor, a graph kept with
+    ``retain_graph=True`` (every cascade step) would hold itself alive after its last reference is gone."""
+    x = torch.randn(64, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        z = (x * 2).exp()
+        alias = weakref.ref(z.untyped_storage())
+        loss = z.sin().sum()
+    del z
+    loss.backward(retain_graph=True)
+    assert meter.peak == 64 * 4 and alias() is not None  # exp's output is sin's input: one storage
+    del loss
+    gc.collect()
+    assert alias() is None

@@ -44,7 +44,10 @@ class SavedTensorMeter:
                 weakref.finalize(storage, self._seen.discard, key)
                 self.current += storage.nbytes()
                 self.peak = max(self.peak, self.current)
-        return t
+        # Hand autograd a detached alias, not ``t``: an output saved by its own node (exp, relu) would otherwise
+        # hold that node through the tensor, a cycle no collector sees, and a graph kept by ``retain_graph=True``
+        # (a cascade) would never be freed. Same storage and version counter, so nothing else changes.
+        return t.detach()
 
     def release(self, keep: int = 0) -> None:
         """A local backward freed its graph: forget what it saved. ``keep`` bytes stay counted (graphs a

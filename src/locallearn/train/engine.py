@@ -215,15 +215,19 @@ class LocalEngine:
             x = detach_carry(h, span > 1 and k > 0)
             with self.autocast():
                 out = self.forward_module(k, x)
+                module_bytes = self.meter.current - sum(kept_bytes) if self.meter is not None else 0
                 losses = self.method.local_losses(k, out, batch)
             for loss, reach in losses:
                 if loss.requires_grad:
                     self.local_backward(loss, k, min(reach, k + 1), x, kept, span)
                 self.stats[k] += loss.detach().float()
+            # Under a cascade the backward retained the graphs (later hops walk module k's); the aux nets' part
+            # is needed by no later hop: drop it now, not when the next module's losses replace these names.
+            losses = loss = None
             self.method.after_backward(k)
             kept = [*kept, (x, out)][-(span - 1) :] if span > 1 else []
             if self.meter is not None:
-                kept_bytes = [*kept_bytes, self.meter.current - sum(kept_bytes)][-(span - 1) :] if span > 1 else []
+                kept_bytes = [*kept_bytes, module_bytes][-(span - 1) :] if span > 1 else []
                 self.meter.release(keep=sum(kept_bytes))
             if not at_end:
                 self.step_module(k)
