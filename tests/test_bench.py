@@ -301,6 +301,24 @@ def test_accuracy_vs_memory_uses_the_total_step_peak_when_every_row_has_one() ->
     assert memory_axis(mixed)[0] == "peak_act_mib" and "saved-tensor meter" in memory_axis(mixed)[1]
 
 
+def test_gap_closed_compares_the_seeds_all_three_rows_have() -> None:
+    """An add-on trained at seed 0 only is compared with its base's and E2E's seed 0, not with their means."""
+    from locallearn.bench.report import gap_closed
+
+    rows = [
+        {"key": "e2e|k1", "method": "e2e", "addons": []},
+        {"key": "dgl|k8", "method": "dgl", "split": None, "k": 8, "addons": []},
+        {"key": "dgl+man|k8", "method": "dgl", "split": None, "k": 8, "addons": ["man"]},
+    ]
+    accs = {("e2e|k1", 0): 0.92, ("e2e|k1", 1): 0.93, ("dgl|k8", 0): 0.90, ("dgl|k8", 1): 0.91}
+    accs[("dgl+man|k8", 0)] = 0.91
+    results = {"rows": rows, "runs": [{"key": k, "seed": s, "test_acc": a} for (k, s), a in accs.items()]}
+    assert gap_closed(results, rows[2]) == pytest.approx(0.5)  # (0.91 - 0.90) / (0.92 - 0.90), seed 0
+    results["runs"].append({"key": "dgl+man|k8", "seed": 1, "test_acc": 0.93})
+    assert gap_closed(results, rows[2]) == pytest.approx((0.92 - 0.905) / (0.925 - 0.905))  # both seeds
+    assert gap_closed(results, rows[1]) is None  # a base closes no gap
+
+
 def test_plot_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     assert main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err

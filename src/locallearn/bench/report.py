@@ -167,13 +167,22 @@ def _base_of(results: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | N
 
 
 def gap_closed(results: dict[str, Any], row: dict[str, Any]) -> float | None:
-    """(add-on − base) / (E2E − base) of the mean test metric: the share of the base→E2E gap an add-on closes
-    (1 = reaches E2E, 0 = no better than its base, < 0 = worse)."""
+    """(add-on − base) / (E2E − base) of the mean test metric over the seeds all three have: the share of the
+    base→E2E gap an add-on closes (1 = reaches E2E, 0 = no better than its base, < 0 = worse). Matching seeds
+    compare runs of the same data order and initialisation (an add-on with seed 0 only against its base's seed 0,
+    not against a two-seed mean)."""
     base, e2e = _base_of(results, row), _e2e(results)
-    accs = [accuracy_summary(results, r["key"]) if r else None for r in (row, base, e2e)]
-    if None in accs or accs[2]["mean"] == accs[1]["mean"]:
+    if base is None or e2e is None:
         return None
-    return (accs[0]["mean"] - accs[1]["mean"]) / (accs[2]["mean"] - accs[1]["mean"])
+    by_seed = [
+        {r["seed"]: r[f"test_{r.get('metric', 'acc')}"] for r in results["runs"] if r["key"] == x["key"]}
+        for x in (row, base, e2e)
+    ]
+    seeds = set(by_seed[0]) & set(by_seed[1]) & set(by_seed[2])
+    if not seeds:
+        return None
+    add_on, base_acc, e2e_acc = (statistics.fmean(accs[s] for s in seeds) for accs in by_seed)
+    return None if e2e_acc == base_acc else (add_on - base_acc) / (e2e_acc - base_acc)
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
