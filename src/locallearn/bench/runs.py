@@ -113,7 +113,7 @@ def run_record(run: Run, run_dir: Path, out: Path) -> dict[str, Any]:
 def longest_first(runs: list[Run]) -> list[Run]:
     """``runs`` by predicted training FLOPs per step, most first (stable; a run the meta-device estimator cannot
     predict, e.g. detection, counts as 0): with several workers the longest run starts first, so the study ends
-    when its longest run does instead of when that run, started last, does (the demo's MLAAN row costs 5x E2E)."""
+    when its longest run does instead of when that run, started last, does (the demo's MLAAN row costs 6x E2E)."""
 
     def cost(run: Run) -> int:
         try:

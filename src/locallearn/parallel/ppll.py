@@ -119,6 +119,7 @@ def stage_step(
             engine.stats[k] += loss.detach().float()
     else:
         cascade.own(step, losses, x)
+    losses = None  # a cascade retained the graphs; the aux nets' part is walked by no later gradient: free it now
     if cross is not None:
         cross.pull("backward", step)
     engine.method.after_backward(k)
