@@ -77,6 +77,13 @@ def test_detection_estimate_equals_the_real_meter(preset: str) -> None:
     assert est.train_flops == flops and est.ends == engine.ends
 
 
+def test_summary_takes_a_detection_preset(capsys) -> None:
+    from locallearn.cli.main import main
+
+    assert main(["summary", "-c", "configs/detection/shapes_fcos_glcan_k2.yaml"]) == 0
+    assert "training step (glcan): saved activations peak" in capsys.readouterr().out
+
+
 def test_the_largest_presets_summarise_in_seconds_and_little_memory() -> None:
     """ImageNet ResNet-152 E2E at batch 1024 saves ~170 GiB of activations; the estimate needs none of it."""
     code = (
