@@ -221,7 +221,7 @@ def test_bench_accuracy_resumes(bench_dir: Path, synthetic_root: Path, monkeypat
     results = json.loads(path.read_text())
     assert len(results["runs"]) == 2 and len(list((bench_dir / "runs").iterdir())) == 2
     md = (bench_dir / "results.md").read_text()
-    assert "(n=1: " in md
+    assert "(n=1)" in md
     record = results["runs"][0]
     assert {"method", "addons", "k", "seed", "epochs", "train_size", "test_acc", "peak_activation_bytes"} <= set(record)
     assert record["train_size"] == 128 and record["addons"] == []

@@ -376,4 +376,4 @@ def test_bench_compares_sr_methods_by_psnr(tmp_path: Path) -> None:
     assert {(r["label"], r["k"]) for r in results["rows"]} == {("e2e", 1), ("dgl", 2), ("glcan", 2)}
     assert all(r["metric"] == "psnr" and "test_ssim" in r and len(r["aux_psnr"]) == r["k"] - 1 for r in results["runs"])
     table = (tmp_path / "results.md").read_text()
-    assert "test PSNR dB (mean ± std, n: each seed)" in table and "(n=1: " in table and "% (n=" not in table
+    assert "test PSNR dB (mean ± std, n: each seed)" in table and "(n=1)" in table and "% (n=" not in table

@@ -91,7 +91,8 @@ def render_pareto(results: dict[str, Any], study: dict[str, Any] | None, source:
 
     for r in rows:
         acc = r["accuracy"]
-        acc_text = "-" if acc is None else format_metric(metric, acc["mean"], acc["std"]) + f" (n={acc['n']})"
+        std = acc["std"] if acc is not None and acc["n"] > 1 else None  # one seed: no spread to show
+        acc_text = "-" if acc is None else format_metric(metric, acc["mean"], std) + f" (n={acc['n']})"
         peak = None if r["total_peak"] is None else r["total_peak"] / MiB
         flops = None if r["train_flops"] is None else r["train_flops"] / 1e9
         frontier = {True: "yes", False: "", None: "-"}[r["frontier"]]

@@ -245,8 +245,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         acc = r["accuracy"]
         acc_text = "-"
         if acc is not None:
-            seeds = ", ".join(format_metric(metric, v) for v in acc["values"])
-            acc_text = f"{format_metric(metric, acc['mean'], acc['std'])} (n={acc['n']}: {seeds})"
+            if acc["n"] == 1:  # one seed: no spread to show
+                acc_text = f"{format_metric(metric, acc['mean'])} (n=1)"
+            else:
+                seeds = ", ".join(format_metric(metric, v) for v in acc["values"])
+                acc_text = f"{format_metric(metric, acc['mean'], acc['std'])} (n={acc['n']}: {seeds})"
         gap = "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f} %"
         lines.append(
             f"| {r['label']} | {r['k']} | {_fmt(r['peak_act_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.3f')} | "
