@@ -278,6 +278,15 @@ def test_two_bench_commands_on_one_folder_keep_each_others_results(tmp_path: Pat
     assert disk["rows"][1]["timing"]["images_per_s"] == 100.0 and disk["commands"][0]["command"] == "bench speed"
 
 
+def test_a_time_balanced_study_trains_every_method(synthetic_root: Path, tmp_path: Path) -> None:
+    """``method.balance=time`` is measured when each run starts; checking the variants before training must not
+    skip the local methods for it."""
+    args = ["-c", DEMO, "--methods", "e2e,dgl", "--k", "2", "--out", str(tmp_path), *fast(synthetic_root, tmp_path)]
+    assert main(["bench", "accuracy", *args, "method.balance=time"]) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["e2e", "dgl"]
+
+
 def test_plot_writes_pngs(bench_dir: Path, tmp_path: Path) -> None:
     if not (bench_dir / "runs").exists():
         pytest.skip("needs the accuracy runs of test_bench_accuracy_resumes")

@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,10 @@ def plan_runs(base: TrainCfg, variants: list[Variant], seeds: list[int], runs_di
     for v in variants:
         for seed in seeds:
             cfg = variant_config(base, v, [f"run.seed={seed}", f"run.out={runs_dir}", f"run.name={run_name(v, seed)}"])
+            # A time-balanced split is measured when the run starts (fit); any balance checks that K fits.
+            probe = cfg if cfg.method.balance != "time" else replace(cfg, method=replace(cfg.method, balance="units"))
             try:
-                build_engine(cfg, dataset_spec(cfg.data.name), torch.device("cpu"), _probe(cfg))
+                build_engine(probe, dataset_spec(cfg.data.name), torch.device("cpu"), _probe(cfg))
             except ValueError as e:
                 print(f"  skip {v.label} K={v.k}: {e}", flush=True)
                 break

@@ -214,8 +214,8 @@ def resolve_time_balance(cfg: TrainCfg, spec: Any, device: torch.device, loader:
     """``method.balance: time`` with ``split: auto``: measure per-unit and aux-net times once on a real batch and
     record the split as explicit ends, so the saved config, a resumed run and every pipeline rank use the same
     split (:mod:`.partition`). Other configs are returned unchanged."""
-    if cfg.method.balance != "time" or cfg.method.split != "auto":
-        return cfg
+    if cfg.method.balance != "time" or cfg.method.split != "auto" or resolve_k(cfg.method) == 1:
+        return cfg  # (one module: nothing to balance)
     batch = Batch(*next(iter(loader)))
 
     def build(method: MethodCfg) -> LocalEngine:
