@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from locallearn import create_model
 from locallearn.local.aux_nets import DGL_HEADS, INFOPRO_CONFIGS, Decoder, DGLHead, InfoProHead
 from locallearn.local.losses import infopro_lambdas, supcon_loss
+from locallearn.models.units import UnitInfo
 from locallearn.train.config import OptimCfg
 from locallearn.train.schedule import lr_at
 
@@ -122,3 +123,23 @@ def test_lr_schedules_spec_0_4() -> None:
     smooth = OptimCfg(lr=0.1, schedule="cosine", per_step=True)
     lrs = [lr_at(smooth, e, s, 10, 3) for e in range(3) for s in range(10)]
     assert lrs[0] == pytest.approx(0.1) and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0
+
+
+def test_decoder_at_the_image_size_keeps_no_second_copy_of_its_input() -> None:
+    """A stage-1 map is already at the image's size: upsampling it would save a copy of the map beside the map
+    itself (bilinear with align_corners at the same size is the identity, so skipping it changes no value)."""
+    decoder = Decoder(UnitInfo("layer1.0", 16, 1, 1), image_channels=1)
+    h = torch.randn(2, 16, 28, 28, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.detach())
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = decoder(h, (28, 28))
+    maps = [t for t in saved if t.shape == h.shape]
+    assert len(maps) == 1 and maps[0].untyped_storage()._cdata == h.untyped_storage()._cdata
+    torch.testing.assert_close(
+        out, decoder.net(F.interpolate(h, size=(28, 28), mode="bilinear", align_corners=True)), rtol=0, atol=0
+    )

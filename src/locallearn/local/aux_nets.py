@@ -120,7 +120,9 @@ class Decoder(nn.Module):
 
     def forward(self, h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.kind == "infopro":
-            return self.net(F.interpolate(h, size=size, mode="bilinear", align_corners=True))
+            if tuple(h.shape[-2:]) != tuple(size):  # at the image's size already: the identity, not a second copy
+                h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+            return self.net(h)
         for i, stage in enumerate(self.stages):
             h = stage(h)
             target = tuple(size) if i == len(self.stages) - 1 else (2 * h.shape[-2], 2 * h.shape[-1])
