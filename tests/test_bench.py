@@ -303,11 +303,16 @@ def test_accuracy_vs_memory_uses_the_total_step_peak_when_every_row_has_one() ->
     """The saved-tensor meter does not see recomputation, so the frontier plots the allocator-level total when the
     memory bench measured it for every point, and the meter's figure otherwise (never a mix)."""
     from locallearn.bench.plot import memory_axis
+    from locallearn.bench.report import table_rows
 
     both = [{"peak_act_mib": 30.0, "total_peak_mib": 110.0}, {"peak_act_mib": 58.0, "total_peak_mib": 85.0}]
     assert memory_axis(both)[0] == "total_peak_mib" and "total step peak" in memory_axis(both)[1]
     mixed = [both[0], {"peak_act_mib": 58.0, "total_peak_mib": None}]
     assert memory_axis(mixed)[0] == "peak_act_mib" and "saved-tensor meter" in memory_axis(mixed)[1]
+    # a memory bench that could not measure the allocator peak records None: the row has no total, no error
+    row = {"key": "dgl|k2", "label": "dgl", "method": "dgl", "k": 2, "addons": []}
+    row["memory"] = {"peak_act_bytes": 2**20, "total_step_peak_bytes": None}
+    assert table_rows({"rows": [row], "runs": []})[0]["total_peak_mib"] is None
 
 
 def test_gap_closed_compares_the_seeds_all_three_rows_have() -> None:

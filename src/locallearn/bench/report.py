@@ -132,9 +132,14 @@ def task_metric(results: dict[str, Any]) -> str:
     return results.get("metric") or next((r.get("metric", "acc") for r in results["runs"]), "acc")
 
 
+def final_metric(run: dict[str, Any]) -> float:
+    """A run record's final test metric (accuracy, PSNR, mAP)."""
+    return run[f"test_{run.get('metric', 'acc')}"]
+
+
 def accuracy_summary(results: dict[str, Any], key: str) -> dict[str, Any] | None:
     """Mean, sample std and count of the final test metric (accuracy, PSNR) over the seeds of row ``key``."""
-    accs = [r[f"test_{r.get('metric', 'acc')}"] for r in results["runs"] if r["key"] == key]
+    accs = [final_metric(r) for r in results["runs"] if r["key"] == key]
     if not accs:
         return None
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -174,15 +179,17 @@ def gap_closed(results: dict[str, Any], row: dict[str, Any]) -> float | None:
     base, e2e = _base_of(results, row), _e2e(results)
     if base is None or e2e is None:
         return None
-    by_seed = [
-        {r["seed"]: r[f"test_{r.get('metric', 'acc')}"] for r in results["runs"] if r["key"] == x["key"]}
-        for x in (row, base, e2e)
-    ]
+    runs = results["runs"]
+    by_seed = [{r.get("seed"): final_metric(r) for r in runs if r["key"] == x["key"]} for x in (row, base, e2e)]
     seeds = set(by_seed[0]) & set(by_seed[1]) & set(by_seed[2])
     if not seeds:
         return None
     add_on, base_acc, e2e_acc = (statistics.fmean(accs[s] for s in seeds) for accs in by_seed)
     return None if e2e_acc == base_acc else (add_on - base_acc) / (e2e_acc - base_acc)
+
+
+def _mib_or_none(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / MiB
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -201,7 +208,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "k": row["k"],
                 "peak_act_mib": mem,
                 "mem_ratio": mem / e2e_mem if mem is not None and e2e_mem else None,
-                "total_peak_mib": (row.get("memory") or {}).get("total_step_peak_bytes", 0) / MiB or None,
+                "total_peak_mib": _mib_or_none((row.get("memory") or {}).get("total_step_peak_bytes")),
                 "images_per_s": speed.get("images_per_s"),
                 "speed_ratio": speed.get("ratio_to_e2e"),
                 "aux_flops_pct": 100 * row["flops"]["aux_overhead"] if "flops" in row else None,
