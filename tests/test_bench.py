@@ -225,6 +225,13 @@ def test_bench_accuracy_resumes(bench_dir: Path, synthetic_root: Path, monkeypat
     record = results["runs"][0]
     assert {"method", "addons", "k", "seed", "epochs", "train_size", "test_acc", "peak_activation_bytes"} <= set(record)
     assert record["train_size"] == 128 and record["addons"] == []
+    assert "training time per run" in md
+    # --report-only: records read again from the run folders (a stale field is rewritten), nothing trains
+    expected = json.loads(json.dumps(results["runs"]))
+    results["runs"][0]["train_s"] = -1.0
+    path.write_text(json.dumps(results))
+    assert main(["bench", "accuracy", *args, "--report-only"]) == 0
+    assert len(calls) == 3 and json.loads(path.read_text())["runs"] == expected
 
 
 def test_bench_accuracy_runs_add_ons_in_parallel_workers(synthetic_root: Path, tmp_path: Path) -> None:

@@ -50,6 +50,58 @@ def test_resume_mid_epoch_is_bitwise_exact(synthetic_root: Path, tmp_path: Path)
     assert full["test_acc"] == resumed["test_acc"]
 
 
+def test_a_run_killed_mid_epoch_records_the_whole_epoch_after_resume(
+    synthetic_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Killed at step 5 (last checkpoint at step 3), resumed: every epoch record (loss, train accuracy, test
+    accuracy) equals the uninterrupted run's, and its time covers all of the epoch's samples, not only the part
+    trained after the resume."""
+    from locallearn.train.engine import LocalEngine
+    from locallearn.train.rundir import training_seconds
+
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=3", "run.ckpt_every=3"]
+    full = fit(load_config(None, base), quiet=True)
+    real_step, calls = LocalEngine.train_step, []
+
+    def killed_at_step_6(self, batch):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(LocalEngine, "train_step", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        fit(load_config(None, base), quiet=True)
+    monkeypatch.setattr(LocalEngine, "train_step", real_step)
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != Path(full["run_dir"]).name]
+    resumed = fit(resume=run_dir, quiet=True)
+
+    def records(run: str | Path) -> list[dict]:
+        return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = records(full["run_dir"]), records(resumed["run_dir"])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [8, 16]
+    for x, y in zip(a, b):
+        assert (x["train_loss"], x["train_acc"], x["test_acc"]) == (y["train_loss"], y["train_acc"], y["test_acc"])
+        assert y["imgs_per_s"] * y["epoch_time_s"] == pytest.approx(y["train_size"], rel=1e-9)
+    assert training_seconds(b, 64) == pytest.approx(sum(r["epoch_time_s"] for r in b), rel=1e-9)
+
+
+def test_training_seconds_counts_every_step_at_its_measured_speed() -> None:
+    """1000 images, batch 128: 8 steps per epoch, the last one 104 images. A whole epoch at 100 images/s, a
+    partial record (3 steps, max_steps), then the rest of epoch 2 as a record from before checkpoints carried the
+    unrecorded time (it timed only its resumed part: 2 s for 256 images): each counts its own samples."""
+    from locallearn.train.rundir import training_seconds
+
+    records = [
+        {"step": 8, "train_size": 1000, "imgs_per_s": 100.0, "epoch_time_s": 10.0},
+        {"step": 11, "train_size": 1000, "imgs_per_s": 128.0, "epoch_time_s": 3.0},
+        {"step": 16, "train_size": 1000, "imgs_per_s": 128.0, "epoch_time_s": 2.0},
+    ]
+    assert training_seconds(records, 128) == pytest.approx(10.0 + 3.0 + (4 * 128 + 104) / 128)
+    assert training_seconds([{"step": 8, "epoch_time_s": 7.0}], 128) == 7.0  # no train_size: its own time
+
+
 def test_resume_rejects_a_changed_method(synthetic_root: Path, tmp_path: Path) -> None:
     run = fit(load_config(None, tiny_overrides(synthetic_root, tmp_path) + ["run.max_steps=1"]), quiet=True)
     with pytest.raises(ValueError, match="method.k differ"):

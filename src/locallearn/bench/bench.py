@@ -55,7 +55,7 @@ from ..train.plan import predicted_peaks
 from ..train.rundir import make_dir
 from .pareto import write_pareto
 from .report import load_results, machine_info, save_results
-from .runs import plan_runs, train_runs
+from .runs import plan_runs, run_record, train_runs
 from .variants import Variant, parse_variants, variant_config
 
 KINDS = ("memory", "speed", "accuracy", "all", "pareto")
@@ -275,20 +275,30 @@ def run_speed(
 
 
 def run_accuracy(
-    base: TrainCfg, variants: list[Variant], results: dict[str, Any], out: Path, seeds: int, workers: int = 1
+    base: TrainCfg,
+    variants: list[Variant],
+    results: dict[str, Any],
+    out: Path,
+    seeds: int,
+    workers: int = 1,
+    train: bool = True,
 ) -> None:
     """Train every (variant, seed) not yet in ``results["runs"]`` (:mod:`.runs`), saving each record as it ends;
-    records stay in variant-then-seed order whatever order the runs finish in."""
-    done = {(r["key"], r["seed"]) for r in results["runs"]}
-    for v in variants:
-        for seed in range(base.run.seed, base.run.seed + seeds):
-            if (v.key, seed) in done:
-                print(f"  {v.label} K={v.k} seed {seed}: done, skipped", flush=True)
-    todo = [
-        run
-        for run in plan_runs(base, variants, list(range(base.run.seed, base.run.seed + seeds)), out / "runs")
-        if (run.variant.key, run.seed) not in done
-    ]
+    records stay in variant-then-seed order whatever order the runs finish in. A finished run's record is read
+    again from its run folder, so records follow the current definition of every field (``train=False``: only
+    that, for ``--report-only``)."""
+    done = {(r["key"], r["seed"]): r for r in results["runs"]}
+    runs = plan_runs(base, variants, list(range(base.run.seed, base.run.seed + seeds)), out / "runs")
+    for run in runs:
+        old = done.get((run.variant.key, run.seed))
+        if old is not None:
+            print(f"  {run.variant.label} K={run.variant.k} seed {run.seed}: done, skipped", flush=True)
+            if (out / old["run_dir"] / "metrics.jsonl").is_file():
+                results["runs"][results["runs"].index(old)] = run_record(run, out / old["run_dir"], out)
+    save_results(out, results)
+    if not train:
+        return
+    todo = [run for run in runs if (run.variant.key, run.seed) not in done]
     for run in todo:
         _row(results, run.variant)  # the table's rows in the order asked, not the order runs finish
     order = {v.key: i for i, v in enumerate(variants)}
@@ -322,8 +332,9 @@ def run_bench(
 
     ``steps``: measured steps per variant for ``memory`` (default 1) and timed steps per round for ``speed``
     (default 5). An existing ``results.json`` in ``out_dir`` must come from the same config; its rows are updated
-    and its finished accuracy runs kept. ``report_only`` (pareto): measure nothing, rewrite the table and figure from
-    the existing ``results.json`` with ``accuracy`` (the study has more rows since).
+    and its finished accuracy runs kept. ``report_only``: measure and train nothing; pareto rewrites the table and
+    figure from the existing ``results.json`` with ``accuracy`` (the study has more rows since), accuracy reads
+    the finished runs' records again from their run folders and rewrites the table.
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown bench kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -332,8 +343,13 @@ def run_bench(
     if workers < 1:
         raise ConfigError(f"--jobs must be >= 1, got {workers}")
     base = load_config(config, list(overrides))
-    if report_only and (kind != "pareto" or out_dir is None or not (Path(out_dir) / "results.json").is_file()):
-        raise ConfigError("--report-only rewrites a pareto table: give bench pareto and the --out of an earlier run")
+    if report_only and (
+        kind not in ("pareto", "accuracy") or out_dir is None or not (Path(out_dir) / "results.json").is_file()
+    ):
+        raise ConfigError(
+            "--report-only rewrites a pareto or accuracy table: give bench pareto or accuracy and the --out of an "
+            "earlier run"
+        )
     if base.run.threads:
         torch.set_num_threads(base.run.threads)
     variants = parse_variants(methods, ks)
@@ -344,9 +360,13 @@ def run_bench(
         raise ConfigError(
             f"--accuracy {accuracy}: no such results.json (an accuracy study's, e.g. bench accuracy --out)"
         )
-    if report_only:  # the measured record stays as it is; only the table and figure are rewritten
+    if report_only and kind == "pareto":  # the measured record stays as it is; only the table and figure are rewritten
         for path in write_pareto(out, results, accuracy):
             print(f"wrote {path}")
+        return results
+    if report_only:  # accuracy: finished runs' records read again from their folders, nothing trained
+        run_accuracy(base, variants, results, out, seeds, train=False)
+        print(f"wrote {out / 'results.md'} and results.json")
         return results
     results["machine"] = machine_info(resolve_device(base.run.device))
     results["metric"] = build_task(base, dataset_spec(base.data.name)).headline  # the table's test column

@@ -188,6 +188,25 @@ def gap_closed(results: dict[str, Any], row: dict[str, Any]) -> float | None:
     return None if e2e_acc == base_acc else (add_on - base_acc) / (e2e_acc - base_acc)
 
 
+def train_seconds(results: dict[str, Any], key: str) -> float | None:
+    """Mean training seconds per run of row ``key`` over its seeds (evaluation excluded; None before any finished;
+    records from before ``train_s`` existed are left out)."""
+    seconds = [r["train_s"] for r in results["runs"] if r["key"] == key and r.get("train_s") is not None]
+    return statistics.fmean(seconds) if seconds else None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
+
+
 def _mib_or_none(nbytes: int | None) -> float | None:
     return None if nbytes is None else nbytes / MiB
 
@@ -214,6 +233,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "aux_flops_pct": 100 * row["flops"]["aux_overhead"] if "flops" in row else None,
                 "accuracy": accuracy_summary(results, row["key"]),
                 "gap_closed": gap_closed(results, row),
+                "train_s": train_seconds(results, row["key"]),
             }
         )
     return flat
@@ -245,10 +265,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         head,
         "",
         "| method | K | peak activation MiB | vs E2E | images/s | vs E2E | aux FLOPs overhead "
-        f"| test {METRIC_LABELS.get(metric, metric)} (mean ± std, n: each seed) | base→E2E gap closed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| test {METRIC_LABELS.get(metric, metric)} (mean ± std, n: each seed) | base→E2E gap closed "
+        "| training time per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in table_rows(results):
+    rows = table_rows(results)
+    for r in rows:
         acc = r["accuracy"]
         acc_text = "-"
         if acc is not None:
@@ -261,8 +283,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['label']} | {r['k']} | {_fmt(r['peak_act_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.3f')} | "
             f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['speed_ratio'], '.3f')} | "
-            f"{_fmt(r['aux_flops_pct'], '.1f')}{'' if r['aux_flops_pct'] is None else ' %'} | {acc_text} | {gap} |"
+            f"{_fmt(r['aux_flops_pct'], '.1f')}{'' if r['aux_flops_pct'] is None else ' %'} | {acc_text} | {gap} | "
+            f"{_duration(r['train_s'])} |"
         )
+    if any(r["train_s"] is not None for r in rows):
+        lines += [
+            "",
+            "Training time per run: the mean over seeds of the seconds each run spent in training steps (evaluation "
+            "excluded), on the machine and under the load the runs trained with (below); images/s is measured side "
+            "by side by the speed bench, not by these runs.",
+        ]
     detail = [r for r in results["rows"] if "memory" in r]
     if detail:
         lines += [

@@ -32,7 +32,7 @@ from ..data.datasets import dataset_spec
 from ..train.config import TrainCfg, config_from_dict, to_dict
 from ..train.estimate import estimate_step
 from ..train.loop import build_engine, build_task, fit
-from ..train.rundir import MetricsLog, train_throughput
+from ..train.rundir import MetricsLog, train_throughput, training_seconds
 from .variants import Variant, variant_config
 
 
@@ -107,7 +107,7 @@ def run_record(run: Run, run_dir: Path, out: Path) -> dict[str, Any]:
         "train_size": final.get("train_size"),
         "peak_activation_bytes": max(r.get("peak_act_bytes") or 0 for r in records),
         "imgs_per_s": train_throughput(records),
-        "train_s": sum(r["epoch_time_s"] for r in records),
+        "train_s": training_seconds(records, run.cfg.data.batch_size),
         "run_dir": str(run_dir.relative_to(out)),
     }
 

@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument(
             "--report-only",
             action="store_true",
-            help="pareto: measure nothing, rewrite the table and plot from --out's results.json (a study grew)",
+            help="pareto: measure nothing, rewrite the table and plot from --out's results.json (a study grew); "
+            "accuracy: train nothing, read the finished runs' records again and rewrite the table",
         )
         k.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
     pp = kinds.add_parser("pipeline", help="PPLL vs sequential LL, GPipe, 1F1B, DDP and E2E on the same split")

@@ -303,7 +303,10 @@ def fit(
     (run_dir / "env.json").write_text(json.dumps(environment(device), indent=2))
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.log.tensorboard)
 
-    def checkpoint() -> None:
+    def checkpoint(unrecorded_s: float = 0.0, unrecorded_steps: int = 0) -> None:
+        """Save the run; ``unrecorded_*``: training seconds and steps since the last metrics record, kept with
+        the engine's statistics of those steps, so an epoch continued after an interruption records all of its
+        steps (loss, train accuracy, time), as the uninterrupted run does."""
         save_checkpoint(
             {
                 **engine.state_dict(),
@@ -313,6 +316,7 @@ def fit(
                 "step": global_step,
                 "rng_torch": torch.get_rng_state(),
                 "peak_act_bytes": peak_act,
+                "unrecorded": {"seconds": unrecorded_s, "steps": unrecorded_steps, "stats": engine.stats.cpu()},
             },
             run_dir / "ckpt_last.pt",
         )
@@ -321,6 +325,10 @@ def fit(
     steps_per_epoch = len(train_loader)
     meter = SavedTensorMeter()
     peak_act = state.get("peak_act_bytes", 0) if state else 0
+    # Checkpoints written before the unrecorded steps were kept carry none: such an epoch records its resumed part.
+    unrecorded = (state or {}).get("unrecorded") or {"seconds": 0.0, "steps": 0}
+    if "stats" in unrecorded:
+        engine.stats.copy_(unrecorded["stats"])
     result: dict[str, Any] = {"run_dir": str(run_dir), "ends": list(engine.ends)}
     if not quiet:
         print(
@@ -330,7 +338,9 @@ def fit(
     stop = False
     while epoch < cfg.run.epochs and not stop:
         reset_cuda_peak(device)
-        start, steps_this_epoch = time.perf_counter(), 0
+        start = time.perf_counter() - unrecorded["seconds"]
+        steps_this_epoch = unrecorded["steps"]
+        unrecorded = {"seconds": 0.0, "steps": 0}
         bar = tqdm(
             train_loader.batches(epoch, step_in_epoch),
             total=steps_per_epoch,
@@ -350,7 +360,7 @@ def fit(
             if measuring:
                 peak_act = max(peak_act, meter.peak)
             if cfg.run.ckpt_every and global_step % cfg.run.ckpt_every == 0:
-                checkpoint()
+                checkpoint(time.perf_counter() - start, steps_this_epoch)
             if cfg.run.max_steps and global_step >= cfg.run.max_steps:
                 stop = True
                 break

@@ -4,6 +4,7 @@ truth for plots) and ``ckpt_last.pt`` (engineering.md §4)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -92,6 +93,27 @@ def train_throughput(records: list[dict[str, Any]]) -> float:
     seconds = sum(r["epoch_time_s"] for r in records)
     images = sum(r["imgs_per_s"] * r["epoch_time_s"] for r in records)
     return images / max(seconds, 1e-9)
+
+
+def training_seconds(records: list[dict[str, Any]], batch_size: int) -> float:
+    """Training seconds of a run's steps (evaluation excluded): each record's samples at the speed measured for it.
+
+    This is the sum of ``epoch_time_s`` for records that cover all of their steps. A record written before
+    checkpoints kept the time of unrecorded steps (an epoch continued after an interruption timed only its
+    resumed part) is counted at its measured speed for all of its steps, instead of dropping the time trained
+    before the interruption."""
+    seconds, last = 0.0, 0
+    for r in records:
+        n = r.get("train_size")
+        if not n or not r.get("imgs_per_s"):  # records from before train_size was kept: their own time
+            seconds, last = seconds + r["epoch_time_s"], r["step"]
+            continue
+        per_epoch = math.ceil(n / batch_size)
+        short = per_epoch * batch_size - n  # the epoch's last batch is this much smaller
+        samples = (r["step"] - last) * batch_size - (r["step"] // per_epoch - last // per_epoch) * short
+        seconds += samples / r["imgs_per_s"]
+        last = r["step"]
+    return seconds
 
 
 def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
