@@ -198,13 +198,7 @@ def train_seconds(results: dict[str, Any], key: str) -> float | None:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return (
-        f"{seconds:.0f} s"
-        if seconds < 120
-        else f"{seconds / 60:.0f} min"
-        if seconds < 7200
-        else f"{seconds / 3600:.1f} h"
-    )
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _mib_or_none(nbytes: int | None) -> float | None:
