@@ -283,6 +283,25 @@ def test_two_bench_commands_on_one_folder_keep_each_others_results(tmp_path: Pat
     disk = json.loads((tmp_path / "results.json").read_text())
     assert [(r["key"], r["seed"]) for r in disk["runs"]] == [("e2e|k1", 0), ("dgl|k2", 0), ("dgl|k2", 1)]
     assert disk["rows"][1]["timing"]["images_per_s"] == 100.0 and disk["commands"][0]["command"] == "bench speed"
+    # Values both hold: a process's save keeps what it did not change since it last read or wrote the file.
+    memory = load_results(tmp_path, config)
+    memory["rows"][1]["timing"] = {"images_per_s": 120.0}  # re-measured
+    memory["runs"][1]["train_s"] = 60.0  # dgl seed 0's record read again from its run folder
+    save_results(tmp_path, memory)
+    study["runs"].append({"key": "e2e|k1", "seed": 1, "test_acc": 0.91})
+    save_results(tmp_path, study)  # holds the old timing and dgl seed 0 (unchanged by the study): both kept
+    speed["commands"].append({"command": "bench speed", "date": "2026-12-05 02:00:00 UTC"})
+    save_results(tmp_path, speed)
+
+    def dgl0(results: dict) -> dict:
+        return next(r for r in results["runs"] if (r["key"], r["seed"]) == ("dgl|k2", 0))
+
+    disk = json.loads((tmp_path / "results.json").read_text())
+    assert disk["rows"][1]["timing"]["images_per_s"] == 120.0 and dgl0(disk)["train_s"] == 60.0
+    assert len(disk["runs"]) == 4 and dgl0(study)["train_s"] == 60.0  # a save brings the others' changes in
+    dgl0(study)["test_acc"] = 0.79  # changed by this process: it wins
+    save_results(tmp_path, study)
+    assert dgl0(json.loads((tmp_path / "results.json").read_text())) == {**dgl0(disk), "test_acc": 0.79}
 
 
 def test_a_time_balanced_study_trains_every_method(synthetic_root: Path, tmp_path: Path) -> None:

@@ -64,6 +64,43 @@ def test_dp_trains_a_resnet_and_resumes(synthetic_root: Path, tmp_path: Path) ->
     assert records[-1]["test_acc"] > 0.2  # 10 classes: chance is 0.1
 
 
+def _replicas_killed_at_step_6(rank: int, world: int, port: int, body, data: dict, out_dir: str, *rest) -> None:
+    """Every rank trains five steps, then the job is killed (the last checkpoint was at step 3)."""
+    from locallearn.parallel import launch
+    from locallearn.train.engine import LocalEngine
+
+    original, calls = LocalEngine.train_step, [0]
+
+    def killed(self, batch):
+        calls[0] += 1
+        if calls[0] == 6:
+            os._exit(9)
+        return original(self, batch)
+
+    LocalEngine.train_step = killed
+    launch._spawned(rank, world, port, body, data, out_dir, *rest)
+
+
+def test_dp_killed_mid_epoch_records_the_whole_epoch_after_resume(synthetic_root: Path, tmp_path: Path) -> None:
+    """Both ranks killed at step 5 of 8, resumed from the step-3 checkpoint: each epoch's record equals the
+    uninterrupted run's (bitwise: every rank resumes with its own statistics) and covers all of its samples."""
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=2", "run.threads=1"]
+    cfg = load_config(None, base + ["parallel=dp", "ppll.procs=2", "run.ckpt_every=3"])
+    full = fit_dp(cfg)
+    run_dir = tmp_path / "killed"  # the run's folder (as a resumed run's, chosen by the caller)
+    run_dir.mkdir()
+    assert run_until_exit(_replicas_killed_at_step_6, cfg, 2, run_dir) == [9, 9]
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    a, b = (
+        [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        for d in (full["run_dir"], run_dir)
+    )
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [8, 16]
+    for x, y in zip(a, b):
+        assert (y["train_loss"], y["train_acc"], y["test_acc"]) == (x["train_loss"], x["train_acc"], x["test_acc"])
+        assert y["imgs_per_s"] * y["epoch_time_s"] == pytest.approx(y["train_size"], rel=1e-9)
+
+
 def _replica_that_dies(rank: int, world: int, port: int, body, data: dict, out_dir: str, resume: bool, queue) -> None:
     """Rank 1 trains two steps, then dies."""
     from locallearn.parallel import launch

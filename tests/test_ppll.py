@@ -3,6 +3,7 @@ time-balanced splits agreed by every rank, and clear failures."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,6 +91,45 @@ def test_ppll_resume_continues_bitwise(synthetic_root: Path, tmp_path: Path, cap
     assert_stages_match(sequential, first["run_dir"], 2)
     assert main(["train", "--resume", first["run_dir"], "method.k=3"]) == 2  # the split may not change on resume
     assert "method.k differ from the run's config" in capsys.readouterr().err
+
+
+def _stages_killed_at_step_4(rank: int, world: int, port: int, body, data: dict, out_dir: str, *rest) -> None:
+    """A PPLL rank that is killed when it starts its fourth step (the last checkpoint was at step 2); a stage
+    whose neighbour died first fails on its link instead."""
+    from locallearn.parallel import launch, ppll
+
+    original, calls = ppll.stage_step, [0]
+
+    def killed(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            os._exit(9)
+        return original(*args, **kwargs)
+
+    ppll.stage_step = killed
+    launch._spawned(rank, world, port, body, data, out_dir, *rest)
+
+
+def test_ppll_killed_mid_epoch_records_the_whole_epoch_after_resume(synthetic_root: Path, tmp_path: Path) -> None:
+    """Killed in step 4 of 5, resumed from the step-2 checkpoints: each epoch's record (every stage's loss, train
+    and test accuracy) equals the uninterrupted run's and covers all of the epoch's samples."""
+    cfg = load_config(
+        None, ppll_base(synthetic_root, tmp_path, "dgl", 2) + ["parallel=ppll", "ppll.procs=2", "run.ckpt_every=2"]
+    )
+    full = spawn_ppll(cfg)
+    run_dir = tmp_path / "killed"  # the run's folder (as a resumed run's, chosen by the caller)
+    run_dir.mkdir()
+    codes = run_until_exit(_stages_killed_at_step_4, cfg, 2, run_dir)
+    assert codes[0] == 9 and codes[1] not in (None, 0), codes
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    a, b = (
+        [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        for d in (full["run_dir"], run_dir)
+    )
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [5, 10]
+    for x, y in zip(a, b):
+        assert (y["train_loss"], y["train_acc"], y["test_acc"]) == (x["train_loss"], x["train_acc"], x["test_acc"])
+        assert y["imgs_per_s"] * y["epoch_time_s"] == pytest.approx(512, rel=1e-9)
 
 
 def test_time_balanced_split_is_measured_once_and_shared(synthetic_root: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ always be traced to what produced it. ``results.md`` is derived from it and rewr
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -67,12 +68,20 @@ def command_line() -> str:
     return shlex.join([prog, *sys.argv[1:]])
 
 
-def load_results(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+class Results(dict):
+    """A bench record (a plain dict, written as JSON) that remembers ``synced``: the record as this process last
+    read or wrote it, so a save can tell what this process changed from what another bench command wrote since."""
+
+    synced: dict[str, Any] | None = None
+
+
+def load_results(out: Path, config: dict[str, Any]) -> Results:
     """The existing record in ``out`` (which must be for ``config``), or a new one."""
     path = out / "results.json"
     if not path.exists():
-        return {"format": FORMAT, "config": config, "rows": [], "runs": [], "commands": []}
-    results = json.loads(path.read_text())
+        return Results(format=FORMAT, config=config, rows=[], runs=[], commands=[])
+    results = Results(json.loads(path.read_text()))
+    results.synced = copy.deepcopy(dict(results))
     try:  # written by an earlier version: its keys renamed and new keys at their defaults (same behaviour)
         saved = to_dict(config_from_dict(results.get("config") or {}))
     except ConfigError:
@@ -96,34 +105,58 @@ def write_atomic(path: Path, text: str) -> None:
 def save_results(out: Path, results: dict[str, Any]) -> None:
     """Write ``results.json`` and ``results.md``, merged with what another bench command wrote to the same folder
     since this one read it (a speed or memory bench into a study that is still training; two studies training
-    different runs): under a lock, what ``results`` holds wins, and rows, runs, commands and row fields found only
-    on disk are kept (and added to ``results``)."""
+    different runs), under a lock: :func:`merge_results`."""
     path = out / "results.json"
+    synced = getattr(results, "synced", None)
     with open(out / ".results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
-            merge_results(results, json.loads(path.read_text()))
+            merge_results(results, json.loads(path.read_text()), synced)
         write_atomic(path, json.dumps(results, indent=2) + "\n")
         write_atomic(out / "results.md", render_markdown(results) + "\n")
+    if isinstance(results, Results):
+        results.synced = copy.deepcopy(dict(results))
 
 
-def merge_results(ours: dict[str, Any], disk: dict[str, Any]) -> None:
-    """Add to ``ours`` what only ``disk`` has: rows (and fields of a shared row), runs by (row, seed), commands."""
+def _theirs(ours: dict[str, Any], disk: dict[str, Any], base: dict[str, Any] | None, field: str) -> bool:
+    """Whether ``disk``'s value of ``field`` replaces ours: we have none, or we did not change ours since
+    ``base`` (what we last read or wrote) and the disk's differs."""
+    if field not in ours:
+        return True
+    return base is not None and field in base and ours[field] == base[field] and disk[field] != ours[field]
+
+
+def merge_results(ours: dict[str, Any], disk: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+    """Merge into ``ours`` what another command wrote to ``disk``: rows, runs by (row, seed), commands and fields
+    only ``disk`` has, and, given ``base`` (``ours`` as last read or written), every row field, run and top-level
+    field we left unchanged since while ``disk``'s changed (a study re-reading its finished records, a memory
+    bench re-measuring a row). What we changed wins; without ``base``, everything we hold wins."""
+    base = base or {}
+    base_rows = {row["key"]: row for row in base.get("rows", [])}
     rows = {row["key"]: row for row in ours["rows"]}
     for row in disk.get("rows", []):
-        if row["key"] in rows:
-            for field, value in row.items():
-                rows[row["key"]].setdefault(field, value)
-        else:
+        if row["key"] not in rows:
             ours["rows"].append(row)
-    have = {(run["key"], run["seed"]) for run in ours["runs"]}
-    ours["runs"] += [run for run in disk.get("runs", []) if (run["key"], run["seed"]) not in have]
+            continue
+        mine, was = rows[row["key"]], base_rows.get(row["key"])
+        for field, value in row.items():
+            if _theirs(mine, row, was, field):
+                mine[field] = value
+    base_runs = {(run["key"], run["seed"]): run for run in base.get("runs", [])}
+    index = {(run["key"], run["seed"]): i for i, run in enumerate(ours["runs"])}
+    for run in disk.get("runs", []):
+        at = (run["key"], run["seed"])
+        if at not in index:
+            ours["runs"].append(run)
+        elif ours["runs"][index[at]] == base_runs.get(at) and run != base_runs[at]:
+            ours["runs"][index[at]] = run
     order = {row["key"]: i for i, row in enumerate(ours["rows"])}
     ours["runs"].sort(key=lambda run: (order.get(run["key"], len(order)), run["seed"]))
     ours["commands"] += [c for c in disk.get("commands", []) if c not in ours["commands"]]
     ours["commands"].sort(key=lambda c: c.get("date") or "")
     for field, value in disk.items():
-        ours.setdefault(field, value)
+        if field not in ("rows", "runs", "commands") and _theirs(ours, disk, base or None, field):
+            ours[field] = value
 
 
 def task_metric(results: dict[str, Any]) -> str:

@@ -86,9 +86,25 @@ def broadcast_buffers(modules: list[nn.Module], src: int = 0, group: Any = None)
             dist.broadcast(buffer, src=src, group=group)
 
 
-def _checkpoint(engine: LocalEngine, cfg: TrainCfg, path: Path, epoch: int, in_epoch: int, step: int) -> None:
+def _checkpoint(
+    engine: LocalEngine,
+    cfg: TrainCfg,
+    path: Path,
+    epoch: int,
+    in_epoch: int,
+    step: int,
+    unrecorded: dict[str, Any] | None = None,
+) -> None:
     state = {**engine.state_dict(), "config": to_dict(cfg), "epoch": epoch, "step_in_epoch": in_epoch, "step": step}
-    save_checkpoint({**state, "rng_torch": torch.get_rng_state()}, path)
+    save_checkpoint({**state, "rng_torch": torch.get_rng_state(), "unrecorded": unrecorded}, path)
+
+
+def _unrecorded(engine: LocalEngine, seconds: float, steps: int) -> dict[str, Any]:
+    """The steps since the last record, for rank 0's checkpoint (every rank calls it: one all-gather), with every
+    rank's statistics of them, so each rank resumes with its own (a resume on another number of ranks does not)."""
+    stats: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(stats, engine.stats.cpu())
+    return {"seconds": seconds, "steps": steps, "stats": stats}
 
 
 def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> dict[str, Any] | None:
@@ -103,11 +119,16 @@ def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> d
     engine.grad_sync = sync
     run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg) + "_dp", device)
     epoch = in_epoch = step = 0
+    unrecorded: dict[str, Any] = {"seconds": 0.0, "steps": 0}  # steps since the last record
     if resume:
         state = load_checkpoint(run_dir / "ckpt_last.pt")
         engine.load_state_dict(state)
         epoch, in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
         torch.set_rng_state(state["rng_torch"])
+        carried = state.get("unrecorded")  # (checkpoints from before they were kept have none)
+        if carried and len(carried["stats"]) == world:
+            unrecorded = carried
+            engine.stats.copy_(carried["stats"][rank])
     elif rank == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.log.tensorboard) if rank == 0 else None
@@ -116,7 +137,8 @@ def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> d
     parts = [engine.backbone, engine.method]
     spe, result, stop = len(train_loader), None, False
     while epoch < cfg.run.epochs and not stop:
-        start, done = time.perf_counter(), 0
+        start, done = time.perf_counter() - unrecorded["seconds"], unrecorded["steps"]
+        unrecorded = {"seconds": 0.0, "steps": 0}
         for x, y, raw in train_loader.batches(epoch, in_epoch):
             engine.set_lr(lr_at(cfg.optim, epoch, in_epoch, spe, cfg.run.epochs))
             part, sync.weight = shard(Batch(x, y, raw), rank, world)
@@ -124,8 +146,9 @@ def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> d
             in_epoch, step, done = in_epoch + 1, step + 1, done + 1
             if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0:
                 broadcast_buffers(parts)
+                carried = _unrecorded(engine, time.perf_counter() - start, done)
                 if rank == 0:
-                    _checkpoint(engine, cfg, run_dir / "ckpt_last.pt", epoch, in_epoch, step)
+                    _checkpoint(engine, cfg, run_dir / "ckpt_last.pt", epoch, in_epoch, step, carried)
             if cfg.run.max_steps and step >= cfg.run.max_steps:
                 stop = True
                 break
@@ -145,6 +168,7 @@ def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> d
             f"train_{engine.task.headline}": totals[-1].item() / max(1, seen),
             "epoch_time_s": train_time,
             "imgs_per_s": seen / max(train_time, 1e-9),
+            "train_size": train_loader.n,
             "world_size": world,
         }
         broadcast_buffers(parts)

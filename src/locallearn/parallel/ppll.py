@@ -205,12 +205,16 @@ class _Stage:
         if self.group is not None:
             broadcast_buffers(self.parts, src=self.k, group=self.group)
 
-    def save(self, path: Path, epoch: int, in_epoch: int, step: int) -> None:
+    def save(self, path: Path, epoch: int, in_epoch: int, step: int, unrecorded: dict[str, Any] | None = None) -> None:
+        """Replica 0 writes the stage's checkpoint, with every replica's RNG state and, for ``unrecorded`` (this
+        rank's seconds, idle seconds and steps since the last record), every replica's statistics of those steps:
+        an epoch continued after an interruption then records all of its steps."""
         engine, k = self.engine, self.k
-        rngs = [torch.get_rng_state()]
+        rngs, stats = [torch.get_rng_state()], [engine.stats.cpu()]
         if self.group is not None:
-            rngs = [None] * self.replicas
+            rngs, stats = [None] * self.replicas, [None] * self.replicas
             dist.all_gather_object(rngs, torch.get_rng_state(), group=self.group)
+            dist.all_gather_object(stats, engine.stats.cpu(), group=self.group)
         if self.replica > 0:
             return
         shipping = None if self.cross is None or self.cross.shipping is None else self.cross.shipping
@@ -227,10 +231,13 @@ class _Stage:
             "step": step,
             "ends": engine.ends,
             "config": to_dict(self.cfg),
+            "unrecorded": None if unrecorded is None else {**unrecorded, "stats": stats},
         }
         save_checkpoint(state, path)
 
-    def load(self, path: Path) -> tuple[int, int, int]:
+    def load(self, path: Path) -> tuple[int, int, int, dict[str, Any] | None]:
+        """Restore the stage; returns epoch, step in epoch, step and this rank's unrecorded seconds, idle seconds
+        and steps (None if the checkpoint has none: the epoch then records its resumed part)."""
         engine, k, state = self.engine, self.k, load_checkpoint(path)
         if list(state["ends"]) != engine.ends or state["stage"] != k:
             raise ConfigError(
@@ -246,7 +253,10 @@ class _Stage:
         torch.set_rng_state(rngs[self.replica % len(rngs)])
         if state.get("ema_sources") is not None and self.cross is not None and self.cross.shipping is not None:
             self.cross.shipping.load_state_dict(state["ema_sources"])
-        return state["epoch"], state["step_in_epoch"], state["step"]
+        carried = state.get("unrecorded")
+        if carried is not None:
+            engine.stats.copy_(carried["stats"][self.replica % len(carried["stats"])])
+        return state["epoch"], state["step_in_epoch"], state["step"], carried
 
 
 def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> dict[str, Any] | None:
@@ -260,8 +270,9 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
     k, link, rank = me.k, me.link, dist.get_rank()
     run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg) + "_ppll", device)
     epoch = in_epoch = step = 0
+    unrecorded = None  # seconds, idle seconds and steps since the last record, from a checkpoint
     if resume:
-        epoch, in_epoch, step = me.load(run_dir / f"ckpt_stage{k}.pt")
+        epoch, in_epoch, step, unrecorded = me.load(run_dir / f"ckpt_stage{k}.pt")
         steps = [None] * dist.get_world_size()
         dist.all_gather_object(steps, step)
         if len(set(steps)) > 1:  # a crash between two stages' saves of a run.ckpt_every checkpoint
@@ -277,7 +288,9 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
     ckpt = run_dir / f"ckpt_stage{k}.pt"
     spe, result, stop = len(train_loader), None, False
     while epoch < cfg.run.epochs and not stop:
-        start, idle, done = time.perf_counter(), link.idle, 0
+        carried = unrecorded or {"seconds": 0.0, "idle": 0.0, "steps": 0}
+        start, idle, done = time.perf_counter() - carried["seconds"], link.idle - carried["idle"], carried["steps"]
+        unrecorded = None
         own_data = train_loader.batches(epoch, in_epoch) if me.reads_data else [None] * (spe - in_epoch)
         for item in own_data:
             engine.set_lr(lr_at(cfg.optim, epoch, in_epoch, spe, cfg.run.epochs))
@@ -291,7 +304,8 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
             in_epoch, step, done = in_epoch + 1, step + 1, done + 1
             if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0:
                 me.sync(step, flush=False)  # activations in flight need not land: a resume recomputes them
-                me.save(ckpt, epoch, in_epoch, step)
+                seconds, idle_s = time.perf_counter() - start, link.idle - idle
+                me.save(ckpt, epoch, in_epoch, step, {"seconds": seconds, "idle": idle_s, "steps": done})
             if cfg.run.max_steps and step >= cfg.run.max_steps:
                 stop = True
                 break

@@ -325,9 +325,9 @@ def fit(
     steps_per_epoch = len(train_loader)
     meter = SavedTensorMeter()
     peak_act = state.get("peak_act_bytes", 0) if state else 0
-    # Checkpoints written before the unrecorded steps were kept carry none: such an epoch records its resumed part.
-    unrecorded = (state or {}).get("unrecorded") or {"seconds": 0.0, "steps": 0}
-    if "stats" in unrecorded:
+    unrecorded: dict[str, Any] = {"seconds": 0.0, "steps": 0}  # steps since the last record
+    if state and state.get("unrecorded"):  # (checkpoints from before they were kept have none)
+        unrecorded = state["unrecorded"]
         engine.stats.copy_(unrecorded["stats"])
     result: dict[str, Any] = {"run_dir": str(run_dir), "ends": list(engine.ends)}
     if not quiet:
