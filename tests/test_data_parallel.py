@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_checkpoint, load_config
 
 from .conftest import tiny_overrides
-from .test_ppll import assert_stages_match, ppll_base, run_until_exit
+from .test_ppll import assert_resumed_records_match, assert_stages_match, exit_at_call, ppll_base, run_until_exit
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -69,15 +68,7 @@ def _replicas_killed_at_step_6(rank: int, world: int, port: int, body, data: dic
     from locallearn.parallel import launch
     from locallearn.train.engine import LocalEngine
 
-    original, calls = LocalEngine.train_step, [0]
-
-    def killed(self, batch):
-        calls[0] += 1
-        if calls[0] == 6:
-            os._exit(9)
-        return original(self, batch)
-
-    LocalEngine.train_step = killed
+    exit_at_call(LocalEngine, "train_step", 6, 9)
     launch._spawned(rank, world, port, body, data, out_dir, *rest)
 
 
@@ -91,14 +82,7 @@ def test_dp_killed_mid_epoch_records_the_whole_epoch_after_resume(synthetic_root
     run_dir.mkdir()
     assert run_until_exit(_replicas_killed_at_step_6, cfg, 2, run_dir) == [9, 9]
     assert main(["train", "--resume", str(run_dir)]) == 0
-    a, b = (
-        [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-        for d in (full["run_dir"], run_dir)
-    )
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [8, 16]
-    for x, y in zip(a, b):
-        assert (y["train_loss"], y["train_acc"], y["test_acc"]) == (x["train_loss"], x["train_acc"], x["test_acc"])
-        assert y["imgs_per_s"] * y["epoch_time_s"] == pytest.approx(y["train_size"], rel=1e-9)
+    assert_resumed_records_match(full["run_dir"], run_dir, [8, 16])
 
 
 def _replica_that_dies(rank: int, world: int, port: int, body, data: dict, out_dir: str, resume: bool, queue) -> None:
@@ -107,15 +91,7 @@ def _replica_that_dies(rank: int, world: int, port: int, body, data: dict, out_d
     from locallearn.train.engine import LocalEngine
 
     if rank == 1:
-        original, calls = LocalEngine.train_step, [0]
-
-        def dying(self, batch):
-            calls[0] += 1
-            if calls[0] == 3:
-                os._exit(3)
-            return original(self, batch)
-
-        LocalEngine.train_step = dying
+        exit_at_call(LocalEngine, "train_step", 3, 3)
     launch._spawned(rank, world, port, body, data, out_dir, resume, queue)
 
 

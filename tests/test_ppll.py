@@ -93,26 +93,45 @@ def test_ppll_resume_continues_bitwise(synthetic_root: Path, tmp_path: Path, cap
     assert "method.k differ from the run's config" in capsys.readouterr().err
 
 
-def _stages_killed_at_step_4(rank: int, world: int, port: int, body, data: dict, out_dir: str, *rest) -> None:
-    """A PPLL rank that is killed when it starts its fourth step (the last checkpoint was at step 2); a stage
-    whose neighbour died first fails on its link instead."""
-    from locallearn.parallel import launch, ppll
+def exit_at_call(owner: Any, name: str, call: int, code: int) -> None:
+    """Make ``owner.name`` end this process with exit ``code`` when it is called for the ``call``-th time (a kill
+    at a known step, inside a spawned rank)."""
+    original, calls = getattr(owner, name), [0]
 
-    original, calls = ppll.stage_step, [0]
-
-    def killed(*args, **kwargs):
+    def dying(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
-        if calls[0] == 4:
-            os._exit(9)
+        if calls[0] == call:
+            os._exit(code)
         return original(*args, **kwargs)
 
-    ppll.stage_step = killed
+    setattr(owner, name, dying)
+
+
+def assert_resumed_records_match(reference: str | Path, resumed: str | Path, steps: list[int]) -> None:
+    """A run killed mid-epoch and resumed records what the uninterrupted ``reference`` did (every module's loss,
+    train and test accuracy, bitwise) at the same ``steps``, each record timing all of its epoch's samples."""
+    a, b = (
+        [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        for d in (reference, resumed)
+    )
+    assert [r["step"] for r in a] == [r["step"] for r in b] == steps
+    for x, y in zip(a, b):
+        assert (y["train_loss"], y["train_acc"], y["test_acc"]) == (x["train_loss"], x["train_acc"], x["test_acc"])
+        assert y["imgs_per_s"] * y["epoch_time_s"] == pytest.approx(x["train_size"], rel=1e-9)
+
+
+def _stages_killed_at_step_4(rank: int, world: int, port: int, body, data: dict, out_dir: str, *rest) -> None:
+    """A PPLL rank killed when it starts its fourth step (the last checkpoint was at step 2); a stage whose
+    neighbour died first fails on its link instead."""
+    from locallearn.parallel import launch, ppll
+
+    exit_at_call(ppll, "stage_step", 4, 9)
     launch._spawned(rank, world, port, body, data, out_dir, *rest)
 
 
 def test_ppll_killed_mid_epoch_records_the_whole_epoch_after_resume(synthetic_root: Path, tmp_path: Path) -> None:
-    """Killed in step 4 of 5, resumed from the step-2 checkpoints: each epoch's record (every stage's loss, train
-    and test accuracy) equals the uninterrupted run's and covers all of the epoch's samples."""
+    """Killed in step 4 of 5, resumed from the step-2 checkpoints: each epoch's record equals the uninterrupted
+    run's and covers all of the epoch's samples."""
     cfg = load_config(
         None, ppll_base(synthetic_root, tmp_path, "dgl", 2) + ["parallel=ppll", "ppll.procs=2", "run.ckpt_every=2"]
     )
@@ -122,14 +141,7 @@ def test_ppll_killed_mid_epoch_records_the_whole_epoch_after_resume(synthetic_ro
     codes = run_until_exit(_stages_killed_at_step_4, cfg, 2, run_dir)
     assert codes[0] == 9 and codes[1] not in (None, 0), codes
     assert main(["train", "--resume", str(run_dir)]) == 0
-    a, b = (
-        [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-        for d in (full["run_dir"], run_dir)
-    )
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [5, 10]
-    for x, y in zip(a, b):
-        assert (y["train_loss"], y["train_acc"], y["test_acc"]) == (x["train_loss"], x["train_acc"], x["test_acc"])
-        assert y["imgs_per_s"] * y["epoch_time_s"] == pytest.approx(512, rel=1e-9)
+    assert_resumed_records_match(full["run_dir"], run_dir, [5, 10])
 
 
 def test_time_balanced_split_is_measured_once_and_shared(synthetic_root: Path, tmp_path: Path) -> None:

@@ -337,6 +337,7 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
                 f"train_{engine.task.headline}": stats[-1, 3].item() / max(1, seen),
                 "epoch_time_s": wall,
                 "imgs_per_s": seen / wall,
+                "train_size": train_loader.n,
                 "busy_fraction": ((stats[:, 1] - stats[:, 2]) / stats[:, 1].clamp(min=1e-9)).tolist(),
                 **tests,
             }
