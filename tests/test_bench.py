@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
@@ -323,6 +324,29 @@ def test_plot_writes_pngs(bench_dir: Path, tmp_path: Path) -> None:
     for p in tmp_path.glob("*.png"):
         data = p.read_bytes()
         assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_plots_name_runs_as_their_study_does_and_keep_labels_apart(tmp_path: Path) -> None:
+    """A bench run is named by its variant (``dgl+mlaan K=8``, not the add-on's expanded parts) with its seed
+    apart, so seeds share a colour; two points at the same place get labels that do not overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from locallearn.bench.plot import _place_labels, _run_label
+
+    cfg = to_dict(load_config(DEMO, ["method.name=dgl", "method.addons=[cascade,lam]", "run.seed=1"]))
+    for name, expected in (("dgl+mlaan_k8_seed1", "dgl+mlaan K=8"), (None, "dgl+cascade+lam K=2"), ("mine", "mine")):
+        cfg["run"]["name"] = name
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+        assert _run_label(tmp_path, [{"train_loss": [1.0, 1.0]}]) == (expected, 1)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    _place_labels(ax, [(0.5, 0.5, "infopro+man K=8"), (0.5, 0.5, "infopro+hpff K=8"), (0.5, 0.5, "dgl K=8")])
+    offsets = [text.xyann for text in ax.texts]
+    assert len(set(offsets)) == 3, offsets
+    plt.close(fig)
 
 
 def test_accuracy_vs_memory_uses_the_total_step_peak_when_every_row_has_one() -> None:

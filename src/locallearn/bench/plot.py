@@ -23,6 +23,7 @@ matplotlib is an optional extra (``pip install 'locallearn[plot]'``), imported o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,38 @@ def _import_pyplot():
     return plt
 
 
-def _run_label(run_dir: Path, records: list[dict[str, Any]]) -> str:
+def _run_label(run_dir: Path, records: list[dict[str, Any]]) -> tuple[str, int]:
+    """(what a run is called, its seed): a bench run by its name (``dgl+mlaan_k8_seed0`` → ``dgl+mlaan K=8``, the
+    add-on preset as the study's table names it), a named run by its ``run.name``, any other by method, add-ons
+    and K."""
     k = len(records[0].get("train_loss", [])) if records else "?"
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        method = "+".join([cfg["method"]["name"], *(cfg["method"].get("addons") or [])])
-        return f"{method} K={k} seed {cfg['run']['seed']}"
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return run_dir.name
+        seed, name = int(cfg["run"]["seed"]), cfg["run"].get("name")
+        if name:
+            bench = re.fullmatch(r"(.+)_k(\d+)_seed\d+", name)
+            return (f"{bench[1]} K={bench[2]}" if bench else name), seed
+        return "+".join([cfg["method"]["name"], *(cfg["method"].get("addons") or [])]) + f" K={k}", seed
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return run_dir.name, 0
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: float = 7) -> None:
+    """Annotate each (x, y, text) beside its point, trying above-right, below-right, above-left and below-left in
+    turn so that no label's box overlaps an earlier one's (boxes estimated from the text length, in points)."""
+    ax.autoscale_view()
+    to_points = ax.transData + ax.figure.dpi_scale_trans.inverted()  # data -> inches
+    boxes: list[tuple[float, float, float, float]] = []
+    for x, y, text in points:
+        px, py = (72 * v for v in to_points.transform((x, y)))
+        w, h = 0.6 * fontsize * len(text), 1.2 * fontsize
+        for dx, dy, ha in ((4, 4, "left"), (4, -4 - h, "left"), (-4, 4, "right"), (-4, -4 - h, "right")):
+            x0 = px + dx if ha == "left" else px + dx - w
+            box = (x0, py + dy, x0 + w, py + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx, dy), textcoords="offset points", ha=ha)
 
 
 def run_metric(records: list[dict[str, Any]]) -> str | None:
@@ -141,19 +166,34 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
     axis = name + (f" ({unit})" if unit else "")
     test, aux = f"test_{metric}", f"aux_{metric}"
 
-    labelled = {d: (_run_label(d, recs), [r for r in recs if test in r]) for d, recs in runs.items()}
-    if any(evals for _, evals in labelled.values()):
+    rows = [(path, r) for path, res in benches for r in table_rows(res)]
+    row_order = {f"{r['label']} K={r['k']}": i for i, (_, r) in enumerate(rows)}  # runs in their table's order
+    named = sorted(
+        ((_run_label(d, recs), [r for r in recs if test in r]) for d, recs in runs.items()),
+        key=lambda item: (row_order.get(item[0][0], len(row_order)), item[0]),
+    )
+    labelled = {f"{who} seed {seed}": evals for (who, seed), evals in named}
+    if any(labelled.values()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, evals in labelled.values():
+        colour = {who: f"C{i % 10}" for i, who in enumerate(dict.fromkeys(who for (who, _), _ in named))}
+        for (who, seed), evals in named:  # one colour per method, one line style per seed
             if evals:
                 values = [shown_value(metric, r[test]) for r in evals]
-                ax.plot([r["epoch"] for r in evals], values, marker="o", label=label)
+                style = ("-", "--", ":", "-.")[seed % 4]
+                ax.plot(
+                    [r["epoch"] for r in evals],
+                    values,
+                    style,
+                    marker="o",
+                    color=colour[who],
+                    label=f"{who} seed {seed}",
+                )
         ax.set(xlabel="epoch", ylabel=f"test {axis}", title=f"Test {name} of the final head")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, "accuracy_vs_epoch.png")
 
-    with_aux = {lab: ev[-1] for lab, ev in labelled.values() if ev and any(a is not None for a in ev[-1][aux])}
+    with_aux = {lab: ev[-1] for lab, ev in labelled.items() if ev and any(a is not None for a in ev[-1][aux])}
     if with_aux:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, last in with_aux.items():
@@ -165,7 +205,6 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         save(fig, "aux_accuracy_by_depth.png")
 
-    rows = [(path, r) for path, res in benches for r in table_rows(res)]
     tag = len(benches) > 1
     pts = [(p, r) for p, r in rows if r["accuracy"] and r["peak_act_mib"] is not None]
     x_of, x_label = memory_axis([r for _, r in pts])
@@ -173,7 +212,7 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         kinds = {"E2E": ("*", 11), "base method": ("o", 7), "with add-ons": ("^", 7)}
         seen: set[str] = set()
-        for path, r in pts:
+        for _, r in pts:
             mean, std = (shown_value(metric, r["accuracy"][key]) for key in ("mean", "std"))
             kind = "E2E" if r["method"] == "e2e" else ("with add-ons" if r["addons"] else "base method")
             marker, size = kinds[kind]
@@ -188,13 +227,7 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
                 label=None if kind in seen else kind,
             )
             seen.add(kind)
-            ax.annotate(
-                _name(path, r, tag),
-                (r[x_of], mean),
-                fontsize=7,
-                xytext=(4, 4),
-                textcoords="offset points",
-            )
+        _place_labels(ax, [(r[x_of], shown_value(metric, r["accuracy"]["mean"]), _name(p, r, tag)) for p, r in pts])
         frontier = pareto_front([(r[x_of], shown_value(metric, r["accuracy"]["mean"])) for _, r in pts])
         ax.step(*zip(*frontier), where="post", color="0.6", lw=1, ls="--", label="frontier (less memory, higher)")
         ax.legend(fontsize=7)
