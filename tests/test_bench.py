@@ -334,7 +334,7 @@ def test_plots_name_runs_as_their_study_does_and_keep_labels_apart(tmp_path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from locallearn.bench.plot import _place_labels, _run_label
+    from locallearn.bench.plot import _run_label, place_labels
 
     cfg = to_dict(load_config(DEMO, ["method.name=dgl", "method.addons=[cascade,lam]", "run.seed=1"]))
     for name, expected in (("dgl+mlaan_k8_seed1", "dgl+mlaan K=8"), (None, "dgl+cascade+lam K=2"), ("mine", "mine")):
@@ -343,7 +343,7 @@ def test_plots_name_runs_as_their_study_does_and_keep_labels_apart(tmp_path: Pat
         assert _run_label(tmp_path, [{"train_loss": [1.0, 1.0]}]) == (expected, 1)
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
-    _place_labels(ax, [(0.5, 0.5, "infopro+man K=8"), (0.5, 0.5, "infopro+hpff K=8"), (0.5, 0.5, "dgl K=8")])
+    place_labels(ax, [(0.5, 0.5, "infopro+man K=8"), (0.5, 0.5, "infopro+hpff K=8"), (0.5, 0.5, "dgl K=8")])
     offsets = [text.xyann for text in ax.texts]
     assert len(set(offsets)) == 3, offsets
     plt.close(fig)

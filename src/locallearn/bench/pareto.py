@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .plot import place_labels
 from .report import METRIC_LABELS, accuracy_summary, format_metric, task_metric
 
 MiB = 2**20
@@ -126,6 +127,7 @@ def plot_pareto(results: dict[str, Any], study: dict[str, Any] | None, path: Pat
     metric = task_metric(study) if study else "acc"
     scale = 100 if metric == "acc" else 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = []
     for r in rows:
         kind = "E2E" if r["method"] == "e2e" else "local"
         marker = ("s" if "+ckpt" in r["label"] else "*") if kind == "E2E" else ("D" if "+ckpt" in r["label"] else "o")
@@ -139,9 +141,8 @@ def plot_pareto(results: dict[str, Any], study: dict[str, Any] | None, path: Pat
             color="C3" if r["frontier"] else "C0",
         )
         time = f" ({r['step_ms_ratio']:.2f}× time)" if r["step_ms_ratio"] else ""
-        ax.annotate(
-            r["label"] + time, (r["total_peak"] / MiB, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
-        )
+        labels.append((r["total_peak"] / MiB, y, r["label"] + time))
+    place_labels(ax, labels)
     ax.set(
         xlabel="total step peak (MiB, allocator)",
         ylabel=f"test {METRIC_LABELS.get(metric, metric)}",

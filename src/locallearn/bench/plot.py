@@ -62,13 +62,14 @@ def _run_label(run_dir: Path, records: list[dict[str, Any]]) -> tuple[str, int]:
         return run_dir.name, 0
 
 
-def _place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: float = 7) -> None:
-    """Annotate each (x, y, text) beside its point, trying above-right, below-right, above-left and below-left in
-    turn so that no label's box overlaps an earlier one's (boxes estimated from the text length, in points)."""
+def place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: float = 7) -> None:
+    """Annotate each (x, y, text) beside its point, left to right, trying above-right, below-right, above-left and
+    below-left in turn so that no label's box overlaps an earlier one's (boxes estimated from the text length, in
+    points); a label moved from above-right gets a thin leader line to its point."""
     ax.autoscale_view()
     to_points = ax.transData + ax.figure.dpi_scale_trans.inverted()  # data -> inches
     boxes: list[tuple[float, float, float, float]] = []
-    for x, y, text in points:
+    for x, y, text in sorted(points, key=lambda p: (p[0], -p[1])):  # left to right: a label lands by its point
         px, py = (72 * v for v in to_points.transform((x, y)))
         w, h = 0.6 * fontsize * len(text), 1.2 * fontsize
         for dx, dy, ha in ((4, 4, "left"), (4, -4 - h, "left"), (-4, 4, "right"), (-4, -4 - h, "right")):
@@ -77,7 +78,10 @@ def _place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: flo
             if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
                 break
         boxes.append(box)
-        ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx, dy), textcoords="offset points", ha=ha)
+        leader = None if (dx, dy) == (4, 4) else {"arrowstyle": "-", "lw": 0.5, "color": "0.5"}
+        ax.annotate(
+            text, (x, y), fontsize=fontsize, xytext=(dx, dy), textcoords="offset points", ha=ha, arrowprops=leader
+        )
 
 
 def run_metric(records: list[dict[str, Any]]) -> str | None:
@@ -227,7 +231,7 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
                 label=None if kind in seen else kind,
             )
             seen.add(kind)
-        _place_labels(ax, [(r[x_of], shown_value(metric, r["accuracy"]["mean"]), _name(p, r, tag)) for p, r in pts])
+        place_labels(ax, [(r[x_of], shown_value(metric, r["accuracy"]["mean"]), _name(p, r, tag)) for p, r in pts])
         frontier = pareto_front([(r[x_of], shown_value(metric, r["accuracy"]["mean"])) for _, r in pts])
         ax.step(*zip(*frontier), where="post", color="0.6", lw=1, ls="--", label="frontier (less memory, higher)")
         ax.legend(fontsize=7)
