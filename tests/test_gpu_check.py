@@ -48,3 +48,31 @@ def test_gpu_check_without_cuda_and_without_dry_says_so(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "run with --dry" in done.stderr
+
+
+def test_gpu_study_dry_mode_trains_both_phases_and_packs_what_the_device_returns(tmp_path: Path) -> None:
+    """``scripts/gpu_study.sh --dry``: K=8 then K=16 at toy sizes, each finished run in its phase's results.json,
+    and OUT within what the device tool sends back (at most 8 files, at most 2 folders down)."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_study.sh"), str(out), "--dry"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "self-check passed" in done.stdout
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "env.txt",
+        "k16/results.json",
+        "k16/results.md",
+        "k8/results.json",
+        "k8/results.md",
+        "runs.tar.gz",
+        "study.log",
+    ]
+    k16 = json.loads((out / "k16" / "results.json").read_text())
+    assert {(r["label"], r["k"]) for r in k16["runs"]} == {("dgl", 16), ("dgl+mlaan", 16)}
