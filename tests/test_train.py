@@ -216,6 +216,12 @@ def test_compare_skips_finished_methods_and_continues_an_interrupted_one(
     for a, b in zip(*rows, strict=True):
         assert (a["method"], a["test_acc"], a["peak_act_mib"]) == (b["method"], b["test_acc"], b["peak_act_mib"])
     assert main([*cmd, "--out", str(split), *args]) == 0 and len(calls) == 3  # all done: nothing trains
+    path = split / "compare.json"  # a stale field of a finished row is read again from its run folder
+    record = json.loads(path.read_text())
+    fresh, record["rows"][0]["train_s"] = record["rows"][0]["train_s"], -1.0
+    path.write_text(json.dumps(record))
+    assert main([*cmd, "--out", str(split), *args]) == 0 and len(calls) == 3
+    assert json.loads(path.read_text())["rows"][0]["train_s"] == fresh > 0
 
 
 def test_untrusted_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..bench.report import METRIC_LABELS, format_metric
-from ..bench.runs import plan_runs, train_runs
+from ..bench.runs import plan_runs, run_record, train_runs
 from ..bench.variants import Variant, parse_method
 from ..data.datasets import dataset_spec, list_datasets
 from ..local.split import list_presets
@@ -129,8 +129,14 @@ def compare(
         record["rows"].sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
         path.write_text(json.dumps(record, indent=2))
 
-    todo = [v for v in variants if v.label not in done]
-    train_runs(plan_runs(base, todo, [base.run.seed], out_dir / "runs"), out_dir, workers, finished)
+    runs = plan_runs(base, variants, [base.run.seed], out_dir / "runs")
+    for run in runs:  # a finished row, read again from its run folder: rows follow the current record fields
+        row = next((r for r in record["rows"] if r["method"] == run.variant.label), None)
+        run_dir = out_dir / "runs" / Path(row["run_dir"]).name if row else None
+        if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+            record["rows"].remove(row)
+            finished(run_record(run, run_dir, out_dir))
+    train_runs([run for run in runs if run.variant.label not in done], out_dir, workers, finished)
     rows = [r for r in record["rows"] if r["method"] in order]
     e2e = next((r for r in rows if r["method"] == "e2e"), None)
     table = _table(rows, e2e, metric)
