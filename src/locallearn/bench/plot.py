@@ -176,35 +176,31 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
         ((_run_label(d, recs), [r for r in recs if test in r]) for d, recs in runs.items()),
         key=lambda item: (row_order.get(item[0][0], len(row_order)), item[0]),
     )
-    labelled = {f"{who} seed {seed}": evals for (who, seed), evals in named}
-    if any(labelled.values()):
+    colour = {who: f"C{i % 10}" for i, who in enumerate(dict.fromkeys(who for (who, _), _ in named))}
+
+    def line(who: str, seed: int) -> dict[str, Any]:  # one colour per method, one line style per seed
+        return {"color": colour[who], "linestyle": ("-", "--", ":", "-.")[seed % 4], "label": f"{who} seed {seed}"}
+
+    if any(evals for _, evals in named):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        colour = {who: f"C{i % 10}" for i, who in enumerate(dict.fromkeys(who for (who, _), _ in named))}
-        for (who, seed), evals in named:  # one colour per method, one line style per seed
+        for (who, seed), evals in named:
             if evals:
                 values = [shown_value(metric, r[test]) for r in evals]
-                style = ("-", "--", ":", "-.")[seed % 4]
-                ax.plot(
-                    [r["epoch"] for r in evals],
-                    values,
-                    style,
-                    marker="o",
-                    color=colour[who],
-                    label=f"{who} seed {seed}",
-                )
+                ax.plot([r["epoch"] for r in evals], values, marker="o", **line(who, seed))
         ax.set(xlabel="epoch", ylabel=f"test {axis}", title=f"Test {name} of the final head")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, "accuracy_vs_epoch.png")
 
-    with_aux = {lab: ev[-1] for lab, ev in labelled.items() if ev and any(a is not None for a in ev[-1][aux])}
+    with_aux = [(run, ev[-1]) for run, ev in named if ev and any(a is not None for a in ev[-1][aux])]
     if with_aux:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, last in with_aux.items():
+        for (who, seed), last in with_aux:
             values = [*last[aux], last[test]]
             pts = [(i + 1, shown_value(metric, v)) for i, v in enumerate(values) if v is not None]
-            ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set(xlabel="module (depth)", ylabel=axis, title=f"Aux {name} by depth (last = head)")
+            style = line(who, seed)  # the epoch says which runs were still training
+            ax.plot(*zip(*pts), marker="o", **{**style, "label": f"{style['label']}, epoch {last['epoch']}"})
+        ax.set(xlabel="module (depth)", ylabel=axis, title=f"Aux {name} by depth after each run's last epoch")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, "aux_accuracy_by_depth.png")
