@@ -214,7 +214,8 @@ class _Stage:
         if self.group is not None:
             rngs, stats = [None] * self.replicas, [None] * self.replicas
             dist.all_gather_object(rngs, torch.get_rng_state(), group=self.group)
-            dist.all_gather_object(stats, engine.stats.cpu(), group=self.group)
+            if unrecorded is not None:  # (every replica saves with the same arguments: the call is collective)
+                dist.all_gather_object(stats, engine.stats.cpu(), group=self.group)
         if self.replica > 0:
             return
         shipping = None if self.cross is None or self.cross.shipping is None else self.cross.shipping
