@@ -211,3 +211,30 @@ def test_detection_presets_train_a_step(path: Path, tmp_path: Path) -> None:
 
     cfg = load_config(path, ["data.limit_train=32", "data.limit_test=16", "run.max_steps=1", f"run.out={tmp_path}"])
     assert fit(cfg, quiet=True)["step"] == 1
+
+
+@pytest.mark.parametrize("method", ["e2e", "dgl"])
+def test_no_tapped_activation_outlives_its_forward(method: str) -> None:
+    """The FPN takes C3/C4 off the board: after a training step (the head in the tap's module or not) and after an
+    evaluation nothing is left holding an activation, and the engine can be copied (a non-leaf tensor could not)."""
+    import copy
+
+    from locallearn import MethodCfg
+    from locallearn.train.config import OptimCfg
+    from locallearn.train.engine import LocalEngine
+
+    torch.manual_seed(0)
+    data = render_shapes(2, size=64, seed=0)
+    backbone = create_model("fcos_resnet18", num_classes=3, width=8)
+    k, ends = (1, [10]) if method == "e2e" else (3, [3, 6, 10])
+    engine = LocalEngine(
+        backbone, MethodCfg(name=method, k=k, ends=ends, split="ends"), DetectionTask(data.classes), OptimCfg()
+    )
+    x = torch.tensor(data.images).float().div(255)
+    batch = Batch(x, data.targets(), torch.tensor(data.images))
+    board = backbone.units[-1].board
+    engine.train_step(batch)
+    assert board == {}
+    engine.evaluate([(batch.input, batch.target, batch.raw)])
+    assert board == {}
+    copy.deepcopy(engine)

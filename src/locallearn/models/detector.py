@@ -27,7 +27,9 @@ from .units import UnitBackbone, UnitInfo
 
 
 class Tap(nn.Module):
-    """Runs ``unit`` and posts its output on ``board[key]`` for a later unit (detached if ``detach``)."""
+    """Runs ``unit`` and posts its output on ``board[key]`` for a later unit (detached if ``detach``). The reader
+    takes it off the board, so no activation outlives the forward that made it (a checkpointed recomputation posts
+    it again; the next forward replaces it)."""
 
     def __init__(self, unit: nn.Module, board: dict[str, torch.Tensor], key: str) -> None:
         super().__init__()
@@ -108,7 +110,7 @@ class FCOSHead(nn.Module):
         return LevelHead(head, info.reduction)
 
     def forward(self, c5: torch.Tensor) -> torch.Tensor:
-        features = [self.board["C3"], self.board["C4"], c5]
+        features = [self.board.pop("C3"), self.board.pop("C4"), c5]  # taken off: nothing kept between steps
         p = self.lateral[2](c5)
         levels = [p]
         for i in (1, 0):  # top-down: upsample and add the lateral of the finer map

@@ -96,7 +96,7 @@ def estimate_step(cfg: TrainCfg) -> StepEstimate:
     engine = meta_engine(cfg, batch)
     est = StepEstimate(ends=list(engine.ends))
     # A twin for the whole step, copied before any forward: the step changes BN statistics and creates optimizer
-    # state, and a forward leaves non-leaf tensors on the model (a detector's FPN board) that cannot be copied.
+    # state.
     twin = copy.deepcopy(engine)
     engine.backbone.train()
     engine.method.train()
