@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .plot import place_labels
-from .report import METRIC_LABELS, accuracy_summary, format_metric, task_metric
+from .report import METRIC_LABELS, accuracy_summary, format_accuracy, setting_line, task_metric
 
 MiB = 2**20
 
@@ -76,11 +76,8 @@ def pareto_rows(results: dict[str, Any], study: dict[str, Any] | None) -> list[d
 def render_pareto(results: dict[str, Any], study: dict[str, Any] | None, source: str | None) -> str:
     metric = task_metric(study) if study else "acc"
     rows = pareto_rows(results, study)
-    cfg, machine = results["config"], results.get("machine", {})
     lines = [
-        f"{cfg['model']['name']} (width {cfg['model']['width']}), {cfg['data']['name']}, batch "
-        f"{cfg['data']['batch_size']}, device {machine.get('device', '?')} ({machine.get('device_name', '?')}), "
-        f"{machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}, git {machine.get('git', '?')}",
+        setting_line(results),
         "",
         f"| method | K | test {METRIC_LABELS.get(metric, metric)} | total step peak MiB | vs E2E | step ms | vs E2E | "
         "training GFLOPs | vs E2E | frontier |",
@@ -91,9 +88,7 @@ def render_pareto(results: dict[str, Any], study: dict[str, Any] | None, source:
         return "-" if value is None else format(value, spec)
 
     for r in rows:
-        acc = r["accuracy"]
-        std = acc["std"] if acc is not None and acc["n"] > 1 else None  # one seed: no spread to show
-        acc_text = "-" if acc is None else format_metric(metric, acc["mean"], std) + f" (n={acc['n']})"
+        acc_text = format_accuracy(metric, r["accuracy"])
         peak = None if r["total_peak"] is None else r["total_peak"] / MiB
         flops = None if r["train_flops"] is None else r["train_flops"] / 1e9
         frontier = {True: "yes", False: "", None: "-"}[r["frontier"]]

@@ -281,15 +281,31 @@ def _allocator_note(setting: dict[str, Any] | None) -> str:
     return f"; CPU allocator: glibc defaults ({setting.get('reason')})"
 
 
-def render_markdown(results: dict[str, Any]) -> str:
-    cfg, machine, metric = results["config"], results.get("machine", {}), task_metric(results)
-    head = (
+def setting_line(results: dict[str, Any]) -> str:
+    """The first line of a bench table: model, data, batch and the machine the numbers were measured on."""
+    cfg, machine = results["config"], results.get("machine", {})
+    return (
         f"{cfg['model']['name']} (width {cfg['model']['width']}), {cfg['data']['name']}, batch "
         f"{cfg['data']['batch_size']}, device {machine.get('device', '?')} ({machine.get('device_name', '?')}), "
         f"{machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}, git {machine.get('git', '?')}"
     )
+
+
+def format_accuracy(metric: str, acc: dict[str, Any] | None, each_seed: bool = False) -> str:
+    """An :func:`accuracy_summary` as a table cell: ``-`` without runs, ``91.23% (n=1)`` for one seed (no spread to
+    show), ``91.23 ± 0.40 % (n=2)`` for more, with every seed's value after the count when ``each_seed``."""
+    if acc is None:
+        return "-"
+    if acc["n"] == 1:
+        return f"{format_metric(metric, acc['mean'])} (n=1)"
+    values = ": " + ", ".join(format_metric(metric, v) for v in acc["values"]) if each_seed else ""
+    return f"{format_metric(metric, acc['mean'], acc['std'])} (n={acc['n']}{values})"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    machine, metric = results.get("machine", {}), task_metric(results)
     lines = [
-        head,
+        setting_line(results),
         "",
         "| method | K | peak activation MiB | vs E2E | images/s | vs E2E | aux FLOPs overhead "
         f"| test {METRIC_LABELS.get(metric, metric)} (mean ± std, n: each seed) | base→E2E gap closed "
@@ -298,14 +314,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     rows = table_rows(results)
     for r in rows:
-        acc = r["accuracy"]
-        acc_text = "-"
-        if acc is not None:
-            if acc["n"] == 1:  # one seed: no spread to show
-                acc_text = f"{format_metric(metric, acc['mean'])} (n=1)"
-            else:
-                seeds = ", ".join(format_metric(metric, v) for v in acc["values"])
-                acc_text = f"{format_metric(metric, acc['mean'], acc['std'])} (n={acc['n']}: {seeds})"
+        acc_text = format_accuracy(metric, r["accuracy"], each_seed=True)
         gap = "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f} %"
         lines.append(
             f"| {r['label']} | {r['k']} | {_fmt(r['peak_act_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.3f')} | "
