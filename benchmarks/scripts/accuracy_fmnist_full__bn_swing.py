@@ -1,11 +1,11 @@
-"""How much does eval-mode test accuracy swing from step to step, per method? Retrains a study row (seed 0, same
+"""How much does eval-mode test accuracy swing from step to step, per method? Retrains a study row (seed 0 or 1, same
 config, data order and initialisation as the study, one thread) and evaluates the final head as trained (running
 BatchNorm statistics) at every EVERY-th step in [FROM, TO]; one JSON line per evaluation. The evaluation at the
 end of epoch 2 (step 938) must equal the study's record of that epoch: the check that the retrained run is the
 study's run.
 
     python benchmarks/scripts/accuracy_fmnist_full__bn_swing.py OUT.jsonl METHOD [METHOD ...] [--from 900]
-        [--to 938] [--every 2]        # METHOD: a study row, e.g. dgl, dgl+man, infopro
+        [--to 938] [--every 2] [--seed 0]        # METHOD: a study row, e.g. dgl, dgl+man, infopro
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from locallearn.train.schedule import lr_at
 STUDY = "configs/fmnist/resnet32_k8_study.yaml"
 
 
-def swing(token: str, first: int, last: int, every: int, out: str) -> None:
+def swing(token: str, first: int, last: int, every: int, out: str, seed: int = 0) -> None:
     name, addons, split = parse_method(token)
-    cfg = variant_config(load_config(STUDY, []), Variant(name, split, 1 if name == "e2e" else 8, addons))
+    study = load_config(STUDY, [f"run.seed={seed}"])
+    cfg = variant_config(study, Variant(name, split, 1 if name == "e2e" else 8, addons))
     device = resolve_device("cpu")
     train_loader, test_loader, spec = build_loaders(cfg, device)
     engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
@@ -54,7 +55,8 @@ if __name__ == "__main__":
     parser.add_argument("--from", dest="first", type=int, default=900)
     parser.add_argument("--to", dest="last", type=int, default=938)
     parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     for method in args.methods:
-        swing(method, args.first, args.last, args.every, args.out)
+        swing(method, args.first, args.last, args.every, args.out, args.seed)
