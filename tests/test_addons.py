@@ -44,7 +44,7 @@ def test_bridge_gradients_reach_learnable_copies_never_ema(base: str, addons: li
     if combine == "scaled":
         assert bridge.scale.grad is not None
     ema_ids = {id(p) for p in bridge.ema.parameters()}
-    assert not ema_ids & {id(p) for group in engine.optimizers for g in group.param_groups for p in g["params"]}
+    assert not ema_ids & {id(p) for group in engine._optimizers for g in group.param_groups for p in g["params"]}
 
 
 def test_man_copies_next_module_first_unit_and_lam_leaps() -> None:
@@ -267,8 +267,7 @@ def test_sequential_patch_fusion_gives_same_loss_and_gradients(base: str) -> Non
 def test_every_combination_trains(base: str, addons: list[str]) -> None:
     engine = make_engine(MethodCfg(name=base, addons=addons), 3)
     for s in range(2):
-        engine.train_step(make_batch(seed=s))
-    losses = engine.pop_train_stats()["train_loss"]
+        losses = engine.train_step(make_batch(seed=s)).losses()
     assert all(torch.isfinite(torch.tensor(losses)))
     result = engine.evaluate([(b.input, b.target, b.raw) for b in [make_batch(seed=5)]])
     assert 0 <= result["test_acc"] <= 1
@@ -297,8 +296,10 @@ def test_every_addon_preset_builds_and_trains(path: Path) -> None:
     engine = LocalEngine(backbone, cfg.method, ClassificationTask(10), cfg.optim)
     assert engine.k == cfg.method.k
     raw = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    engine.train_step(Batch(raw.float().div(255).contiguous(memory_format=torch.channels_last), torch.arange(4), raw))
-    assert all(math.isfinite(v) for v in engine.pop_train_stats()["train_loss"])
+    result = engine.train_step(
+        Batch(raw.float().div(255).contiguous(memory_format=torch.channels_last), torch.arange(4), raw)
+    )
+    assert all(math.isfinite(v) for v in result.losses())
 
 
 def test_paper_k_labels_warn_and_map_to_true_counts() -> None:

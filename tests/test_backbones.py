@@ -136,8 +136,7 @@ def test_a_few_training_steps_have_finite_losses(name: str) -> None:
     for method, k in (("dgl", 4), ("infopro", 2)):
         engine, size = make_engine(name, METHODS[method], k)
         for seed in range(2):
-            engine.train_step(make_batch(size, seed=seed))
-        losses = engine.pop_train_stats()["train_loss"]
+            losses = engine.train_step(make_batch(size, seed=seed)).losses()
         assert len(losses) == k and all(math.isfinite(float(v)) for v in losses), (method, losses)
 
 
@@ -156,16 +155,15 @@ def test_infopro_on_tokens_needs_zero_reconstruction_weight() -> None:
     with pytest.raises(ValueError, match=r"method.lambdas=\[0, ixy_1, 0, ixy_2\]"):
         make_engine("vit_small", MethodCfg(name="infopro"), 2)
     engine, size = make_engine("vit_small", MethodCfg(name="infopro", loss_mode="contrast", lambdas=[0, 1, 0, 1]), 3)
-    engine.train_step(make_batch(size))
-    assert all(math.isfinite(float(v)) for v in engine.pop_train_stats()["train_loss"])
+    assert all(math.isfinite(float(v)) for v in engine.train_step(make_batch(size)).losses())
 
 
 def test_model_patch_size_builds_a_vit_for_the_dataset_images() -> None:
     """``model.patch_size`` gives CIFAR ViTs (patch 4 on 32×32: 64 tokens + CLS); a patch that does not tile the
     image, or a patch size for a backbone without patches, is a one-line ConfigError."""
     from locallearn.data.datasets import dataset_spec
+    from locallearn.train.build import build_engine
     from locallearn.train.config import ConfigError, load_config
-    from locallearn.train.loop import build_engine
 
     def engine(*overrides: str) -> LocalEngine:
         cfg = load_config(None, ["model.name=vit_tiny", "model.width=64", "method.name=dgl", "method.k=2", *overrides])

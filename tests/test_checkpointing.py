@@ -46,16 +46,17 @@ def state(engine: LocalEngine) -> dict[str, torch.Tensor]:
 def test_checkpointed_steps_equal_plain_steps_bitwise(name: str, k: int, extra: dict, checkpoint) -> None:
     plain, ckpt = engine_for(name, k, extra, 0), engine_for(name, k, extra, checkpoint)
     assert any(isinstance(m, CheckpointedSequential) for m in ckpt.modules)
+    figures = {}
     for step in range(3):
         batch = make_batch(seed=step)
         for engine in (plain, ckpt):
             torch.manual_seed(100 + step)  # the same dropout stream for both
-            engine.train_step(batch)
+            figures[engine] = engine.train_step(batch).figures
     a, b = state(plain), state(ckpt)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert plain.pop_train_stats() == ckpt.pop_train_stats()
+    assert torch.equal(figures[plain], figures[ckpt])
     tracked = [v for key, v in b.items() if key.endswith("num_batches_tracked") and not key.startswith("aux.")]
     assert tracked and all(int(v) == 3 for v in tracked)  # once per step, not again by the recomputation
 
@@ -118,17 +119,18 @@ def test_recomputed_bridges_train_bitwise_like_kept_ones_and_keep_fewer_activati
         backbone = create_model("resnet20", num_classes=4, in_channels=1, width=4)
         cfg = MethodCfg(name=name, k=3, aux_recompute=recompute, cascade_recompute=recompute, **extra)
         engines[recompute] = LocalEngine(backbone, cfg, ClassificationTask(4), OptimCfg(lr=0.05))
+    figures = {}
     for step in range(3):
         for recompute, engine in engines.items():
             engine.meter = meter = SavedTensorMeter() if step == 0 else None
             with meter or torch.enable_grad():
-                engine.train_step(make_batch(seed=step))
+                figures[recompute] = engine.train_step(make_batch(seed=step)).figures
             if meter is not None:
                 peaks[recompute] = meter.peak
     a, b = state(engines[False]), state(engines[True])
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert engines[False].pop_train_stats() == engines[True].pop_train_stats()
+    assert torch.equal(figures[False], figures[True])
     # Once per step in the backbone and the bridge copies (PFF's aux heads see every patch, in both runs alike).
     tracked = [
         v for key, v in b.items() if key.endswith("num_batches_tracked") and ("bridge" in key or "aux." not in key)

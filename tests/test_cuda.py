@@ -43,16 +43,15 @@ def on_cuda(batch: Batch) -> Batch:
 def test_every_method_learns_on_cuda_without_host_syncs(name: str, precision: str) -> None:
     engine = cuda_engine(METHODS[name], precision)
     batch = on_cuda(make_batch(n=64))
-    engine.train_step(batch)  # first step: cuDNN autotuning, optimizer state
-    first = engine.pop_train_stats()["train_loss"][-1]
+    first = engine.train_step(batch).losses()[-1]  # first step: cuDNN autotuning, optimizer state
     # fp16's GradScaler reads the inf check on the host by design; everything else must stay asynchronous.
     torch.cuda.set_sync_debug_mode("error" if precision != "fp16" else "default")
     try:
         for _ in range(20):
-            engine.train_step(batch)
+            result = engine.train_step(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    last = engine.pop_train_stats()["train_loss"][-1]
+    last = result.losses()[-1]
     assert torch.isfinite(torch.tensor(last)) and last < first
 
 
@@ -67,7 +66,7 @@ def test_step_peak_on_cuda_is_max_memory_allocated_above_the_start() -> None:
 
 def test_resident_loader_serves_channels_last_batches_on_the_gpu(synthetic_root, tmp_path) -> None:
     from locallearn.train import load_config
-    from locallearn.train.loop import build_loaders
+    from locallearn.train.build import build_loaders
 
     from .conftest import tiny_overrides
 

@@ -18,8 +18,8 @@ from locallearn.data.detection import render_shapes
 from locallearn.local.task import Batch
 from locallearn.measure import SavedTensorMeter, model_state_bytes
 from locallearn.train import load_config
+from locallearn.train.build import build_engine
 from locallearn.train.estimate import META_BOXES, estimate_step
-from locallearn.train.loop import build_engine
 
 from .test_engine import make_batch
 
@@ -57,7 +57,7 @@ def test_estimate_equals_the_real_meter_and_state(name: str) -> None:
     assert est.step_act_peak == peak > 0
     params = [p for k in range(engine.k) for p in engine.module_parameters(k)]
     assert {k: v for k, v in est.state.items() if k != "frozen_param_bytes"} == model_state_bytes(
-        params, engine.optimizers
+        params, engine.optimizer_tensors()
     )
     assert est.train_flops == flops
     assert est.ends == engine.ends and len(est.modules) == engine.k

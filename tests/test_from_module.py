@@ -60,8 +60,7 @@ def test_shapes_for_every_k(name: str, k: int) -> None:
     reference = model(b.input)
     assert isinstance(reference, expected)
     assert torch.equal(h, reference.logits if name == "vit" else reference)
-    engine.train_step(b)
-    assert all(torch.isfinite(torch.tensor(loss)) for loss in engine.pop_train_stats()["train_loss"])
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in engine.train_step(b).losses())
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -172,8 +171,7 @@ def test_every_addon_trains_a_unet(method: str, addons: tuple[str, ...], request
     extra = {"bridge_combine": "scaled"} if "manpp" in request.node.callspec.id else {}
     engine = engine_for(user_models.unet(), 3, method, addons, **extra)
     for step in range(2):
-        engine.train_step(batch(step))
-    losses = engine.pop_train_stats()["train_loss"]
+        losses = engine.train_step(batch(step)).losses()
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses)
     result = engine.evaluate([(b.input, b.target, b.raw) for b in [batch(9)]])
     assert 0 <= result["test_acc"] <= 1
@@ -225,8 +223,8 @@ def test_a_size_read_early_trains_in_one_process_and_is_refused_by_ppll() -> Non
 
     backbone = UnitBackbone.from_module(user_models.SizeEarly(), batch().input[:2], cuts=["block1"])
     engine = LocalEngine(backbone, MethodCfg(name="dgl"), ClassificationTask(10), OptimCfg(lr=0.05))
-    engine.train_step(batch())  # the size rides in the carry, untouched by detaching
-    assert all(torch.isfinite(torch.tensor(v)) for v in engine.pop_train_stats()["train_loss"])
+    result = engine.train_step(batch())  # the size rides in the carry, untouched by detaching
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.losses())
     with pytest.raises(ConfigError, match="non-tensor value of your model"):
         check_supported(engine)
 

@@ -21,8 +21,9 @@ from locallearn.data.imagefolder import (
     random_resized_box,
     scan_split,
 )
+from locallearn.train.build import build_loaders
 from locallearn.train.config import ConfigError, load_config
-from locallearn.train.loop import build_loaders, fit
+from locallearn.train.trainer import fit
 
 from .conftest import one_line_data_error
 

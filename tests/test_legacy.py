@@ -101,7 +101,7 @@ def test_ema_before_backward_moves_ema_before_the_local_backward() -> None:
     live = [p.detach().clone() for p in legacy.modules[1].parameters()]
     batch = make_batch()
     for engine in (default, legacy):
-        engine.optimizers[0].zero_grad()
+        engine.zero_grad(0)
         out = engine.modules[0](batch.input)
         losses = engine.method.local_losses(0, out, batch)
         sum(item.loss for item in losses).backward()

@@ -68,14 +68,14 @@ def test_every_module_gets_an_adamw_and_trains() -> None:
     backbone = create_model("vit_tiny", num_classes=CLASSES, width=32, heads=2, patch_size=8, image_size=32)
     optim = OptimCfg(name="adamw", lr=1e-3, weight_decay=0.05)
     engine = LocalEngine(backbone, MethodCfg(name="dgl", k=4, split="manpp"), ClassificationTask(CLASSES), optim)
-    assert len(engine.optimizers) == 4 and all(isinstance(o, torch.optim.AdamW) for o in engine.optimizers)
+    assert len(engine._optimizers) == 4 and all(isinstance(o, torch.optim.AdamW) for o in engine._optimizers)
     before = [p.detach().clone() for p in engine.module_parameters(3)]
     for seed in range(2):
-        engine.train_step(make_batch(32, seed=seed))
-    assert all(math.isfinite(v) for v in engine.pop_train_stats()["train_loss"])
+        result = engine.train_step(make_batch(32, seed=seed))
+    assert all(math.isfinite(v) for v in result.losses())
     assert any(not torch.equal(a, b) for a, b in zip(before, engine.module_parameters(3)))
     engine.set_lr(5e-4)
-    assert all(g["lr"] == 5e-4 for o in engine.optimizers for g in o.param_groups)
+    assert engine.lr == 5e-4 and all(g["lr"] == 5e-4 for o in engine._optimizers for g in o.param_groups)
 
 
 def test_imagenet_cosine_starts_at_lr0_per_epoch() -> None:

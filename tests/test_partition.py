@@ -17,13 +17,13 @@ from locallearn.local.split import balanced_split
 from locallearn.train import partition
 from locallearn.train.config import OptimCfg, load_config
 from locallearn.train.engine import LocalEngine
-from locallearn.train.loop import fit
 from locallearn.train.partition import (
     candidate_splits,
     measure_unit_times,
     time_balanced_ends,
     time_balanced_method,
 )
+from locallearn.train.trainer import fit
 
 from .conftest import tiny_overrides
 from .test_engine import make_batch

@@ -30,8 +30,8 @@ from locallearn.cli.main import main
 from locallearn.data.datasets import dataset_spec
 from locallearn.local.task import Batch
 from locallearn.parallel.pipeline_baselines import RunOpts, spawn_run, steady_state
+from locallearn.train.build import build_engine
 from locallearn.train.config import load_config
-from locallearn.train.loop import build_engine
 
 from .conftest import tiny_overrides
 
@@ -52,7 +52,7 @@ def _e2e_oracle(cfg, batch: Batch, chunks: int) -> tuple[dict, dict, dict]:
     for x, y in zip(batch.input.chunk(chunks), batch.target.chunk(chunks)):
         (engine.task.loss(engine.modules[0](x), Batch(x, y)) / chunks).backward()
     grads = {n: p.grad.clone() for n, p in engine.backbone.named_parameters()}
-    engine.optimizers[0].step()
+    engine.step_module(0)
     return initial, grads, {n: p.detach().clone() for n, p in engine.backbone.named_parameters()}
 
 

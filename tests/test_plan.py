@@ -13,8 +13,8 @@ from locallearn.data.datasets import dataset_spec
 from locallearn.local.task import Batch
 from locallearn.measure import AllocatorPeak
 from locallearn.train import load_config
+from locallearn.train.build import build_engine
 from locallearn.train.estimate import meta_batch
-from locallearn.train.loop import build_engine
 from locallearn.train.plan import _state_bytes, parse_bytes, plan, predicted_peaks
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "fmnist" / "demo.yaml")

@@ -166,7 +166,7 @@ def test_ppll_refuses_what_it_cannot_run_faithfully(
     synthetic_root: Path, tmp_path: Path, extra: list[str], fragment: str
 ) -> None:
     from locallearn.parallel.cross_stage import check_supported
-    from locallearn.train.loop import build_engine, build_loaders
+    from locallearn.train.build import build_engine, build_loaders
 
     cfg = load_config(None, ppll_base(synthetic_root, tmp_path, "dgl", 2) + extra)
     _, test, spec = build_loaders(cfg, torch.device("cpu"))

@@ -16,8 +16,8 @@ from locallearn.local.task import Batch
 from locallearn.methods.bridge import MomentumBridge
 from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_checkpoint, load_config
+from locallearn.train.build import build_engine, build_loaders
 from locallearn.train.config import TrainCfg
-from locallearn.train.loop import build_engine, build_loaders
 from locallearn.train.schedule import lr_at
 
 from .test_ppll import assert_stages_match, ppll_base, run_until_exit

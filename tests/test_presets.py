@@ -1,4 +1,4 @@
-"""Every preset under configs/ builds its engine through ``train.loop.build_engine`` and runs a forward pass on a
+"""Every preset under configs/ builds its engine through ``train.build.build_engine`` and runs a forward pass on a
 tiny probe (thin networks, at most 64 px, 4 images), without reading any data file: the split exists for the
 backbone, every module's aux net fits its feature map, and the last module predicts the dataset's classes.
 (``tests/test_config.py`` checks that each file loads and round-trips; the CIFAR-10 add-on presets are built and
@@ -15,8 +15,8 @@ import torch
 
 from locallearn.data import dataset_spec
 from locallearn.local.task import Batch
+from locallearn.train.build import build_engine
 from locallearn.train.config import load_config
-from locallearn.train.loop import build_engine
 
 from .test_addons import ADDON_PRESET_FILES
 

@@ -21,8 +21,9 @@ from locallearn.methods.glcan import LocalAdapter
 from locallearn.models.edsr import ResBlock
 from locallearn.models.units import UnitInfo
 from locallearn.train import load_config
+from locallearn.train.build import build_engine
 from locallearn.train.config import ConfigError
-from locallearn.train.loop import build_engine, fit
+from locallearn.train.trainer import fit
 
 from .conftest import one_line_data_error
 from .test_engine import assert_gradient_isolation, make_engine
@@ -284,7 +285,7 @@ def test_glcan_ema_global_head_is_shared_and_follows_the_live_head() -> None:
     engine = sr_engine(MethodCfg(name="glcan", glcan_global="ema", ema_decay=0.9), 3)
     ema, tail = engine.method.global_head, engine.backbone.units[-1]
     assert all(not p.requires_grad for p in ema.parameters())
-    stepped = {id(p) for opt in engine.optimizers for g in opt.param_groups for p in g["params"]}
+    stepped = {id(p) for opt in engine._optimizers for g in opt.param_groups for p in g["params"]}
     assert not stepped & {id(p) for p in ema.parameters()}
     before = [p.clone() for p in ema.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, tail.parameters()))  # starts as a copy

@@ -15,7 +15,8 @@ from torch import nn
 
 from locallearn.train.checkpoint import load_checkpoint
 from locallearn.train.config import config_from_dict
-from locallearn.train.loop import build_engine, build_loaders, checkpoint_path, resolve_device
+from locallearn.train.build import build_engine, build_loaders, resolve_device
+from locallearn.train.trainer import checkpoint_path
 
 
 def main(run: str, n: int = 50) -> None:

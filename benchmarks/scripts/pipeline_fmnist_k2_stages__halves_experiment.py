@@ -17,7 +17,7 @@ from locallearn.local.task import Batch
 from locallearn.parallel import pipeline_baselines as pb
 from locallearn.parallel.ppll import stage_step
 from locallearn.train.config import load_config
-from locallearn.train.loop import build_loaders
+from locallearn.train.build import build_loaders
 
 
 class _NoLink:

@@ -15,7 +15,7 @@ import torch
 from locallearn.local.task import Batch
 from locallearn.train import partition
 from locallearn.train.config import load_config
-from locallearn.train.loop import build_engine, build_loaders
+from locallearn.train.build import build_engine, build_loaders
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
         --k 2,3,4,8,16 --out benchmarks/memory_resnet110_cpu
     locallearn bench accuracy -c configs/fmnist/demo.yaml --methods e2e,dgl,infopro,dgl+man --k 2,4 --seeds 2
 
-Every (method, K) is built from one config with :func:`~locallearn.train.loop.build_engine` and the config's
+Every (method, K) is built from one config with :func:`~locallearn.train.build.build_engine` and the config's
 ``run.seed``, so all variants start from the same backbone weights and see the same batches; ``e2e`` always runs
 with K=1. A method token ``name:split`` picks a split preset for that method only (``infopro:infopro_star`` is
 InfoPro*); (method, K) pairs a preset does not define are skipped with a note.
@@ -15,7 +15,7 @@ InfoPro*); (method, K) pairs a preset does not define are skipped with a note.
 * ``speed``: images/s, interleaved rounds of timed blocks (:mod:`locallearn.measure.speed`).
 * ``pareto``: ``memory`` and ``speed``, then one table and figure of accuracy (``--accuracy``: a study's
   ``results.json``), total step peak, step time and training FLOPs (:mod:`.pareto`).
-* ``accuracy``: :func:`~locallearn.train.loop.fit` per (method, K, seed), ``--jobs`` at a time (:mod:`.runs`).
+* ``accuracy``: :func:`~locallearn.train.trainer.fit` per (method, K, seed), ``--jobs`` at a time (:mod:`.runs`).
   Each finished run is written to ``results.json`` at once and skipped when the command is run again with the
   same ``--out``; a run interrupted mid-way continues from its last checkpoint.
 
@@ -48,9 +48,9 @@ from ..measure.memory import (
 )
 from ..measure.speed import interleaved_throughput
 from ..models.units import backward_carry, carry_tensors, detach_carry
+from ..train.build import build_engine, build_loaders, build_task, resolve_device, stream_seed
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.engine import LocalEngine
-from ..train.loop import build_engine, build_loaders, build_task, resolve_device, stream_seed
 from ..train.plan import predicted_peaks
 from ..train.rundir import make_dir
 from .pareto import write_pareto
@@ -164,7 +164,7 @@ def measure_memory(engine: LocalEngine, batches: list[Batch], device: torch.devi
     with AllocatorPeak(device) as step:
         engine.train_step(batches[-1])
     params = [p for k in range(engine.k) for p in engine.module_parameters(k)]
-    state = model_state_bytes(params, engine.optimizers)
+    state = model_state_bytes(params, engine.optimizer_tensors())
     frozen = frozen_param_bytes(engine.method)
     return {
         "peak_act_bytes": meter.peak,

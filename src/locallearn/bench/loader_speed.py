@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..train.build import build_loaders, resolve_device
 from ..train.config import load_config
-from ..train.loop import build_loaders, resolve_device
 
 
 def write_jpegs(root: Path, images: int, classes: int = 4, size: tuple[int, int] = (500, 375)) -> Path:

@@ -50,8 +50,8 @@ from ..local.task import Batch
 from ..parallel.cross_stage import CrossStage
 from ..parallel.pipeline_baselines import RunOpts, spawn_run, steady_state
 from ..parallel.ppll import check_supported
+from ..train.build import build_engine, resolve_device, resolve_time_balance
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
-from ..train.loop import build_engine, resolve_device, resolve_time_balance
 from ..train.rundir import make_dir
 from .bench import bench_batches
 from .pipeline_report import render_markdown

@@ -39,8 +39,8 @@ from ..data.datasets import dataset_spec
 from ..local.task import Batch
 from ..models.units import backward_carry, carry_tensors, detach_carry
 from ..parallel.ppll import stage_step
+from ..train.build import build_engine
 from ..train.config import TrainCfg
-from ..train.loop import build_engine
 
 
 @dataclass
@@ -159,7 +159,7 @@ def measure_stage_costs(
         aux = engine.method.aux[k]
         for p in [] if aux is None else aux.parameters():
             p.grad = None  # time the step of the backbone parameters only, as a pipeline stage has
-        opt.append(_median_time(engine.optimizers[k].step, repeats))
+        opt.append(_median_time(lambda k=k: engine.step_module(k), repeats))
         with torch.no_grad():
             x = module(x)
     return StageCosts(len(batch), ll, fwd, bwd, opt, comm, list(engine.ends))

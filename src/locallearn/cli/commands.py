@@ -1,5 +1,5 @@
 """The bodies of ``locallearn eval|compare|summary|list|bench pipeline`` (``train`` is
-:func:`locallearn.train.loop.fit`)."""
+:func:`locallearn.train.trainer.fit`)."""
 
 from __future__ import annotations
 
@@ -19,18 +19,12 @@ from ..local.task import Batch
 from ..methods.base import list_methods, resolve_k
 from ..models.registry import list_models
 from ..parallel.ppll import load_stages, read_stage_checkpoints
+from ..train.build import build_engine, build_loaders, build_task, resolve_device, resolve_time_balance
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, apply_overrides, changed_keys, config_from_dict, load_config, to_dict
 from ..train.estimate import ModuleEstimate, estimate_step, meta_batch
-from ..train.loop import (
-    build_engine,
-    build_loaders,
-    build_task,
-    checkpoint_path,
-    resolve_device,
-    resolve_time_balance,
-)
 from ..train.rundir import environment, make_dir, new_run_dir
+from ..train.trainer import checkpoint_path
 
 MiB = 2**20
 EVAL_OVERRIDABLE = ("data.", "run.device", "run.threads")

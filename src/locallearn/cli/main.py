@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             from ..train.config import load_config
-            from ..train.loop import fit
+            from ..train.trainer import fit
 
             if not args.config and not args.resume:
                 raise ConfigError("train needs -c CONFIG.yaml (a preset from configs/) or --resume RUN_DIR")

@@ -281,7 +281,7 @@ class FolderLoader:
 
 def build_loaders(spec: DatasetSpec, data: Any, device: torch.device, seed: int, channels_last: bool):
     """The (train, test) :class:`FolderLoader` of a class-folder dataset, and its spec with the class count and
-    image size found/configured (``data`` is the run's ``DataCfg``). Called by ``train.loop.build_loaders``."""
+    image size found/configured (``data`` is the run's ``DataCfg``). Called by ``train.build.build_loaders``."""
     try:
         import PIL  # noqa: F401
     except ImportError:

@@ -243,7 +243,7 @@ def frozen_param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
 
 
-def model_state_bytes(params: Iterable[torch.nn.Parameter], optimizers: Iterable[torch.optim.Optimizer]) -> dict:
+def model_state_bytes(params: Iterable[torch.nn.Parameter], optimizer_state: Iterable[torch.Tensor]) -> dict:
     """Parameter, gradient and optimizer-state bytes, reported separately from activations.
 
     These are the memory a method cannot save by going local (every parameter, its gradient and its momentum
@@ -251,7 +251,7 @@ def model_state_bytes(params: Iterable[torch.nn.Parameter], optimizers: Iterable
     this after a training step (``zero_grad(set_to_none=True)`` frees them before the next one).
     """
     params = list(params)
-    state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    state = list(optimizer_state)
     return {
         "param_bytes": tensor_bytes(params),
         "grad_bytes": tensor_bytes(p.grad for p in params),

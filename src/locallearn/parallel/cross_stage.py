@@ -69,7 +69,7 @@ def check_supported(engine: LocalEngine) -> None:
             "PPLL cannot run legacy last_ema_only (the last stage would update the previous stage's EMA); "
             "drop it from method.legacy or train without parallel=ppll"
         )
-    if engine.method.max_reach > 1 and engine.scaler is not None:
+    if engine.method.max_reach > 1 and engine.scales_loss:
         raise ConfigError(
             "PPLL cascades send loss-scaled gradients between stages that each own a GradScaler; "
             "use run.precision=bf16 or fp32 with cascades"
@@ -176,7 +176,6 @@ class CascadeGrads:
         sent = False
         for loss, reach in losses:
             reach = min(reach, k + 1)
-            engine.stats[k] += loss.detach().float()
             if reach == 1:
                 if loss.requires_grad:
                     engine.local_backward(loss, k, 1, x, [], self.span)
@@ -185,7 +184,7 @@ class CascadeGrads:
                 raise StageError(f"{self.link.name}: PPLL supports one cascade loss per module, got more")
             sent, grad = True, None
             if loss.requires_grad:
-                scaled = loss if engine.scaler is None else engine.scaler.scale(loss)
+                scaled = engine.scale(loss)
                 leaves = grad_leaves(x)
                 torch.autograd.backward(scaled, inputs=[*engine.module_parameters(k), *leaves], retain_graph=True)
                 grad = take_input_grad(x)
@@ -196,7 +195,7 @@ class CascadeGrads:
     def downstream(self, step: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """Receive the gradients of later stages' cascades for ``step``, backpropagate each through this stage's
         retained graph, and relay the input gradient while the cascade reaches further."""
-        params = [p for p in self.engine.modules[self.k].parameters() if p.requires_grad]
+        params = self.engine.module_parameters(self.k, aux=False)
         for origin in self.origins:
             kind, _, (got, reach_left), grad = self.link.take_up(self.k + 1, (GRAD, NOGRAD), step)
             if got != origin:

@@ -23,10 +23,8 @@ idles into a timeout). ``ppll.procs`` and ``ppll.timeout`` set the spawned proce
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,12 +32,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..local.task import Batch
+from ..train.build import build_engine, build_loaders, run_name
 from ..train.checkpoint import load_checkpoint, save_checkpoint
-from ..train.config import ConfigError, TrainCfg, dump_config, to_dict
-from ..train.engine import LocalEngine
-from ..train.loop import build_engine, build_loaders, run_name
-from ..train.rundir import MetricsLog, environment
-from ..train.schedule import lr_at
+from ..train.config import ConfigError, TrainCfg
+from ..train.engine import LocalEngine, StepResult
+from ..train.runtime import Reduced
+from ..train.trainer import Trainer
 from .launch import agreed_config, agreed_run_dir, name_ranks, rank_device, run_torchrun, spawn
 from .link import StageError, short_error
 
@@ -86,105 +84,97 @@ def broadcast_buffers(modules: list[nn.Module], src: int = 0, group: Any = None)
             dist.broadcast(buffer, src=src, group=group)
 
 
-def _checkpoint(
-    engine: LocalEngine,
-    cfg: TrainCfg,
-    path: Path,
-    epoch: int,
-    in_epoch: int,
-    step: int,
-    unrecorded: dict[str, Any] | None = None,
-) -> None:
-    state = {**engine.state_dict(), "config": to_dict(cfg), "epoch": epoch, "step_in_epoch": in_epoch, "step": step}
-    save_checkpoint({**state, "rng_torch": torch.get_rng_state(), "unrecorded": unrecorded}, path)
+class ReplicaRuntime:
+    """The trainer's runtime on one data-parallel rank: its shard of every global batch, gradients averaged by
+    :class:`GradAverager`, figures reduced over the replicas, rank 0's ``ckpt_last.pt`` (module doc)."""
 
+    measures = False
 
-def _unrecorded(engine: LocalEngine, seconds: float, steps: int) -> dict[str, Any]:
-    """The steps since the last record, for rank 0's checkpoint (every rank calls it: one all-gather), with every
-    rank's statistics of them, so each rank resumes with its own (a resume on another number of ranks does not)."""
-    stats: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(stats, engine.stats.cpu())
-    return {"seconds": seconds, "steps": steps, "stats": stats}
+    def __init__(
+        self,
+        cfg: TrainCfg,
+        engine: LocalEngine,
+        train_loader: Any,
+        test_loader: Any,
+        device: torch.device,
+        out_dir: str | None = None,
+    ) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.engine, self.train_loader, self.test_loader = engine, train_loader, test_loader
+        name_ranks(lambda r: f"data-parallel rank {r}")
+        self.averager = GradAverager(engine, name=f"data-parallel rank {self.rank}")
+        engine.grad_sync = self.averager
+        self.writes, self.label = self.rank == 0, f"[dp × {self.world}] "
+        self.run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg), device)
+        self.parts = [engine.backbone, engine.method]
+
+    def batches(self, epoch: int, start: int) -> Iterable[Any]:
+        return self.train_loader.batches(epoch, start)
+
+    def step(self, item: Any, step: int) -> StepResult:
+        part, self.averager.weight = shard(Batch(*item), self.rank, self.world)
+        return self.engine.train_step(part)
+
+    def begin_epoch(self, carried: dict[str, Any]) -> None:
+        pass
+
+    def carry(self) -> dict[str, Any]:
+        return {}
+
+    def sync(self, steps_done: int, flush: bool = True) -> None:
+        broadcast_buffers(self.parts)  # BN running statistics drift apart: rank 0's everywhere
+
+    def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
+        """Loss: the mean over replicas of each shard's mean; the train stat: a sum over every sample."""
+        values = figures.tolist()
+        steps = max(values[-1], 1.0)
+        totals = torch.tensor([*(v / steps for v in values[:-2]), values[-2]], dtype=torch.float64)
+        totals = totals.to(self.engine.device)  # NCCL reduces device tensors only
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+        return Reduced((totals[:-1] / self.world).tolist(), totals[-1].item(), seconds, {"world_size": self.world})
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.engine.evaluate(self.test_loader.batches())  # every rank: identical, none idles into a timeout
+
+    def save(self, position: dict[str, Any], carry: dict[str, Any] | None) -> None:
+        """Rank 0 writes ``ckpt_last.pt``; ``carry`` keeps every rank's figures, so each resumes with its own."""
+        if carry is not None:
+            stats: list[Any] = [None] * self.world
+            dist.all_gather_object(stats, carry["stats"])
+            carry = {**carry, "stats": stats}
+        if self.rank == 0:
+            state = {**self.engine.state_dict(), **position, "rng_torch": torch.get_rng_state(), "unrecorded": carry}
+            save_checkpoint(state, self.run_dir / "ckpt_last.pt")
+        dist.barrier()
+
+    def load(self) -> dict[str, Any]:
+        state = load_checkpoint(self.run_dir / "ckpt_last.pt")
+        self.engine.load_state_dict(state)
+        torch.set_rng_state(state["rng_torch"])
+        carried = state.get("unrecorded")
+        if carried and len(carried["stats"]) == self.world:  # (a resume on another number of ranks drops it)
+            state["unrecorded"] = {**carried, "stats": carried["stats"][self.rank]}
+        else:
+            state["unrecorded"] = None
+        return state
+
+    def environment(self) -> dict[str, Any]:
+        return {"world_size": self.world}
+
+    def close(self, steps_done: int) -> None:
+        pass
 
 
 def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> dict[str, Any] | None:
-    """The body of one data-parallel rank (process group initialised); returns the metrics on rank 0."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """The body of one data-parallel rank (process group initialised): build, then run the trainer on this
+    replica; returns the metrics on rank 0."""
     device = rank_device(cfg)
     train_loader, test_loader, spec = build_loaders(cfg, device)
     cfg = agreed_config(cfg, spec, device, train_loader)
     engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
-    name_ranks(lambda r: f"data-parallel rank {r}")
-    sync = GradAverager(engine, name=f"data-parallel rank {rank}")
-    engine.grad_sync = sync
-    run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg) + "_dp", device)
-    epoch = in_epoch = step = 0
-    unrecorded: dict[str, Any] = {"seconds": 0.0, "steps": 0}  # steps since the last record
-    if resume:
-        state = load_checkpoint(run_dir / "ckpt_last.pt")
-        engine.load_state_dict(state)
-        epoch, in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
-        torch.set_rng_state(state["rng_torch"])
-        carried = state.get("unrecorded")  # (checkpoints from before they were kept have none)
-        if carried and len(carried["stats"]) == world:
-            unrecorded = carried
-            engine.stats.copy_(carried["stats"][rank])
-    elif rank == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-    log = MetricsLog(run_dir / "metrics.jsonl", cfg.log.tensorboard) if rank == 0 else None
-    if rank == 0:
-        (run_dir / "env.json").write_text(json.dumps({**environment(device), "world_size": world}, indent=2))
-    parts = [engine.backbone, engine.method]
-    spe, result, stop = len(train_loader), None, False
-    while epoch < cfg.run.epochs and not stop:
-        start, done = time.perf_counter() - unrecorded["seconds"], unrecorded["steps"]
-        unrecorded = {"seconds": 0.0, "steps": 0}
-        for x, y, raw in train_loader.batches(epoch, in_epoch):
-            engine.set_lr(lr_at(cfg.optim, epoch, in_epoch, spe, cfg.run.epochs))
-            part, sync.weight = shard(Batch(x, y, raw), rank, world)
-            engine.train_step(part)
-            in_epoch, step, done = in_epoch + 1, step + 1, done + 1
-            if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0:
-                broadcast_buffers(parts)
-                carried = _unrecorded(engine, time.perf_counter() - start, done)
-                if rank == 0:
-                    _checkpoint(engine, cfg, run_dir / "ckpt_last.pt", epoch, in_epoch, step, carried)
-            if cfg.run.max_steps and step >= cfg.run.max_steps:
-                stop = True
-                break
-        train_time = time.perf_counter() - start
-        stats = engine.pop_train_stats()
-        totals = torch.tensor([*stats["train_loss"], stats["train_stat_sum"]], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)  # loss: mean over replicas of the shard means; the stat: a sum over samples
-        totals = totals.cpu()
-        seen = min(in_epoch * cfg.data.batch_size, train_loader.n) - (in_epoch - done) * cfg.data.batch_size
-        if in_epoch == spe:
-            epoch, in_epoch = epoch + 1, 0
-        record: dict[str, Any] = {
-            "epoch": epoch + (1 if in_epoch else 0),
-            "step": step,
-            "lr": engine.optimizers[0].param_groups[0]["lr"],
-            "train_loss": (totals[:-1] / world).tolist(),
-            f"train_{engine.task.headline}": totals[-1].item() / max(1, seen),
-            "epoch_time_s": train_time,
-            "imgs_per_s": seen / max(train_time, 1e-9),
-            "train_size": train_loader.n,
-            "world_size": world,
-        }
-        broadcast_buffers(parts)
-        if in_epoch == 0 and (epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs) or stop:
-            record.update(engine.evaluate(test_loader.batches()))
-        if rank == 0:
-            _checkpoint(engine, cfg, run_dir / "ckpt_last.pt", epoch, in_epoch, step)
-            log.log(record)
-            metric = f"test_{engine.task.headline}"
-            acc = f" {metric} {record[metric]:.4f}" if metric in record else ""
-            print(f"[dp×{world}] epoch {record['epoch']} step {step}{acc} {record['imgs_per_s']:.0f} img/s", flush=True)
-            result = {**record, "run_dir": str(run_dir), "ends": list(engine.ends)}
-        dist.barrier()
-    if log is not None:
-        log.close()
-    return result
+    runtime = ReplicaRuntime(cfg, engine, train_loader, test_loader, device, out_dir)
+    return Trainer(cfg, runtime, resume=resume).fit()
 
 
 def fit_dp(cfg: TrainCfg, resume: str | None = None) -> dict[str, Any] | None:

@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+from ..train.build import resolve_device, resolve_time_balance
 from ..train.config import ConfigError, TrainCfg, config_from_dict, to_dict
-from ..train.loop import resolve_device, resolve_time_balance
 from ..train.rundir import new_run_dir
 from .link import StageError, short_error
 

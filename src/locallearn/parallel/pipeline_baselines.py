@@ -53,9 +53,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.datasets import dataset_spec
 from ..local.task import Batch
+from ..train.build import build_engine, resolve_device
 from ..train.config import ConfigError, TrainCfg, config_from_dict, to_dict
 from ..train.engine import LocalEngine
-from ..train.loop import build_engine, resolve_device
 from .launch import pin_cores
 from .link import free_port
 from .ppll import Link, bench_step, check_supported, stage_step
@@ -271,7 +271,7 @@ def _pipelined(kind: str) -> Callable[..., dict[str, Any]]:
         if len(batches[0]) % opts.micro:
             raise ConfigError(f"{kind}: batch {len(batches[0])} does not split into {opts.micro} equal micro-batches")
         # The rank's optimizer also holds its aux net, whose parameters never get a gradient here: SGD skips them.
-        module, opt = engine.modules[rank], engine.optimizers[rank]
+        module = engine.modules[rank]
         channels_last = batches[0].input.is_contiguous(memory_format=torch.channels_last)
         stage = PipelineStage(_GlooSafe(module, channels_last), rank, world, device)
         schedule = SCHEDULES[kind](
@@ -284,11 +284,11 @@ def _pipelined(kind: str) -> Callable[..., dict[str, Any]]:
         inputs = [b.input.contiguous() for b in batches] if stage.is_first else []  # converted once, untimed
 
         def step(i: int) -> None:
-            opt.zero_grad(set_to_none=True)
+            engine.zero_grad(rank)
             args = (inputs[i % len(inputs)],) if stage.is_first else ()
             schedule.step(*args, target=batches[i % len(batches)].target if stage.is_last else None)
             with clock:
-                opt.step()
+                engine.step_module(rank)
 
         return timed_steps(step, opts.warmup + opts.steps, device, clock)
 
@@ -303,15 +303,14 @@ def _ddp(engine: LocalEngine, batches: list[Batch], opts: RunOpts, device: torch
     if len(batches[0]) % world:
         raise ConfigError(f"ddp: batch {len(batches[0])} does not split into {world} equal shards")
     model = DistributedDataParallel(engine.modules[0], device_ids=[device.index] if device.type == "cuda" else None)
-    opt = engine.optimizers[0]
     engine.backbone.train()
 
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
         x, y = batch.input.chunk(world)[rank], batch.target.chunk(world)[rank]
-        opt.zero_grad(set_to_none=True)
+        engine.zero_grad(0)
         engine.task.loss(model(x), Batch(x, y)).backward()
-        opt.step()
+        engine.step_module(0)
 
     return timed_steps(step, opts.warmup + opts.steps, device)
 

@@ -56,10 +56,8 @@ bench pipeline``.
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +65,13 @@ import torch
 import torch.distributed as dist
 
 from ..local.task import Batch
-from ..models.units import detach_carry
+from ..train.build import build_engine, build_loaders, run_name
 from ..train.checkpoint import load_checkpoint, save_checkpoint
-from ..train.config import ConfigError, TrainCfg, dump_config, to_dict
-from ..train.engine import LocalEngine
-from ..train.loop import build_engine, build_loaders, run_name
-from ..train.rundir import MetricsLog, environment, new_run_dir
-from ..train.schedule import lr_at
+from ..train.config import ConfigError, TrainCfg
+from ..train.engine import LocalEngine, StepResult
+from ..train.rundir import new_run_dir
+from ..train.runtime import Reduced
+from ..train.trainer import Trainer
 from .cross_stage import CrossStage, check_supported
 from .data_parallel import GradAverager, broadcast_buffers, shard
 from .launch import agreed_config, agreed_run_dir, name_ranks, new_group, rank_device, run_torchrun, spawn
@@ -83,6 +81,8 @@ from .stage_eval import gather_evaluation, stage_evaluate
 __all__ = [
     "Link",
     "StageError",
+    "StageMessages",
+    "StageRuntime",
     "bench_step",
     "check_supported",
     "fit_ppll",
@@ -94,53 +94,56 @@ __all__ = [
 ]
 
 
+class StageMessages:
+    """The engine's :class:`~locallearn.train.engine.StepHooks` for one PPLL stage: early forwarding of the
+    output, and the cross-stage messages of MAN/LAM and cascades at their documented points (:mod:`.cross_stage`;
+    without ``cross`` every loss stays on this stage, as in timing probes)."""
+
+    def __init__(self, link: Link, cross: CrossStage | None = None) -> None:
+        self.link, self.cross, self.step = link, cross, 0
+        self.cascade = None if cross is None else cross.cascade
+
+    def forwarded(self, k: int, out: Any) -> None:
+        self.link.send(TRAIN, self.step, out)
+        if self.cross is not None:
+            self.cross.pull("loss", self.step)
+
+    def backward(self, k: int, losses: list, x: Any) -> bool:
+        if self.cascade is None:
+            return False
+        self.cascade.own(self.step, losses, x)
+        return True
+
+    def backwarded(self, k: int) -> None:
+        if self.cross is not None:
+            self.cross.pull("backward", self.step)
+
+    def settled(self, k: int, x: Any, out: Any) -> None:
+        if self.cascade is not None:
+            self.cascade.downstream(self.step, x, out)
+
+    def stepped(self) -> None:
+        if self.cross is not None:
+            self.cross.stepped(self.step)
+
+
 def stage_step(
-    engine: LocalEngine, k: int, x: torch.Tensor, batch: Batch, link: Link, step: int, cross: CrossStage | None = None
-) -> torch.Tensor:
-    """Module k on one batch: forward, send downstream at once, local backward, optimizer step. With ``cross``,
-    the cross-stage messages of MAN/LAM and cascades happen at their documented points (:mod:`.cross_stage`);
-    without it every loss stays on this stage (timing probes)."""
-    opt = engine.optimizers[k]
-    engine.backbone.train()
-    engine.method.train()
-    opt.zero_grad(set_to_none=True)
-    cascade = None if cross is None else cross.cascade
-    if cascade is not None:  # cascades reach back through this module's input
-        x = detach_carry(x, k > 0)
-    with engine.autocast():
-        out = engine.forward_module(k, x)
-        link.send(TRAIN, step, out)
-        if cross is not None:
-            cross.pull("loss", step)
-        losses = engine.method.local_losses(k, out, batch)
-    if cascade is None:  # (a timing probe of a cascade method: its two losses share the graph)
-        for i, (loss, _) in enumerate(losses):
-            (loss if engine.scaler is None else engine.scaler.scale(loss)).backward(retain_graph=i < len(losses) - 1)
-            engine.stats[k] += loss.detach().float()
-    else:
-        cascade.own(step, losses, x)
-    losses = None  # a cascade retained the graphs; the aux nets' part is walked by no later gradient: free it now
-    if cross is not None:
-        cross.pull("backward", step)
-    engine.method.after_backward(k)
-    if cascade is not None:
-        cascade.downstream(step, x, out)
-    engine.step_module(k)
-    if engine.scaler is not None:
-        engine.scaler.update()
-    if cross is not None:
-        cross.stepped(step)
-    engine.method.after_iteration()
-    return detach_carry(out)
+    engine: LocalEngine, k: int, x: Any, batch: Batch, link: Link, step: int, cross: CrossStage | None = None
+) -> StepResult:
+    """Module k on one batch through the engine's own step: forward, send downstream at once, local backward,
+    optimizer step, with ``cross``'s messages in between."""
+    messages = StageMessages(link, cross)
+    messages.step = step
+    return engine.train_step(batch, modules=range(k, k + 1), x=x, hooks=messages)
 
 
 def bench_step(
     engine: LocalEngine, batches: list[Batch], link: Link, send_labels: bool = False
 ) -> Callable[[int], None]:
-    """This rank's training step ``i`` on ``batches[i % len]``: the loop body of :func:`run_stage` on fixed batches,
-    for ``locallearn bench pipeline``. Every rank holds the same batches; with ``send_labels`` (``ppll.labels:
-    send``) the stages after the first still take the targets from stage k-1's DATA messages, so their cost is
-    timed. Every rank must call it (it creates the upstream process group when the method needs one)."""
+    """This rank's training step ``i`` on ``batches[i % len]``: the stage's step on fixed batches, for ``locallearn
+    bench pipeline``. Every rank holds the same batches; with ``send_labels`` (``ppll.labels: send``) the stages
+    after the first still take the targets from stage k-1's DATA messages, so their cost is timed. Every rank
+    must call it (it creates the upstream process group when the method needs one)."""
     if CrossStage.needed(engine) and link.back is None:
         link.back = dist.new_group()
     cross = CrossStage.build(engine, link)
@@ -155,10 +158,21 @@ def bench_step(
     return step
 
 
-class _Stage:
-    """One rank's place in the mesh and its per-stage checkpoint (module doc)."""
+class StageRuntime:
+    """The trainer's runtime on one PPLL rank: its place in the mesh, its batches, its per-stage checkpoint and
+    how the stages' figures become the run's (module doc)."""
 
-    def __init__(self, cfg: TrainCfg, engine: LocalEngine, device: torch.device) -> None:
+    measures = False
+
+    def __init__(
+        self,
+        cfg: TrainCfg,
+        engine: LocalEngine,
+        train_loader: Any,
+        test_loader: Any,
+        device: torch.device,
+        out_dir: str | None = None,
+    ) -> None:
         rank, world, k = dist.get_rank(), dist.get_world_size(), engine.k
         replicas = cfg.ppll.replicas
         if replicas < 1 or world != k * replicas:
@@ -169,19 +183,29 @@ class _Stage:
             )
         check_supported(engine)
         self.cfg, self.engine, self.k, self.replicas = cfg, engine, rank % k, replicas
+        self.train_loader, self.test_loader = train_loader, test_loader
         name_ranks(lambda r: f"stage {r % k}" + (f" (replica {r // k})" if replicas > 1 else ""))
-        self.replica = rank // k
+        self.replica, self.writes = rank // k, rank == 0
+        self.label = f"[ppll {k} stages{f' × {replicas} replicas' if replicas > 1 else ''}] "
         back = new_group(cfg) if CrossStage.needed(engine) else None
         groups = [new_group(cfg, [r * k + s for r in range(replicas)]) for s in range(k)] if replicas > 1 else []
         self.group = groups[self.k] if groups else None
         self.link = Link(rank, world, cfg.ppll.window, cfg.model.channels_last, device, stages=k, back=back)
         self.cross = CrossStage.build(engine, self.link, cfg.ppll.ema_every)
+        self.averager = None
         if self.group is not None:
-            engine.grad_sync = GradAverager(engine, self.group, self.link.name)
+            engine.grad_sync = self.averager = GradAverager(engine, self.group, self.link.name)
         aux = engine.method.aux[self.k]
         self.parts = [engine.modules[self.k]] + ([] if aux is None else [aux])
         self.send_labels = cfg.ppll.labels == "send"
         self.reads_data = self.k == 0 or not self.send_labels
+        self.run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg), device)
+        self.idle_mark = 0.0
+
+    def batches(self, epoch: int, start: int) -> Iterable[Any]:
+        if self.reads_data:
+            return self.train_loader.batches(epoch, start)
+        return [None] * (len(self.train_loader) - start)
 
     def batch(self, item: tuple | None, step: int) -> tuple[Batch, float]:
         """Training batch ``step`` for this stage and its replica's share of the global batch: from this rank's
@@ -195,6 +219,19 @@ class _Stage:
             self.link.relay_data(step, batch, len(item[1]))
         return batch, weight
 
+    def step(self, item: Any, step: int) -> StepResult:
+        batch, weight = self.batch(item, step)
+        if self.averager is not None:
+            self.averager.weight = weight
+        x = batch.input if self.k == 0 else self.link.recv(TRAIN, step)[2]
+        return stage_step(self.engine, self.k, x, batch, self.link, step, self.cross)
+
+    def begin_epoch(self, carried: dict[str, Any]) -> None:
+        self.idle_mark = self.link.idle - carried.get("idle", 0.0)
+
+    def carry(self) -> dict[str, Any]:
+        return {"idle": self.link.idle - self.idle_mark}
+
     def sync(self, steps_done: int, flush: bool = True) -> None:
         """Before an evaluation or a checkpoint: no weight message in flight (and, with ``flush``, no activation),
         replica 0's BN buffers everywhere."""
@@ -205,152 +242,95 @@ class _Stage:
         if self.group is not None:
             broadcast_buffers(self.parts, src=self.k, group=self.group)
 
-    def save(self, path: Path, epoch: int, in_epoch: int, step: int, unrecorded: dict[str, Any] | None = None) -> None:
-        """Replica 0 writes the stage's checkpoint, with every replica's RNG state and, for ``unrecorded`` (this
-        rank's seconds, idle seconds and steps since the last record), every replica's statistics of those steps:
-        an epoch continued after an interruption then records all of its steps."""
+    def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
+        """Per stage: mean loss, train seconds, idle seconds (replica 0) and the train_stat sum (all replicas);
+        the run's wall time is the slowest stage's."""
+        values, k = figures.tolist(), self.k
+        stats = torch.zeros(self.engine.k, 4)
+        if self.replica == 0:
+            stats[k, :3] = torch.tensor([values[k] / max(1.0, values[-1]), seconds, self.link.idle - self.idle_mark])
+        stats[k, 3] = values[-2]
+        stats = stats.to(self.engine.device)  # NCCL reduces device tensors only
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+        busy = ((stats[:, 1] - stats[:, 2]) / stats[:, 1].clamp(min=1e-9)).tolist()
+        wall = max(stats[:, 1].max().item(), 1e-9)
+        return Reduced(stats[:, 0].tolist(), stats[-1, 3].item(), wall, {"busy_fraction": busy})
+
+    def evaluate(self) -> dict[str, Any]:
+        engine = self.engine
+        report = stage_evaluate(engine, self.k, self.test_loader, self.link, self.send_labels)
+        self.link.flush()
+        return gather_evaluation(engine.task, report, engine.k, self.replica)
+
+    def save(self, position: dict[str, Any], carry: dict[str, Any] | None) -> None:
+        """Replica 0 writes the stage's checkpoint, with every replica's RNG state and, for ``carry``, every
+        replica's figures of the unrecorded steps."""
         engine, k = self.engine, self.k
-        rngs, stats = [torch.get_rng_state()], [engine.stats.cpu()]
+        rngs, stats = [torch.get_rng_state()], [None if carry is None else carry["stats"]]
         if self.group is not None:
             rngs, stats = [None] * self.replicas, [None] * self.replicas
             dist.all_gather_object(rngs, torch.get_rng_state(), group=self.group)
-            if unrecorded is not None:  # (every replica saves with the same arguments: the call is collective)
-                dist.all_gather_object(stats, engine.stats.cpu(), group=self.group)
+            if carry is not None:  # (every replica saves with the same arguments: the call is collective)
+                dist.all_gather_object(stats, carry["stats"], group=self.group)
         if self.replica > 0:
             return
-        shipping = None if self.cross is None or self.cross.shipping is None else self.cross.shipping
+        shipping = None if self.cross is None else self.cross.shipping
         state = {
             "stage": k,
-            "model": engine.modules[k].state_dict(),
-            "aux": self.parts[1].state_dict() if len(self.parts) > 1 else {},
-            "optim": engine.optimizers[k].state_dict(),
-            "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
+            **engine.stage_state_dict(k),
+            **position,
             "rng_torch": rngs,
             "ema_sources": shipping.state_dict() if shipping is not None else None,
-            "epoch": epoch,
-            "step_in_epoch": in_epoch,
-            "step": step,
             "ends": engine.ends,
-            "config": to_dict(self.cfg),
-            "unrecorded": None if unrecorded is None else {**unrecorded, "stats": stats},
+            "unrecorded": None if carry is None else {**carry, "stats": stats},
         }
-        save_checkpoint(state, path)
+        save_checkpoint(state, self.run_dir / f"ckpt_stage{k}.pt")
 
-    def load(self, path: Path) -> tuple[int, int, int, dict[str, Any] | None]:
-        """Restore the stage; returns epoch, step in epoch, step and this rank's unrecorded seconds, idle seconds
-        and steps (None if the checkpoint has none: the epoch then records its resumed part)."""
-        engine, k, state = self.engine, self.k, load_checkpoint(path)
+    def load(self) -> dict[str, Any]:
+        """Restore the stage; every stage must be at the same step."""
+        engine, k = self.engine, self.k
+        path = self.run_dir / f"ckpt_stage{k}.pt"
+        state = load_checkpoint(path)
         if list(state["ends"]) != engine.ends or state["stage"] != k:
             raise ConfigError(
                 f"{path}: stage {state['stage']} of split {state['ends']}, not stage {k} of split {engine.ends}"
             )
-        engine.modules[k].load_state_dict(state["model"])
-        if len(self.parts) > 1:
-            self.parts[1].load_state_dict(state["aux"])
-        engine.optimizers[k].load_state_dict(state["optim"])
-        if engine.scaler is not None and state.get("scaler"):
-            engine.scaler.load_state_dict(state["scaler"])
+        engine.load_stage_state_dict(k, state)
         rngs = state["rng_torch"]
         torch.set_rng_state(rngs[self.replica % len(rngs)])
         if state.get("ema_sources") is not None and self.cross is not None and self.cross.shipping is not None:
             self.cross.shipping.load_state_dict(state["ema_sources"])
         carried = state.get("unrecorded")
         if carried is not None:
-            engine.stats.copy_(carried["stats"][self.replica % len(carried["stats"])])
-        return state["epoch"], state["step_in_epoch"], state["step"], carried
+            carried["stats"] = carried["stats"][self.replica % len(carried["stats"])]
+        steps = [None] * dist.get_world_size()
+        dist.all_gather_object(steps, state["step"])
+        if len(set(steps)) > 1:  # a crash between two stages' saves of a run.ckpt_every checkpoint
+            raise ConfigError(
+                f"{self.run_dir}: the stage checkpoints are at different steps {steps}; resume needs one step"
+            )
+        return state
+
+    def environment(self) -> dict[str, Any]:
+        env: dict[str, Any] = {"world_size": dist.get_world_size(), "replicas": self.replicas}
+        if hasattr(os, "sched_getaffinity"):  # rank 0's CPU cores (one of its own with ppll.pin_cores)
+            env["rank0_cores"] = sorted(os.sched_getaffinity(0))
+        return env
+
+    def close(self, steps_done: int) -> None:
+        self.link.shutdown(steps_done)
 
 
 def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> dict[str, Any] | None:
-    """The body of one rank (the process group must be initialised). ``resume``: continue the run in
-    ``out_dir`` from its per-stage checkpoints. Returns the metrics on rank 0."""
+    """The body of one rank (the process group must be initialised): build, then run the trainer on this stage.
+    ``resume``: continue the run in ``out_dir`` from its per-stage checkpoints. Returns the metrics on rank 0."""
     device = rank_device(cfg)
     train_loader, test_loader, spec = build_loaders(cfg, device)
     cfg = agreed_config(cfg, spec, device, train_loader)
     engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
-    me = _Stage(cfg, engine, device)
-    k, link, rank = me.k, me.link, dist.get_rank()
-    run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg) + "_ppll", device)
-    epoch = in_epoch = step = 0
-    unrecorded = None  # seconds, idle seconds and steps since the last record, from a checkpoint
-    if resume:
-        epoch, in_epoch, step, unrecorded = me.load(run_dir / f"ckpt_stage{k}.pt")
-        steps = [None] * dist.get_world_size()
-        dist.all_gather_object(steps, step)
-        if len(set(steps)) > 1:  # a crash between two stages' saves of a run.ckpt_every checkpoint
-            raise ConfigError(f"{run_dir}: the stage checkpoints are at different steps {steps}; resume needs one step")
-    elif rank == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-    log = MetricsLog(run_dir / "metrics.jsonl", cfg.log.tensorboard) if rank == 0 else None
-    if rank == 0:
-        env = {**environment(device), "world_size": dist.get_world_size(), "replicas": me.replicas}
-        if hasattr(os, "sched_getaffinity"):  # rank 0's CPU cores (one of its own with ppll.pin_cores)
-            env["rank0_cores"] = sorted(os.sched_getaffinity(0))
-        (run_dir / "env.json").write_text(json.dumps(env, indent=2))
-    ckpt = run_dir / f"ckpt_stage{k}.pt"
-    spe, result, stop = len(train_loader), None, False
-    while epoch < cfg.run.epochs and not stop:
-        carried = unrecorded or {"seconds": 0.0, "idle": 0.0, "steps": 0}
-        start, idle, done = time.perf_counter() - carried["seconds"], link.idle - carried["idle"], carried["steps"]
-        unrecorded = None
-        own_data = train_loader.batches(epoch, in_epoch) if me.reads_data else [None] * (spe - in_epoch)
-        for item in own_data:
-            engine.set_lr(lr_at(cfg.optim, epoch, in_epoch, spe, cfg.run.epochs))
-            batch, weight = me.batch(item, step)
-            if engine.grad_sync is not None:
-                engine.grad_sync.weight = weight
-            x = batch.input if k == 0 else link.recv(TRAIN, step)[2]
-            out = stage_step(engine, k, x, batch, link, step, me.cross)
-            if k == engine.k - 1:  # the final output's training metric (top-1 hits, PSNR), summed on the device
-                engine.stats[-2] += engine.task.train_stat(out, batch)
-            in_epoch, step, done = in_epoch + 1, step + 1, done + 1
-            if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0:
-                me.sync(step, flush=False)  # activations in flight need not land: a resume recomputes them
-                seconds, idle_s = time.perf_counter() - start, link.idle - idle
-                me.save(ckpt, epoch, in_epoch, step, {"seconds": seconds, "idle": idle_s, "steps": done})
-            if cfg.run.max_steps and step >= cfg.run.max_steps:
-                stop = True
-                break
-        me.sync(step)
-        train_time, idle = time.perf_counter() - start, link.idle - idle
-        seen = min(in_epoch * cfg.data.batch_size, train_loader.n) - (in_epoch - done) * cfg.data.batch_size
-        if in_epoch == spe:
-            epoch, in_epoch = epoch + 1, 0
-        evaluate = in_epoch == 0 and (epoch % cfg.run.eval_every == 0 or epoch == cfg.run.epochs) or stop
-        report = stage_evaluate(engine, k, test_loader, link, cfg.ppll.labels == "send") if evaluate else None
-        link.flush()
-        tests = gather_evaluation(engine.task, report, engine.k, me.replica) if evaluate else {}
-        stats = torch.zeros(engine.k, 4)  # per stage: mean loss, train seconds, idle, train_stat sum (all replicas)
-        if me.replica == 0:
-            stats[k, :3] = torch.tensor([engine.stats[k].item() / max(1, done), train_time, idle])
-        stats[k, 3] = engine.stats[-2].item()
-        engine.stats.zero_()
-        stats = stats.to(device)  # NCCL reduces device tensors only
-        dist.all_reduce(stats)
-        stats = stats.cpu()
-        me.save(ckpt, epoch, in_epoch, step)
-        if rank == 0:
-            wall = max(stats[:, 1].max().item(), 1e-9)
-            record: dict[str, Any] = {
-                "epoch": epoch + (1 if in_epoch else 0),
-                "step": step,
-                "lr": engine.optimizers[k].param_groups[0]["lr"],
-                "train_loss": stats[:, 0].tolist(),
-                f"train_{engine.task.headline}": stats[-1, 3].item() / max(1, seen),
-                "epoch_time_s": wall,
-                "imgs_per_s": seen / wall,
-                "train_size": train_loader.n,
-                "busy_fraction": ((stats[:, 1] - stats[:, 2]) / stats[:, 1].clamp(min=1e-9)).tolist(),
-                **tests,
-            }
-            log.log(record)
-            metric = f"test_{engine.task.headline}"
-            test = f" {metric} {record[metric]:.4f}" if metric in record else ""
-            print(f"[ppll] epoch {record['epoch']} step {step}{test} {record['imgs_per_s']:.0f} img/s", flush=True)
-            result = {**record, "run_dir": str(run_dir), "ends": engine.ends}
-    if log is not None:
-        log.close()
-    link.shutdown(step)
-    return result
+    runtime = StageRuntime(cfg, engine, train_loader, test_loader, device, out_dir)
+    return Trainer(cfg, runtime, resume=resume).fit()
 
 
 def read_stage_checkpoints(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -375,9 +355,7 @@ def load_stages(engine: LocalEngine, states: list[dict[str, Any]]) -> None:
     if list(states[0]["ends"]) != engine.ends:
         raise ConfigError(f"stage checkpoints split at {states[0]['ends']}, this config at {engine.ends}")
     for k, state in enumerate(states):
-        engine.modules[k].load_state_dict(state["model"])
-        if engine.method.aux[k] is not None:
-            engine.method.aux[k].load_state_dict(state["aux"])
+        engine.load_stage_state_dict(k, state, weights_only=True)
 
 
 def spawn_ppll(
@@ -386,7 +364,7 @@ def spawn_ppll(
     """Run PPLL with ``world`` (default ``ppll.procs``) local processes on loopback (tests, one machine), or
     continue the run directory ``resume``; returns rank 0's metrics. ``timeout``: seconds before every rank is
     killed (None: rely on ``ppll.timeout`` per message)."""
-    out_dir = resume or str(new_run_dir(cfg.run.out, run_name(cfg) + "_ppll"))
+    out_dir = resume or str(new_run_dir(cfg.run.out, run_name(cfg)))
     return spawn(run_stage, cfg, world or cfg.ppll.procs, out_dir, resume is not None, timeout)
 
 

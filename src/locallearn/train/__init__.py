@@ -1,10 +1,10 @@
-"""Single-process training: config, engine, loop, checkpoints."""
+"""Training: the factory (:mod:`.build`), the engine, the one trainer and its single-process runtime."""
 
 from .allocator import allocator_setting, tune_cpu_allocator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, DataCfg, ModelCfg, OptimCfg, RunCfg, TrainCfg, load_config
-from .engine import LocalEngine, resolve_split
-from .loop import fit
+from .engine import LocalEngine, StepResult, resolve_split
+from .trainer import Trainer, fit
 
 __all__ = [
     "ConfigError",
@@ -13,7 +13,9 @@ __all__ = [
     "ModelCfg",
     "OptimCfg",
     "RunCfg",
+    "StepResult",
     "TrainCfg",
+    "Trainer",
     "fit",
     "load_checkpoint",
     "load_config",

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -80,6 +80,43 @@ def _agree(ends: list[int], cfg: MethodCfg, source: str) -> list[int]:
     if cfg.k is not None and len(ends) != cfg.k:
         raise ValueError(f"{source} make {len(ends)} modules but method.k={cfg.k}; set method.k={len(ends)} (or null)")
     return ends
+
+
+@dataclass
+class StepResult:
+    """What one :meth:`LocalEngine.train_step` returns, on the device (reading it syncs the host).
+
+    ``figures`` holds K + 2 numbers: the summed local losses of each module the step ran (0 for the others), the
+    final head's ``task.train_stat`` summed over the batch (0 unless the step ran the last module), and 1 (the
+    step count), so a trainer accumulates steps with one addition; ``output`` is the last module's detached output.
+    """
+
+    figures: torch.Tensor
+    output: Any
+
+    def losses(self) -> list[float]:
+        return self.figures[:-2].tolist()
+
+
+class StepHooks(Protocol):
+    """Where a runtime that runs one module per process joins :meth:`LocalEngine.train_step` (PPLL's stages,
+    docs/pipeline.md): every call happens in this order, once per module (``stepped`` once per step)."""
+
+    def forwarded(self, k: int, out: Any) -> None:
+        """After module k's forward, before its losses (early forwarding: send the output downstream now)."""
+
+    def backward(self, k: int, losses: list[tuple[torch.Tensor, int]], x: Any) -> bool:
+        """Backpropagate module k's losses itself (a cascade whose reach crosses processes); False: the engine
+        does."""
+
+    def backwarded(self, k: int) -> None:
+        """After module k's own backward, before the method's ``after_backward`` (EMA updates)."""
+
+    def settled(self, k: int, x: Any, out: Any) -> None:
+        """After ``after_backward``, before module k's optimizer step (gradients from later modules' cascades)."""
+
+    def stepped(self) -> None:
+        """After the optimizer steps and the GradScaler's update, before the method's ``after_iteration``."""
 
 
 class LocalEngine:
@@ -144,15 +181,12 @@ class LocalEngine:
                 for objective in (aux.independent, aux.cascade) if aux is not None else ():
                     if objective is not None:
                         objective.outputs = torch.compile(objective.outputs)
-        self.optimizers = [build_optimizer(self.module_parameters(k), optim) for k in range(self.k)]
+        self._optimizers = [build_optimizer(self.module_parameters(k), optim) for k in range(self.k)]
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"run.precision must be fp32, bf16 or fp16, got {precision!r}")
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self._scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.meter: SavedTensorMeter | None = None
-        # Per-module loss sums, the final head's train_stat sum, steps: on the device, read by pop_train_stats
-        # (and by the pipeline runtime, which fills the entries of its own stage).
-        self.stats = torch.zeros(self.k + 2, device=self.device)
         # Called with k right before module k's optimizer step; a data-parallel runtime (locallearn.parallel) sets
         # it to average module k's gradients across replicas. None in a single process.
         self.grad_sync: Callable[[int], None] | None = None
@@ -161,11 +195,11 @@ class LocalEngine:
     def k(self) -> int:
         return len(self.modules)
 
-    def module_parameters(self, k: int) -> list[nn.Parameter]:
-        """Trainable parameters of module k and its aux net (EMA copies have requires_grad=False: never stepped,
-        never decayed)."""
-        aux = self.method.aux[k]
-        params = list(self.modules[k].parameters()) + ([] if aux is None else list(aux.parameters()))
+    def module_parameters(self, k: int, aux: bool = True) -> list[nn.Parameter]:
+        """Trainable parameters of module k and (``aux``) its aux net (EMA copies have requires_grad=False: never
+        stepped, never decayed)."""
+        head = self.method.aux[k] if aux else None
+        params = list(self.modules[k].parameters()) + ([] if head is None else list(head.parameters()))
         return [p for p in params if p.requires_grad]
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -175,56 +209,101 @@ class LocalEngine:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def set_lr(self, lr: float) -> None:
-        for opt in self.optimizers:
+        for opt in self._optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
 
+    @property
+    def lr(self) -> float:
+        """The learning rate now set (every module shares the schedule)."""
+        return self._optimizers[0].param_groups[0]["lr"]
+
+    def zero_grad(self, k: int) -> None:
+        """Free module k's (and its aux net's) gradients."""
+        self._optimizers[k].zero_grad(set_to_none=True)
+
     def step_module(self, k: int) -> None:
         """Step module k's optimizer (after ``grad_sync`` where a data-parallel runtime set one; via the
-        GradScaler under fp16). Runtimes that schedule modules themselves (PPLL) call it per stage."""
+        GradScaler under fp16). Public for the pipeline baselines, which schedule their own backward."""
         if self.grad_sync is not None:
             self.grad_sync(k)
-        if self.scaler is None:
-            self.optimizers[k].step()
+        if self._scaler is None:
+            self._optimizers[k].step()
         else:
-            self.scaler.step(self.optimizers[k])
+            self._scaler.step(self._optimizers[k])
 
-    def train_step(self, batch: Batch) -> None:
-        """One local-learning step on ``batch``. Statistics stay on the device (no host sync per step).
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` as it is backpropagated: multiplied by the GradScaler's scale under fp16, else itself."""
+        return loss if self._scaler is None else self._scaler.scale(loss)
+
+    @property
+    def scales_loss(self) -> bool:
+        """Does backward run on a loss-scaled value (``run.precision=fp16``)?"""
+        return self._scaler is not None
+
+    def optimizer_tensors(self, modules: range | None = None) -> list[torch.Tensor]:
+        """The optimizer state of ``modules`` (default: all): momentum buffers and the like, for memory reports."""
+        modules = range(self.k) if modules is None else modules
+        return [
+            v for k in modules for s in self._optimizers[k].state.values() for v in s.values() if torch.is_tensor(v)
+        ]
+
+    def train_step(
+        self,
+        batch: Batch,
+        *,
+        modules: range | None = None,
+        x: Any = None,
+        hooks: StepHooks | None = None,
+    ) -> StepResult:
+        """One local-learning step on ``batch`` for ``modules`` (default: all K; a PPLL stage runs its own one, fed
+        ``x``, the upstream output). Returns the step's figures on the device (no host sync per step).
 
         Each module runs forward once. A loss of reach r (a cascade) sends its gradient back through the r
         modules ending at this one and no further: the engine keeps the graphs of the last ``max_reach`` modules
-        alive, each on its own leaf input, and carries the input gradient from graph to graph by hand
-        (spec §10.1.5: one forward per module, not the reference's triple forward). Plain methods (reach 1)
-        detach after every module, so at most one module's graph is alive.
+        alive, each on its own leaf input, and carries the input gradient from graph to graph by hand (one
+        forward per module, not the reference code's repeated forwards; docs/methods.md, "Cascades"). Plain
+        methods (reach 1) detach after every module, so at most one module's graph is alive. ``hooks`` are
+        where a multi-process runtime exchanges messages (:class:`StepHooks`); this is the only place that calls
+        backward, the GradScaler and the optimizers' steps.
         """
+        modules = range(self.k) if modules is None else modules
         self.backbone.train()
         self.method.train()
         span = self.method.max_reach
         # A module whose graph a later cascade still walks must not change its weights in place before that.
         at_end = self.step_mode == "end" or span > 1
         if at_end:
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
+            for k in modules:
+                self.zero_grad(k)
+        figures = torch.zeros(self.k + 2, device=self.device)
         kept: list[tuple[Any, Any]] = []  # (leaf input, output) of modules whose graph lives (tensors or carries)
         kept_bytes: list[int] = []  # saved-activation bytes of those graphs (for the meter)
-        h = batch.input
-        for k in range(self.k):
+        h = batch.input if x is None else x
+        for k in modules:
             if not at_end:
-                self.optimizers[k].zero_grad(set_to_none=True)
+                self.zero_grad(k)
             x = detach_carry(h, span > 1 and k > 0)
             with self.autocast():
                 out = self.forward_module(k, x)
+                if hooks is not None:
+                    hooks.forwarded(k, out)
                 module_bytes = self.meter.current - sum(kept_bytes) if self.meter is not None else 0
                 losses = self.method.local_losses(k, out, batch)
-            for loss, reach in losses:
-                if loss.requires_grad:
-                    self.local_backward(loss, k, min(reach, k + 1), x, kept, span)
-                self.stats[k] += loss.detach().float()
+            for loss, _ in losses:
+                figures[k] += loss.detach().float()
+            if hooks is None or not hooks.backward(k, losses, x):
+                for loss, reach in losses:
+                    if loss.requires_grad:  # (a cascade's reach is cut where this range starts: a timing probe)
+                        self.local_backward(loss, k, min(reach, len(kept) + 1), x, kept, span)
             # Under a cascade the backward retained the graphs (later hops walk module k's); the aux nets' part
             # is needed by no later hop: drop it now, not when the next module's losses replace these names.
             losses = loss = None
+            if hooks is not None:
+                hooks.backwarded(k)
             self.method.after_backward(k)
+            if hooks is not None:
+                hooks.settled(k, x, out)
             kept = [*kept, (x, out)][-(span - 1) :] if span > 1 else []
             if self.meter is not None:
                 kept_bytes = [*kept_bytes, module_bytes][-(span - 1) :] if span > 1 else []
@@ -233,13 +312,18 @@ class LocalEngine:
                 self.step_module(k)
             h = out
         if at_end:
-            for k in range(self.k):
+            for k in modules:
                 self.step_module(k)
-        if self.scaler is not None:
-            self.scaler.update()
+        if self._scaler is not None:
+            self._scaler.update()
+        if hooks is not None:
+            hooks.stepped()
         self.method.after_iteration()
-        self.stats[-2] += self.task.train_stat(h.detach(), batch)
-        self.stats[-1] += 1
+        output = detach_carry(h)
+        if modules[-1] == self.k - 1:  # the final head's training metric (top-1 hits, PSNR), summed per sample
+            figures[-2] += self.task.train_stat(output, batch)
+        figures[-1] += 1
+        return StepResult(figures, output)
 
     def forward_module(self, k: int, x: Any) -> Any:
         """Module k's training forward. Under a cascade (``max_reach > 1``) with ``method.cascade_recompute``, its
@@ -263,7 +347,7 @@ class LocalEngine:
         graphs are ``kept`` ((leaf input, output) pairs). ``x`` is module k's leaf input (a tensor, or a captured
         model's carry of tensors); ``span`` the method's longest reach (1: the input is detached and a plain
         backward suffices). Public for the pipeline runtime, which runs the same backward per stage."""
-        scaled = loss if self.scaler is None else self.scaler.scale(loss)
+        scaled = self.scale(loss)
         if span == 1:
             scaled.backward()  # the input is detached: nothing beyond module k can be reached
             return
@@ -291,14 +375,6 @@ class LocalEngine:
             grads.append(t.grad)
             t.grad = None
         return grads
-
-    def pop_train_stats(self) -> dict[str, object]:
-        """Mean loss per module and the sum of the final head's per-sample ``task.train_stat`` (top-1 hits for
-        classification, PSNR for super-resolution) since the last call (one host sync)."""
-        stats = self.stats.tolist()
-        self.stats.zero_()
-        steps = max(stats[-1], 1.0)
-        return {"train_loss": [s / steps for s in stats[:-2]], "train_stat_sum": stats[-2]}
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, object]:
@@ -334,17 +410,39 @@ class LocalEngine:
         return {
             "model": self.backbone.state_dict(),
             "aux": self.method.state_dict(),
-            "optim": [opt.state_dict() for opt in self.optimizers],
+            "optim": [opt.state_dict() for opt in self._optimizers],
             "ends": list(self.ends),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
         }
+
+    def stage_state_dict(self, k: int) -> dict[str, object]:
+        """Module k's share of :meth:`state_dict`: what a PPLL stage checkpoints."""
+        aux = self.method.aux[k]
+        return {
+            "model": self.modules[k].state_dict(),
+            "aux": aux.state_dict() if aux is not None else {},
+            "optim": self._optimizers[k].state_dict(),
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+        }
+
+    def load_stage_state_dict(self, k: int, state: dict, weights_only: bool = False) -> None:
+        """Restore module k from :meth:`stage_state_dict`; ``weights_only``: the module and aux net, not the
+        optimizer (evaluating a PPLL run in one process)."""
+        self.modules[k].load_state_dict(state["model"])
+        if self.method.aux[k] is not None:
+            self.method.aux[k].load_state_dict(state["aux"])
+        if weights_only:
+            return
+        self._optimizers[k].load_state_dict(state["optim"])
+        if self._scaler is not None and state.get("scaler"):
+            self._scaler.load_state_dict(state["scaler"])
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["ends"]) != self.ends:
             raise ValueError(f"checkpoint split {state['ends']} differs from this config's split {self.ends}")
         self.backbone.load_state_dict(state["model"])
         self.method.load_state_dict(state["aux"])
-        for opt, s in zip(self.optimizers, state["optim"], strict=True):
+        for opt, s in zip(self._optimizers, state["optim"], strict=True):
             opt.load_state_dict(s)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if self._scaler is not None and state.get("scaler"):
+            self._scaler.load_state_dict(state["scaler"])

@@ -28,9 +28,9 @@ from ..local.task import Batch
 from ..measure.memory import SavedTensorMeter, frozen_param_bytes, model_state_bytes
 from ..measure.profile import count_params
 from ..models.units import detach_carry
+from .build import build_engine
 from .config import TrainCfg
 from .engine import LocalEngine
-from .loop import build_engine
 
 META = torch.device("meta")
 META_BOXES = 8  # boxes per image in a detection estimate (see meta_batch)
@@ -128,7 +128,7 @@ def estimate_step(cfg: TrainCfg) -> StepEstimate:
         twin.train_step(batch)
     est.step_act_peak, est.train_flops = meter.peak, int(step_flops.get_total_flops())
     params = [p for k in range(twin.k) for p in twin.module_parameters(k)]
-    est.state = model_state_bytes(params, twin.optimizers)
+    est.state = model_state_bytes(params, twin.optimizer_tensors())
     est.state["frozen_param_bytes"] = frozen_param_bytes(twin.method)
     return est
 

@@ -49,8 +49,7 @@ def _held(engine: LocalEngine, modules: range) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for k in modules:
         out += [p.grad for p in engine.module_parameters(k) if p.grad is not None]
-        for state in engine.optimizers[k].state.values():
-            out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        out += engine.optimizer_tensors(range(k, k + 1))
     return out
 
 
@@ -77,7 +76,7 @@ def predicted_peaks(cfg: TrainCfg) -> list[int]:
     peaks, h = [], batch.input
     for k in range(engine.k):  # each stage alone: its forward, losses, backward and step
         with LiveBytes(_held(engine, range(k, k + 1))) as live:
-            engine.optimizers[k].zero_grad(set_to_none=True)
+            engine.zero_grad(k)
             x = detach_carry(h)
             out = engine.modules[k](x)
             for loss, _ in engine.method.local_losses(k, out, batch):  # as a PPLL stage runs them

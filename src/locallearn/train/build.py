@@ -1,0 +1,217 @@
+"""The program's factory: a config becomes loaders, task, backbone and engine (what ``locallearn train`` builds
+before the :class:`~locallearn.train.trainer.Trainer` runs it).
+
+Seeds: the backbone, the aux nets and the data each have their own stream derived from ``run.seed``, so
+switching method never changes the data order or the backbone's initial weights, and one seed gives one run
+(bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.datasets import dataset_spec, load_split
+from ..data.loader import ResidentLoader
+from ..data.sr import sr_loaders
+from ..local.detection import DetectionTask
+from ..local.task import Batch, ClassificationTask, SuperResolutionTask, Task
+from ..methods.base import resolve_k
+from ..methods.options import MethodCfg
+from ..models.capture import CaptureError
+from ..models.registry import create_model, import_builder, is_import_path
+from ..models.units import UnitBackbone
+from .config import ConfigError, TrainCfg
+from .engine import LocalEngine
+from .partition import time_balanced_method
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """Independent seeds for the ``backbone``, ``aux`` and ``data`` streams of one run seed."""
+    key = {"backbone": 0, "aux": 1, "data": 2}[stream]
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``run.device`` as a device. On CUDA, cuDNN's autotuner is switched on: every step has the same shapes (the
+    ragged last batch costs one extra search), so each convolution gets its fastest algorithm."""
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"run.device={name} is not a device name; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name} but CUDA is not available here; use run.device=cpu or auto")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def build_loaders(cfg: TrainCfg, device: torch.device) -> tuple[Any, Any, Any]:
+    spec = dataset_spec(cfg.data.name)
+    if spec.task == "super_resolution":  # image pairs, random patches / whole images (data/sr.py)
+        d = cfg.data
+        train, test = sr_loaders(
+            spec,
+            d.root,
+            scale=d.scale,
+            patch_size=d.patch_size,
+            batch_size=d.batch_size,
+            repeat=d.repeat,
+            augment=spec.flip if d.flip is None else d.flip,
+            limit_train=d.limit_train,
+            limit_test=d.limit_test,
+            test_root=d.test_root,
+            seed=stream_seed(cfg.run.seed, "data"),
+            device=device,
+            channels_last=cfg.model.channels_last,
+            num_workers=d.num_workers,
+        )
+        return train, test, spec
+    if spec.loaders is not None:  # class folders (ImageNet): decoded in DataLoader workers (data/imagefolder.py)
+        return spec.loaders(spec, cfg.data, device, stream_seed(cfg.run.seed, "data"), cfg.model.channels_last)
+    if cfg.data.image_size is not None:
+        raise ConfigError(f"data.image_size applies to class-folder datasets only, not {cfg.data.name}; unset it")
+    loaders = []
+    for split, limit, train in (("train", cfg.data.limit_train, True), ("test", cfg.data.limit_test, False)):
+        images, labels = load_split(cfg.data.name, cfg.data.root, split)
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        loaders.append(
+            ResidentLoader(
+                images,
+                labels,
+                cfg.data.batch_size if train else cfg.data.eval_batch_size,
+                train=train,
+                mean=spec.mean,
+                std=spec.std,
+                pad=spec.pad if cfg.data.pad is None else cfg.data.pad,
+                pad_mode=cfg.data.pad_mode or spec.pad_mode,
+                flip=spec.flip if cfg.data.flip is None else cfg.data.flip,
+                seed=stream_seed(cfg.run.seed, "data"),
+                device=device,
+                channels_last=cfg.model.channels_last,
+            )
+        )
+    return loaders[0], loaders[1], spec
+
+
+def build_task(cfg: TrainCfg, spec: Any) -> Task:
+    """The dataset's task: classification with its class count, or super-resolution by ``data.scale``."""
+    if spec.task == "super_resolution":
+        return SuperResolutionTask(cfg.data.scale)
+    if spec.task == "detection":
+        return DetectionTask(list(spec.classes))
+    return ClassificationTask(spec.num_classes)
+
+
+def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.Tensor) -> LocalEngine:
+    """Backbone on its own RNG stream, then the engine (which builds the aux nets on theirs)."""
+    task = build_task(cfg, spec)
+    kwargs = task.model_kwargs()
+    if cfg.model.patch_size is not None:  # a ViT for this dataset's images (ModelCfg)
+        kwargs |= {"patch_size": cfg.model.patch_size, "image_size": cfg.data.image_size or spec.size}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(cfg.run.seed, "backbone"))
+        if is_import_path(cfg.model.name):
+            backbone = user_backbone(cfg, task, sample)
+        else:
+            if cfg.method.cuts:
+                raise ConfigError(
+                    "method.cuts names submodules of your own model (model.name=package.module:function); for "
+                    f"{cfg.model.name} use method.split or method.ends"
+                )
+            try:
+                backbone = create_model(
+                    cfg.model.name, in_channels=spec.channels, width=cfg.model.width, **kwargs, **cfg.model.kwargs
+                )
+            except (TypeError, ValueError) as e:  # a classifier asked for a scale, a patch that does not tile
+                raise ConfigError(
+                    f"model.name={cfg.model.name} cannot be built for the {task.kind} dataset {cfg.data.name} ({e})"
+                ) from None
+    return LocalEngine(
+        backbone,
+        cfg.method,
+        task,
+        cfg.optim,
+        aux_seed=stream_seed(cfg.run.seed, "aux"),
+        device=device,
+        sample=sample,
+        precision=cfg.run.precision,
+        compile=cfg.run.compile,
+        channels_last=cfg.model.channels_last,
+    )
+
+
+def dataset_kwargs(builder: Any, task: Task, cfg: TrainCfg) -> dict[str, int]:
+    """``num_classes`` and ``in_channels`` of the dataset for a builder whose signature has them and whose
+    ``model.kwargs`` does not set them (so ``model.name=pkg:resnet50`` fits CIFAR-10 without more keys)."""
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return {}
+    spec = dataset_spec(cfg.data.name)
+    given = {"num_classes": getattr(task, "num_classes", None), "in_channels": spec.channels}
+    return {k: v for k, v in given.items() if k in params and k not in cfg.model.kwargs and v is not None}
+
+
+def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbone:
+    """``model.name: package.module:function``: build the user's model with ``model.kwargs`` and capture it
+    (``UnitBackbone.from_module``, cut at ``method.cuts``); a builder may also return a UnitBackbone itself."""
+    name = cfg.model.name
+    try:
+        builder = import_builder(name)
+        model = builder(**dataset_kwargs(builder, task, cfg), **cfg.model.kwargs)
+    except TypeError as e:  # the builder's signature does not take model.kwargs
+        raise ConfigError(f"model.name={name}: calling it with model.kwargs={cfg.model.kwargs} failed ({e})") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if isinstance(model, UnitBackbone):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name={name} returned {type(model).__name__}, not an nn.Module")
+    try:
+        backbone = UnitBackbone.from_module(model, sample[:2], cuts=cfg.method.cuts or None, output=cfg.model.output)
+    except CaptureError as e:
+        raise ConfigError(f"model.name={name}: {e}") from None
+    width = backbone.infos[-1].channels
+    expected = getattr(task, "num_classes", None)
+    if expected is not None and width != expected:
+        raise ConfigError(
+            f"model.name={name} predicts {width} outputs but {cfg.data.name} has {expected} classes; "
+            f"set the builder's class count (e.g. model.kwargs.num_classes={expected})"
+        )
+    return backbone
+
+
+def resolve_time_balance(cfg: TrainCfg, spec: Any, device: torch.device, loader: Any, quiet: bool = True) -> TrainCfg:
+    """``method.balance: time`` with ``split: auto``: measure per-unit and aux-net times once on a real batch and
+    record the split as explicit ends, so the saved config, a resumed run and every pipeline rank use the same
+    split (:mod:`.partition`). Other configs are returned unchanged."""
+    if cfg.method.balance != "time" or cfg.method.split != "auto" or resolve_k(cfg.method) == 1:
+        return cfg  # (one module: nothing to balance)
+    batch = Batch(*next(iter(loader)))
+
+    def build(method: MethodCfg) -> LocalEngine:
+        return build_engine(replace(cfg, method=method), spec, device, batch.input)
+
+    method, seconds = time_balanced_method(cfg.method, build, batch)
+    if not quiet:
+        ms = ", ".join(f"{1000 * s:.1f}" for s in seconds)
+        print(f"method.balance=time: ends {method.ends}, measured ms per module (fwd+bwd+aux) [{ms}]", flush=True)
+    return replace(cfg, method=method)
+
+
+def run_name(cfg: TrainCfg) -> str:
+    """``run.name`` as given, else ``resnet32_dgl+cascade+pff_k16`` (model, method with its add-ons, K), with
+    ``_ppll`` / ``_dp`` for a multi-process run. The run folder adds the date and time in front."""
+    if cfg.run.name:
+        return cfg.run.name
+    method = "+".join([cfg.method.name, *cfg.method.addons])
+    model = cfg.model.name.rpartition(":")[2]  # your own model: the builder's name
+    runtime = "" if cfg.parallel == "none" else f"_{cfg.parallel}"
+    return f"{model}_{method}_k{resolve_k(cfg.method)}{runtime}"

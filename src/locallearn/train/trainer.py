@@ -1,0 +1,270 @@
+"""The one training loop: every runtime (one process, a PPLL stage rank, a data-parallel replica) runs it.
+
+The :class:`Trainer` owns the run: epochs and steps, the lr schedule, ``run.max_steps``, periodic checkpoints and
+the carry that lets an epoch continued after an interruption record all of its steps, the per-epoch record
+(per-module loss, the task's headline statistic, time, throughput, memory), evaluation cadence, the progress
+bar, the console and the logs (metrics.jsonl, TensorBoard). The :class:`~locallearn.train.runtime.Runtime` it
+drives owns only where steps run (docs/architecture.md, "Trainer and runtimes"). :func:`fit` is the public
+entry: build the run from its config (:mod:`.build`), then run the trainer in one process.
+
+    locallearn train -c configs/fmnist/demo.yaml method.name=dgl method.k=4
+    locallearn train --resume runs/2026-11-23_101500_resnet14_dgl_k4
+
+Multi-process runs (``parallel: ppll | dp``) go through :func:`locallearn.parallel.fit_parallel`, which runs the
+same trainer on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..measure.memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
+from .build import build_engine, build_loaders, resolve_device, resolve_time_balance, run_name
+from .checkpoint import load_checkpoint
+from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
+from .rundir import MetricsLog, check_tensorboard, environment, make_dir, new_run_dir
+from .runtime import LocalRuntime, Reduced, Runtime
+from .schedule import lr_at
+
+# On resume only these may differ from the saved config (how long to train, where, how verbosely).
+RESUMABLE_CHANGES = {
+    "run.epochs",
+    "run.max_steps",
+    "run.progress",
+    "run.threads",
+    "run.device",
+    "run.ckpt_every",
+    "run.eval_every",
+    "log.tensorboard",
+}
+METER_STEPS = 2  # steps measured by the saved-tensor meter (the peak is the same every step at a fixed shape)
+
+
+class Trainer:
+    """Runs ``cfg``'s schedule on ``runtime``; ``resume``: continue from the runtime's checkpoint."""
+
+    def __init__(self, cfg: TrainCfg, runtime: Runtime, *, resume: bool = False, quiet: bool = False) -> None:
+        self.cfg, self.runtime, self.quiet = cfg, runtime, quiet
+        self.engine, self.run_dir = runtime.engine, Path(runtime.run_dir)
+        self.epoch = self.in_epoch = self.step = 0
+        self.peak_act = 0
+        carried = None
+        if resume:
+            state = runtime.load()
+            self.epoch, self.in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
+            self.peak_act = state.get("peak_act_bytes", 0) or 0
+            carried = state.get("unrecorded")  # (checkpoints from before the carry was kept have none)
+        # Figures of the steps since the last record (StepResult.figures summed), and their seconds and count.
+        self.figures = torch.zeros(self.engine.k + 2, device=self.engine.device)
+        self.carried = {"seconds": 0.0, "steps": 0}
+        if carried:
+            self.figures.copy_(carried["stats"])
+            self.carried = {key: value for key, value in carried.items() if key != "stats"}
+        self.log: MetricsLog | None = None
+        if runtime.writes:
+            if not resume:
+                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            env = {**environment(self.engine.device), **runtime.environment()}
+            (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))
+            self.log = MetricsLog(self.run_dir / "metrics.jsonl", cfg.log.tensorboard)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def save(self, carry: dict[str, Any] | None = None) -> None:
+        """Every rank: the runtime's checkpoint(s) at the current step. ``carry``: seconds and figures of the steps
+        since the last record (mid-epoch), so the resumed epoch records all of its steps."""
+        position = {
+            "config": to_dict(self.cfg),
+            "epoch": self.epoch,
+            "step_in_epoch": self.in_epoch,
+            "step": self.step,
+            "peak_act_bytes": self.peak_act,
+        }
+        self.runtime.save(position, carry)
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any] | None:
+        """Train to ``run.epochs`` (or ``run.max_steps``); the last record and ``run_dir`` on the writing rank."""
+        cfg, engine, runtime = self.cfg, self.engine, self.runtime
+        steps_per_epoch = len(runtime.train_loader)
+        meter = SavedTensorMeter()
+        result: dict[str, Any] | None = {"run_dir": str(self.run_dir), "ends": list(engine.ends)}
+        if runtime.writes and not self.quiet:
+            print(
+                f"{runtime.label}run {self.run_dir}: {cfg.model.name}, {cfg.method.name} K={engine.k} split "
+                f"{engine.ends}, {steps_per_epoch} steps/epoch on {engine.device}",
+                flush=True,
+            )
+        stop = False
+        while self.epoch < cfg.run.epochs and not stop:
+            reset_cuda_peak(engine.device)
+            start = time.perf_counter() - self.carried["seconds"]
+            done = self.carried["steps"]  # steps since the last record, those before an interruption included
+            runtime.begin_epoch(self.carried)
+            self.carried = {"seconds": 0.0, "steps": 0}
+            batches = runtime.batches(self.epoch, self.in_epoch)
+            if self.shows_progress():
+                batches = bar = tqdm(
+                    batches,
+                    total=steps_per_epoch,
+                    initial=self.in_epoch,
+                    desc=f"epoch {self.epoch + 1}/{cfg.run.epochs}",
+                    mininterval=1.0,
+                    leave=False,
+                )
+            for item in batches:
+                engine.set_lr(lr_at(cfg.optim, self.epoch, self.in_epoch, steps_per_epoch, cfg.run.epochs))
+                measuring = runtime.measures and self.step < METER_STEPS
+                engine.meter = meter if measuring else None
+                with meter if measuring else contextlib.nullcontext():
+                    self.figures += runtime.step(item, self.step).figures
+                self.in_epoch, self.step, done = self.in_epoch + 1, self.step + 1, done + 1
+                if measuring:
+                    self.peak_act = max(self.peak_act, meter.peak)
+                if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
+                    runtime.sync(self.step, flush=False)  # activations in flight need not land: a resume recomputes
+                    carry = {"seconds": time.perf_counter() - start, "steps": done, **runtime.carry()}
+                    self.save({**carry, "stats": self.figures.cpu()})
+                if cfg.run.max_steps and self.step >= cfg.run.max_steps:
+                    stop = True
+                    break
+            if self.shows_progress():
+                bar.close()
+            engine.meter = None
+            runtime.sync(self.step)
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)
+            reduced = runtime.reduce(self.figures, time.perf_counter() - start)
+            self.figures.zero_()
+            record = self.record(reduced, done)
+            if self.in_epoch == steps_per_epoch:
+                self.epoch, self.in_epoch = self.epoch + 1, 0
+            epoch_done = self.in_epoch == 0
+            if epoch_done and (self.epoch % cfg.run.eval_every == 0 or self.epoch == cfg.run.epochs) or stop:
+                record.update(runtime.evaluate())
+            if self.log is not None:
+                self.log.log(record)
+                if not self.quiet:
+                    print(runtime.label + format_row(record, engine.task.headline), flush=True)
+            self.save()
+            if result is not None:
+                result.update(record)
+        if self.log is not None:
+            self.log.close()
+        runtime.close(self.step)
+        if not runtime.writes:
+            return None
+        result["peak_act_bytes"] = self.peak_act
+        return result
+
+    def shows_progress(self) -> bool:
+        """A progress bar on a terminal, from the writing rank (none under nohup or a batch system: a bar, even
+        a disabled one, holds a multiprocessing lock that a killed rank would leak)."""
+        return self.cfg.run.progress and self.runtime.writes and not self.quiet and sys.stderr.isatty()
+
+    def record(self, reduced: Reduced, done: int) -> dict[str, Any]:
+        """The metrics record of the ``done`` steps since the last one (the evaluation is added by the loop)."""
+        loader, engine = self.runtime.train_loader, self.engine
+        seen = samples_seen(loader, self.in_epoch - done, self.in_epoch)
+        record: dict[str, Any] = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "lr": engine.lr,
+            "train_loss": reduced.losses,
+            f"train_{engine.task.headline}": reduced.stat_sum / max(1, seen),
+            "epoch_time_s": reduced.seconds,
+            "imgs_per_s": seen / max(reduced.seconds, 1e-9),
+            "train_size": loader.n,
+        }
+        if self.runtime.measures:
+            record |= {"peak_act_bytes": self.peak_act, "peak_mem_bytes": cuda_peak_bytes(engine.device)}
+        return record | reduced.extra
+
+
+def samples_seen(loader: Any, first: int, last: int) -> int:
+    """Samples in batches ``first..last-1`` of an epoch (the last batch may be short)."""
+    return max(0, min(last * loader.batch_size, loader.n) - first * loader.batch_size)
+
+
+def format_row(r: dict[str, Any], metric: str = "acc") -> str:
+    """One console line per record; ``metric`` is the task's headline (``acc``, ``psnr``)."""
+    losses = " ".join(f"{v:.3f}" for v in r["train_loss"])
+    test = f"  test_{metric} {r[f'test_{metric}']:.4f}" if f"test_{metric}" in r else ""
+    aux = ""
+    if any(a is not None for a in r.get(f"aux_{metric}", [])):
+        aux = f"  aux_{metric} " + " ".join("-" if a is None else f"{a:.3f}" for a in r[f"aux_{metric}"])
+    train = r[f"train_{metric}"]  # NaN where the task has no per-batch training metric (detection mAP)
+    train = "" if math.isnan(train) else f"  train_{metric} {train:.4f}"
+    return (
+        f"epoch {r['epoch']:3d}  step {r['step']:6d}  lr {r['lr']:.4f}  loss [{losses}]"
+        f"{train}{test}{aux}  {r['imgs_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s"
+    )
+
+
+def checkpoint_path(run: str | Path) -> Path:
+    """A run directory's ``ckpt_last.pt``, or the checkpoint file itself."""
+    path = Path(run)
+    return path / "ckpt_last.pt" if path.is_dir() else path
+
+
+def resumed_config(
+    saved: dict[str, Any],
+    cfg: TrainCfg | None,
+    overrides: list[str] | tuple = (),
+    run_dir: str | Path = "",
+    resumable: set[str] = RESUMABLE_CHANGES,
+) -> TrainCfg:
+    """The config of a resumed run: ``cfg``, or the ``saved`` one with ``overrides``; refused if anything but the
+    ``resumable`` keys differ from the saved config (also used by the multi-process runtimes)."""
+    saved = to_dict(config_from_dict(saved))  # a fresh copy (overrides edit nested dicts in place)
+    cfg = config_from_dict(apply_overrides(to_dict(config_from_dict(saved)), list(overrides))) if cfg is None else cfg
+    changed = changed_keys(saved, to_dict(cfg)) - resumable
+    if changed:
+        raise ConfigError(
+            f"--resume {run_dir}: {', '.join(sorted(changed))} differ from the run's config; "
+            f"only {', '.join(sorted(resumable))} may change on resume"
+        )
+    return cfg
+
+
+def fit(
+    cfg: TrainCfg | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train one run, or continue ``resume`` (a run directory or checkpoint) with the same data order and RNG
+    state. When resuming without ``cfg``, ``overrides`` (``run.epochs=...``) apply to the saved config.
+    Returns the last epoch's metrics and ``run_dir``."""
+    state = None
+    if resume is not None:
+        ckpt = checkpoint_path(resume)
+        state = load_checkpoint(ckpt)
+        run_dir = ckpt.parent
+        cfg = resumed_config(state["config"], cfg, overrides, run_dir)
+    if cfg is None:
+        raise ConfigError("fit needs a config or a run to resume")
+    if cfg.parallel != "none":
+        raise ConfigError(f"parallel={cfg.parallel} runs through locallearn.parallel, not the single-process fit")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    make_dir(cfg.run.out)  # an unusable output folder fails now, not after the data and model are built
+    check_tensorboard(cfg.log.tensorboard)
+
+    train_loader, test_loader, spec = build_loaders(cfg, device)
+    cfg = resolve_time_balance(cfg, spec, device, train_loader, quiet)
+    engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
+    if state is None:
+        run_dir = new_run_dir(cfg.run.out, run_name(cfg))
+    runtime = LocalRuntime(engine, train_loader, test_loader, run_dir, state)
+    return Trainer(cfg, runtime, resume=state is not None, quiet=quiet).fit()
