@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from locallearn.data.detection import render_shapes
-from locallearn.local.detection import DetectionTask, assign, giou_loss, nms, sigmoid_focal_loss
-from locallearn.local.task import Batch
 from locallearn.models import create_model
 from locallearn.models.detector import Tap
+from locallearn.tasks.detection import DetectionTask, assign, giou_loss, nms, sigmoid_focal_loss
+from locallearn.tasks.task import Batch
 
 
 def _pred(points: list[tuple[float, float, int]], num_classes: int = 2) -> torch.Tensor:

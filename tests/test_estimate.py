@@ -15,8 +15,8 @@ from locallearn import LocalEngine
 from locallearn.bench.bench import train_step_flops
 from locallearn.data.datasets import dataset_spec
 from locallearn.data.detection import render_shapes
-from locallearn.local.task import Batch
 from locallearn.measure import SavedTensorMeter, model_state_bytes
+from locallearn.tasks.task import Batch
 from locallearn.train import load_config
 from locallearn.train.build import build_engine
 from locallearn.train.estimate import META_BOXES, estimate_step

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from locallearn import UnitBackbone
 from locallearn.cli.main import main
-from locallearn.local.task import Batch, ClassificationTask
 from locallearn.methods.options import MethodCfg
 from locallearn.models.capture import CaptureError
 from locallearn.parallel.data_parallel import fit_dp
 from locallearn.parallel.ppll import spawn_ppll
+from locallearn.tasks.task import Batch, ClassificationTask
 from locallearn.train import fit, load_checkpoint, load_config
 from locallearn.train.config import OptimCfg
 from locallearn.train.engine import LocalEngine

@@ -1,7 +1,8 @@
-"""The package's import rules (engineering.md, the house style), read from the source with ``ast``:
-imports point one way (cli → bench/train/parallel → methods → local → models; data and measure below the
-engines), no two modules import each other (directly or around a cycle), nobody imports another package's
-``_private`` names, and docstrings cite specs and papers, not issue numbers."""
+"""The package's import rules (docs/architecture.md), read from the source with ``ast``: imports point one way
+(cli → bench → parallel → train → methods → local → models; tasks, data and measure below the engines), no two
+modules import each other (directly or around a cycle), nobody imports another package's ``_private`` names,
+no file outside the engine reaches into its optimizers, scaler or statistics, and docstrings cite the project's
+docs and papers, not issue numbers or files outside the repository."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "locallearn"
 # What each folder may import from (besides itself); anything else is a wrong-way import.
 ALLOWED = {
     "models": set(),
-    "local": {"models", "data"},  # a task scores with its data format's metric (detection: COCO mAP)
-    "methods": {"local", "models"},
     "data": set(),
     "measure": set(),
-    "train": {"methods", "local", "models", "data", "measure"},
-    "parallel": {"train", "methods", "local", "models", "data", "measure"},
-    "bench": {"parallel", "train", "methods", "local", "models", "data", "measure"},
-    "cli": {"bench", "parallel", "train", "methods", "local", "models", "data", "measure"},
+    "tasks": {"models", "data"},  # a task builds its head and scores with its data format's metric (COCO mAP)
+    "local": {"models"},
+    "methods": {"local", "tasks", "models"},
+    "train": {"methods", "local", "tasks", "models", "data", "measure"},
+    "parallel": {"train", "methods", "local", "tasks", "models", "data", "measure"},
+    "bench": {"parallel", "train", "methods", "local", "tasks", "models", "data", "measure"},
+    "cli": {"bench", "parallel", "train", "methods", "local", "tasks", "models", "data", "measure"},
 }
 
 
@@ -122,3 +124,41 @@ def test_docstrings_cite_specs_not_issue_numbers() -> None:
     pattern = re.compile(r"\bissue\s*#?\d+", re.IGNORECASE)
     found = [f"{p.relative_to(PACKAGE)}" for p in FILES if pattern.search(p.read_text())]
     assert not found, "issue numbers in: " + ", ".join(found)
+
+
+def test_only_the_engine_touches_its_optimizers_scaler_and_statistics() -> None:
+    """Runtimes and benchmarks use the engine's named methods (``train_step``, ``zero_grad``, ``step_module``,
+    ``scale``, ``lr``, ``stage_state_dict``, ``optimizer_tensors``), never its internals."""
+    pattern = re.compile(r"\.(_?optimizers|_?scaler|stats)\b(?!_)")
+    engine = PACKAGE / "train" / "engine.py"
+    found = [
+        f"{p.relative_to(PACKAGE)}:{i}"
+        for p in FILES
+        if p != engine
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line) and "evaluator.stats" not in line  # (pycocotools' COCOeval result)
+    ]
+    assert not found, "engine internals used in: " + ", ".join(found)
+
+
+def test_one_epoch_loop() -> None:
+    """The trainer holds the only loop over epochs; runtimes hold none."""
+    loops = [
+        f"{p.relative_to(PACKAGE)}:{i}"
+        for p in FILES
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"while .*epoch.* < .*epochs", line)
+    ]
+    assert [where.split(":")[0] for where in loops] == ["train/trainer.py"], loops
+
+
+def test_docstrings_cite_docs_not_outside_specs() -> None:
+    """A reader of the checkout can follow every citation: no "spec §x.y" or brief outside the repository."""
+    pattern = re.compile(r"\bspec\b[^\n]{0,20}§|\b(methods|pipeline|engineering)\.md\b(?<!docs/methods\.md)")
+    found = [
+        f"{p.relative_to(PACKAGE)}:{i}"
+        for p in FILES
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line) and "docs/" not in line
+    ]
+    assert not found, "citations of files outside the repository: " + ", ".join(found[:20])

@@ -28,8 +28,8 @@ from locallearn.bench.simulate import (
 from locallearn.bench.variants import Variant, variant_config
 from locallearn.cli.main import main
 from locallearn.data.datasets import dataset_spec
-from locallearn.local.task import Batch
 from locallearn.parallel.pipeline_baselines import RunOpts, spawn_run, steady_state
+from locallearn.tasks.task import Batch
 from locallearn.train.build import build_engine
 from locallearn.train.config import load_config
 

@@ -10,8 +10,8 @@ import torch
 
 from locallearn.cli.main import main
 from locallearn.data.datasets import dataset_spec
-from locallearn.local.task import Batch
 from locallearn.measure import AllocatorPeak
+from locallearn.tasks.task import Batch
 from locallearn.train import load_config
 from locallearn.train.build import build_engine
 from locallearn.train.estimate import meta_batch

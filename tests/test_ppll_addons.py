@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from locallearn.cli.main import main
-from locallearn.local.task import Batch
 from locallearn.methods.bridge import MomentumBridge
 from locallearn.parallel.ppll import spawn_ppll
+from locallearn.tasks.task import Batch
 from locallearn.train import fit, load_checkpoint, load_config
 from locallearn.train.build import build_engine, build_loaders
 from locallearn.train.config import TrainCfg

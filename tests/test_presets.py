@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from locallearn.data import dataset_spec
-from locallearn.local.task import Batch
+from locallearn.tasks.task import Batch
 from locallearn.train.build import build_engine
 from locallearn.train.config import load_config
 

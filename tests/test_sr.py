@@ -16,10 +16,10 @@ from locallearn import Batch, ClassificationTask, LocalEngine, MethodCfg, OptimC
 from locallearn.cli.main import main
 from locallearn.data import DataError, dataset_spec
 from locallearn.data.sr import SREvalLoader, SRPair, SRTrainLoader, bicubic_lr, make_pair, read_folder
-from locallearn.local.image_quality import psnr_y, ssim_y
 from locallearn.methods.glcan import LocalAdapter
 from locallearn.models.edsr import ResBlock
 from locallearn.models.units import UnitInfo
+from locallearn.tasks.image_quality import psnr_y, ssim_y
 from locallearn.train import load_config
 from locallearn.train.build import build_engine
 from locallearn.train.config import ConfigError

@@ -17,7 +17,7 @@ import time
 import torch
 
 from locallearn.bench.variants import Variant, parse_method, variant_config
-from locallearn.local.task import Batch
+from locallearn.tasks.task import Batch
 from locallearn.train.config import load_config
 from locallearn.train.build import build_engine, build_loaders, resolve_device
 from locallearn.train.schedule import lr_at

@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from locallearn.local.task import Batch
+from locallearn.tasks.task import Batch
 from locallearn.parallel import pipeline_baselines as pb
 from locallearn.parallel.ppll import stage_step
 from locallearn.train.config import load_config

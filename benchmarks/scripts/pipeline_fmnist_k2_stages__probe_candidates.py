@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from locallearn.local.task import Batch
+from locallearn.tasks.task import Batch
 from locallearn.train import partition
 from locallearn.train.config import load_config
 from locallearn.train.build import build_engine, build_loaders

@@ -10,9 +10,9 @@ Quick start with your own model (any ``nn.Module``, captured with torch.fx and c
 or from a preset: ``ll.fit(ll.load_config("configs/fmnist/demo.yaml", ["method.name=dgl"]))``.
 """
 
-from .local import Batch, ClassificationTask, SuperResolutionTask
 from .methods import LocalMethod, MethodCfg, list_methods, register_method
 from .models import UnitBackbone, UnitInfo, create_model, list_models, register_model
+from .tasks import Batch, ClassificationTask, SuperResolutionTask
 from .train import LocalEngine, OptimCfg, TrainCfg, fit, load_config, tune_cpu_allocator
 
 __version__ = "0.1.0"

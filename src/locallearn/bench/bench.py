@@ -36,7 +36,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.datasets import dataset_spec
 from ..data.idx import DataError
-from ..local.task import Batch
 from ..measure.memory import (
     AllocatorPeak,
     CudaPeak,
@@ -48,6 +47,7 @@ from ..measure.memory import (
 )
 from ..measure.speed import interleaved_throughput
 from ..models.units import backward_carry, carry_tensors, detach_carry
+from ..tasks.task import Batch
 from ..train.build import build_engine, build_loaders, build_task, resolve_device, stream_seed
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.engine import LocalEngine

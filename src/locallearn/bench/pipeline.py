@@ -1,5 +1,5 @@
 """``locallearn bench pipeline``: PPLL against sequential local learning, GPipe, 1F1B, DDP and single-process E2E,
-side by side on the same model, split, data and global batch (pipeline.md §3, §6.4).
+side by side on the same model, split, data and global batch (docs/pipeline.md, "Measurement rules").
 
     locallearn bench pipeline -c configs/fmnist/demo.yaml --k 2 --threads 1 --simulate 4 method.name=dgl
 
@@ -7,7 +7,7 @@ Rows, each timed by :func:`~locallearn.parallel.pipeline_baselines.spawn_run` on
 (full batches only, cycled) after ``--warmup`` steps:
 
 * ``e2e`` and ``sequential`` (local learning) in one process, with ``--threads`` and with K × ``--threads``
-  threads: the honest CPU comparison, "K processes × T threads" against "one process × K·T threads" (§3.4);
+  threads: the honest CPU comparison, "K processes × T threads" against "one process × K·T threads";
 * ``ppll``, ``gpipe M=..``, ``1f1b M=..`` (M from ``--micro``, default {K, 2K, 4K}; 1F1B needs M ≥ K) and ``ddp``
   in K processes × ``--threads``; GPipe/1F1B use the local method's split, so every pipeline has the same stages;
 * ``independent``: K processes × ``--threads``, each running sequential local learning on its own copy of the
@@ -25,7 +25,7 @@ odd rounds run the groups, and the rows within them, in reverse order. Every fig
 ratio: the median of the per-round ratios, both runs of a round having seen about the same load), and each
 headline ratio comes with a 95 % confidence interval of that median (:func:`median_interval`). ``--rows`` times a
 subset, e.g. ``solo,ppll,stages,independent`` for many quick rounds of the goal's ratio. Each round records the CPU load
-of other processes (``foreign_cores``), so contaminated multi-core runs can be spotted and discarded (§6.4), and,
+of other processes (``foreign_cores``), so contaminated multi-core runs can be spotted and discarded, and,
 with ``ppll.pin_cores``, the cores of every rank (every row is pinned alike).
 
 ``--simulate K`` adds :mod:`.simulate`'s predictions for K devices and, for validation, for the measured K, printed
@@ -46,10 +46,10 @@ from typing import Any
 import torch
 
 from ..data.datasets import dataset_spec
-from ..local.task import Batch
 from ..parallel.cross_stage import CrossStage
 from ..parallel.pipeline_baselines import RunOpts, spawn_run, steady_state
 from ..parallel.ppll import check_supported
+from ..tasks.task import Batch
 from ..train.build import build_engine, resolve_device, resolve_time_balance
 from ..train.config import ConfigError, TrainCfg, load_config, to_dict
 from ..train.rundir import make_dir
@@ -59,7 +59,7 @@ from .report import machine_info, write_atomic
 from .simulate import default_micro, measure_stage_costs, ppll_fill, predict
 from .variants import Variant, variant_config
 
-DISTINCT_BATCHES = 8  # fixed batches cycled, as in pipeline.md §3.1
+DISTINCT_BATCHES = 8  # fixed batches cycled: data loading stays out of the timed loop
 # --rows, in plan order
 ROW_KINDS = ("e2e", "sequential", "solo", "ppll", "stages", "independent", "gpipe", "1f1b", "ddp")
 SCHEDULES = (("gpipe", "GPipe"), ("1f1b", "1F1B"))
@@ -94,7 +94,7 @@ def plan_rows(k: int, threads: int, micro: list[int], kinds: tuple[str, ...] | l
     rows = [Row(kind, 1, t) for t in (threads, k * threads) for kind in ("e2e", "sequential")]
     rows += [Row(kind, k, threads) for kind in ("solo", "ppll", "stages", "independent")]
     rows += [Row("gpipe", k, threads, m) for m in micro]
-    rows += [Row("1f1b", k, threads, m) for m in micro if m >= k]  # Schedule1F1B needs M >= K (§2.1)
+    rows += [Row("1f1b", k, threads, m) for m in micro if m >= k]  # torch's Schedule1F1B rejects M < K
     return [row for row in [*rows, Row("ddp", k, threads)] if row.kind in kinds]
 
 
@@ -154,7 +154,7 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
 
 
 def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """Every row against each reference present (the columns), the headline ratios of pipeline.md §6 whose two rows were
+    """Every row against each reference present (the columns), the headline ratios whose two rows were
     both timed (``--rows`` may leave some out; older results lack ``solo`` and ``independent``), and each
     headline's 95 % confidence interval over rounds (:func:`median_interval`; None below 6 rounds)."""
     by = {r["label"]: r for r in rows}

@@ -1,7 +1,7 @@
 """``locallearn bench pipeline --simulate K``: K-device throughput of PPLL and of GPipe/1F1B predicted from stage
-times measured in one process and transfer times measured between two (pipeline.md §4, §6.4).
+times measured in one process and transfer times measured between two (docs/pipeline.md, "The simulator").
 
-Notation as in pipeline.md §4: K stages, global batch B, M micro-batches. Measured, per stage k:
+Notation as in docs/pipeline.md: K stages, global batch B, M micro-batches. Measured, per stage k:
 
 * ``ll[k]``: one local-learning stage step on the whole batch (forward, aux net and local loss, backward, optimizer
   step), exactly the code PPLL runs (:func:`~locallearn.parallel.ppll.stage_step`);
@@ -15,7 +15,7 @@ Formulas (every transfer is counted on the receiving stage's critical path, i.e.
 
 * one device: sequential LL ``Σ ll``; E2E ``Σ (fwd[1] + bwd[1] + opt)``;
 * PPLL: step ``max_k (ll[k] + comm[1][k-1])``, fill ``Σ ll + Σ comm[1]`` (paid once);
-* GPipe and 1F1B (same step time, §4): with ``T_k = fwd[M][k] + bwd[M][k] + comm[M][k-1] + comm[M][k]`` (the
+* GPipe and 1F1B (same step time): with ``T_k = fwd[M][k] + bwd[M][k] + comm[M][k-1] + comm[M][k]`` (the
   activation in from k-1, the gradient in from k+1), step ``Σ_k T_k + (M−1)·max_k T_k + max_k opt[k]``; balanced
   stages give the familiar ``(M+K−1)·T``.
 
@@ -36,9 +36,9 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from ..data.datasets import dataset_spec
-from ..local.task import Batch
 from ..models.units import backward_carry, carry_tensors, detach_carry
 from ..parallel.ppll import stage_step
+from ..tasks.task import Batch
 from ..train.build import build_engine
 from ..train.config import TrainCfg
 
@@ -166,5 +166,5 @@ def measure_stage_costs(
 
 
 def default_micro(k: int, batch_size: int) -> list[int]:
-    """M ∈ {K, 2K, 4K} (pipeline.md §6.4) that split the batch into equal micro-batches."""
+    """M ∈ {K, 2K, 4K} (docs/pipeline.md, "Measurement rules") that split the batch into equal micro-batches."""
     return [m for m in (k, 2 * k, 4 * k) if batch_size % m == 0]

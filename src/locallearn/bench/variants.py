@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..methods.base import list_methods
 from ..methods.options import ADDON_PRESETS
+from ..names import unknown_name
 from ..train.config import ConfigError, TrainCfg, apply_overrides, config_from_dict, to_dict
 
 
@@ -61,12 +62,10 @@ def parse_method(token: str) -> tuple[str, tuple[str, ...], str | None]:
     spec, _, split = token.partition(":")
     name, *addons = spec.split("+")
     if name not in list_methods():
-        raise ConfigError(f"unknown method {name!r} in --methods; known: {', '.join(list_methods())}")
+        raise ConfigError(unknown_name("method", name, list_methods(), " in --methods"))
     for addon in addons:
         if addon not in ADDON_PRESETS:
-            raise ConfigError(
-                f"unknown add-on preset {addon!r} in {token!r}; known: {', '.join(ADDON_PRESETS)} (e.g. dgl+man)"
-            )
+            raise ConfigError(unknown_name("add-on preset", addon, ADDON_PRESETS, f" in {token!r} (e.g. dgl+man)"))
     if name == "e2e" and any("addons" in ADDON_PRESETS[a] for a in addons):
         raise ConfigError(f"{token!r}: add-ons act on local modules; e2e has one module (use dgl+... or infopro+...)")
     return name, tuple(addons), split or None

@@ -15,10 +15,10 @@ from ..bench.runs import plan_runs, run_record, train_runs
 from ..bench.variants import Variant, parse_method
 from ..data.datasets import dataset_spec, list_datasets
 from ..local.split import list_presets
-from ..local.task import Batch
 from ..methods.base import list_methods, resolve_k
 from ..models.registry import list_models
 from ..parallel.ppll import load_stages, read_stage_checkpoints
+from ..tasks.task import Batch
 from ..train.build import build_engine, build_loaders, build_task, resolve_device, resolve_time_balance
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, apply_overrides, changed_keys, config_from_dict, load_config, to_dict

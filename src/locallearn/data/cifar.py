@@ -2,11 +2,11 @@
 
 Get the data from https://www.cs.toronto.edu/~kriz/cifar.html (the "binary version" or the "python version"),
 extract it, and point ``data.root`` at the folder holding ``cifar-10-batches-bin``/``cifar-10-batches-py`` (or
-``cifar-100-binary``/``cifar-100-python``), or at that folder itself. No downloads happen here (engineering.md §7.2).
+``cifar-100-binary``/``cifar-100-python``), or at that folder itself. No downloads happen here (docs/data.md).
 
-Both layouts store each image as 3072 bytes, plane-major: 1024 R, 1024 G, 1024 B, each 32×32 row-major (spec
-methods.md §9), so a plain reshape gives (N, 3, 32, 32). Sizes come from the files: old torchvision and DGL
-hard-code 50000/10000 (spec §1.5), we count records instead. The binary layout is preferred when both exist,
+Both layouts store each image as 3072 bytes, plane-major: 1024 R, 1024 G, 1024 B, each 32×32 row-major, so
+a plain reshape gives (N, 3, 32, 32). Sizes come from the files: old torchvision and DGL
+hard-code 50000/10000, we count records instead. The binary layout is preferred when both exist,
 because it needs no unpickling at all.
 """
 
@@ -146,11 +146,11 @@ _CIFAR100 = (
     _Layout("cifar-100-python", {"train": ("train",), "test": ("test",)}, binary=False, label_key=b"fine_labels"),
 )
 
-# Spec methods.md §0.3 (InfoPro train.py): reflect-pad 4, random crop 32, flip, Normalize with these x/255 stats.
+# InfoPro's train.py (docs/data.md): reflect-pad 4, random crop 32, flip, Normalize with these x/255 stats.
 _CIFAR10_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 _CIFAR10_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
-# CIFAR-100 is not in the spec; same recipe, with the commonly used CIFAR-100 statistics in the same x/255 form
-# (the WRN/DenseNet-lineage values), not the CIFAR-10 ones.
+# The papers' scripts have no CIFAR-100 recipe: the same one, with the commonly used CIFAR-100 statistics in the
+# same x/255 form (the WRN/DenseNet-lineage values), not the CIFAR-10 ones.
 _CIFAR100_MEAN = tuple(v / 255 for v in (129.3, 124.1, 112.4))
 _CIFAR100_STD = tuple(v / 255 for v in (68.2, 65.4, 70.4))
 

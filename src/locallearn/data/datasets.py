@@ -1,12 +1,11 @@
-"""Dataset registry: name → reader, class count, normalisation and augmentation recipe (spec §0.3, eng. §7.2).
+"""Dataset registry: name → reader, class count, normalisation and augmentation recipe (docs/data.md).
 
-The class count is a property of the dataset, never inferred from its name (InfoPro's ``'sl10'`` bug, spec §2.6).
-Readers return uint8 NCHW arrays, so the loader can keep them resident on the device.
+The class count is a property of the dataset, never inferred from its name (InfoPro's ``'sl10'`` typo gave STL-10 a
+100-way head). Readers return uint8 NCHW arrays, so the loader can keep them resident on the device.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..names import unknown_name
 from .idx import DataError, read_idx_split
 
 
@@ -38,7 +38,7 @@ class DatasetSpec:
     hint: str
     task: str = "classification"
     # Streamed datasets (class folders, :mod:`locallearn.data.imagefolder`): builds the (train, test) loaders and
-    # the spec with the class count found in the files; ``read`` then only explains that (eng. §7.3).
+    # the spec with the class count found in the files; ``read`` then only explains that.
     loaders: Callable[..., Any] | None = None
     classes: tuple[str, ...] = ()  # class names where the files give them (detection: VOC/COCO categories)
 
@@ -57,9 +57,7 @@ def list_datasets() -> list[str]:
 
 def dataset_spec(name: str) -> DatasetSpec:
     if name not in _DATASETS:
-        hint = difflib.get_close_matches(name, _DATASETS, n=1)
-        more = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(f"unknown dataset {name!r}{more} Known datasets: {', '.join(list_datasets())}")
+        raise ValueError(unknown_name("dataset", name, _DATASETS))
     return _DATASETS[name]
 
 

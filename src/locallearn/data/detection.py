@@ -1,7 +1,7 @@
 """Object-detection data: Pascal VOC (XML) and COCO (JSON) annotations, a rendered shapes set, COCO mAP.
 
 Images are read with Pillow and resized to one square ``size`` (boxes scaled with them), so a split is one uint8
-NCHW array that stays resident on the device like the classification sets (eng. §7.1); aspect ratio is not kept,
+NCHW array that stays resident on the device like the classification sets (docs/data.md); aspect ratio is not kept,
 which is fine for the CPU-sized benchmarks this serves. Targets are a padded (N, max_boxes, 5) float tensor of
 ``[label, x1, y1, x2, y2]`` in pixels of the resized image, label −1 for padding, so a batch is one tensor.
 

@@ -1,7 +1,7 @@
 """``locallearn data get NAME --root DIR``: download, verify and safely extract a dataset's official archives.
 
-For users with internet only; the library itself never downloads at run time (engineering.md §7.2) and the tests
-serve archives from a local HTTP server. For each archive of ``NAME`` (``SOURCES``):
+For users with internet only: the library itself never downloads at run time, and the tests serve archives from
+a local HTTP server (docs/data.md, "No downloads at run time"). For each archive of ``NAME`` (``SOURCES``):
 
 - download ``URL`` to ``DIR/<folder>/<file>.part`` with urllib; a ``.part`` left by an interrupted run is resumed with
   an HTTP ``Range: bytes=<have>-`` request (a server that ignores it answers 200 and we start over);
@@ -12,7 +12,7 @@ serve archives from a local HTTP server. For each archive of ``NAME`` (``SOURCES
   (MNIST family) and SVHN ``.mat`` files are read as they are, so they are kept, not extracted.
 
 Finally it prints the ``data.root`` to use. The folders (``DIR/cifar10``, ``DIR/fashion-mnist``...) are the
-registry's default roots when ``DIR`` is ``data`` (spec methods.md §9 for the file layouts).
+registry's default roots when ``DIR`` is ``data`` (docs/data.md, "File formats", for the layouts).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """ImageNet-style class folders, ``root/train/<class>/<image>`` and ``root/val/<class>/<image>``, registered as
-``imagenet`` and ``imagefolder`` (any class-folder dataset; set ``data.root``). Engineering.md §7.3, spec §0.4.
+``imagenet`` and ``imagefolder`` (any class-folder dataset; set ``data.root``). Design and recipe:
+docs/data.md, "Class folders (ImageNet)".
 
 Too large to keep resident, so images are decoded with Pillow in ``data.num_workers`` DataLoader processes, one
 fused crop + resize each (``draft`` lets JPEG decode at 1/2, 1/4 or 1/8 scale when the crop allows it), and
-collated as uint8; the flip, the normalisation and channels_last happen on the device. Recipe (spec §0.4, the
+collated as uint8; the flip, the normalisation and channels_last happen on the device. Recipe (InfoPro's
 ImageNet scripts): training RandomResizedCrop (scale 0.08–1, aspect 3/4–4/3, torchvision's 10 tries then a
 clamped centre crop) to ``image_size`` (224) + horizontal flip; evaluation resizes the short side to
 ``image_size / 0.875`` (256) and centre-crops ``image_size``. ImageNet mean/std.
@@ -100,7 +101,7 @@ def scan_split(folder: Path, classes: Sequence[str] | None = None) -> FolderInde
 
 
 def random_resized_box(width: int, height: int, rng: np.random.Generator) -> Box:
-    """RandomResizedCrop's crop (spec §0.4): an area fraction in ``SCALE`` and a log-uniform aspect ratio in
+    """The crop torchvision's RandomResizedCrop draws: an area fraction in ``SCALE`` and a log-uniform aspect ratio in
     ``RATIO``, up to 10 tries; then the whole image centre-cropped to the nearest allowed aspect ratio."""
     area = width * height
     for _ in range(10):
@@ -135,7 +136,7 @@ def decode(path: str, size: int, box_of: Callable[[int, int], Box]) -> np.ndarra
     """Decode ``path`` and return the ``box_of(width, height)`` region resized (bilinear) to uint8 (size, size, 3).
 
     ``draft`` asks the JPEG decoder for the smallest power-of-two reduction that still leaves the region at least
-    ``size`` pixels wide and high, and the crop and resize are one ``resize(box=...)`` (eng. §7.3)."""
+    ``size`` pixels wide and high, and the crop and resize are one ``resize(box=...)``."""
     from PIL import Image
 
     with Image.open(path) as img:
@@ -237,7 +238,7 @@ class FolderLoader:
         self._sampler = EpochBatches()
         # Workers start per pass and stop when it ends, early (max_steps) or on an error: persistent ones would
         # outlive an abandoned pass with batches in flight and stall the interpreter's exit. Starting workers once
-        # per pass is negligible next to an ImageNet epoch (eng. §7.3 suggests persistent workers; see above).
+        # per pass is negligible next to an ImageNet epoch (the usual advice is persistent workers; see above).
         workers = dict(prefetch_factor=4) if num_workers else {}
         self._loader = DataLoader(
             _FolderDataset(index, size, resize, train, seed),

@@ -1,4 +1,4 @@
-"""A device-resident loader for small-image datasets (engineering.md §7.1, airbench style).
+"""A device-resident loader for small-image datasets, airbench style (docs/data.md, "The device-resident loader").
 
 The uint8 images live on the device, padded once. Each batch: index → random crop (one vectorised gather for the
 whole batch, horizontal flip folded into the column index) → float → normalise → channels_last.

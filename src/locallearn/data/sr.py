@@ -13,8 +13,8 @@ Datasets (``data.name``):
 
 A folder is only *indexed* up front: sizes come from the file headers, so a wrong LR size or a too-small image
 fails at once. Pixels are decoded when a batch needs them, in ``data.num_workers`` DataLoader processes as for
-ImageNet (engineering.md §7.3, :mod:`.imagefolder`), so DIV2K (800 2K images, ~7 GB decoded) trains in constant
-memory (GLCAN's SR setting, methods.md §6). The price is one decode per patch (~60 ms per 2K PNG on one core):
+ImageNet (:mod:`.imagefolder`), so DIV2K (800 2K images, ~7 GB decoded) trains in constant
+memory (GLCAN's SR setting, docs/glcan.md). The price is one decode per patch (~60 ms per 2K PNG on one core):
 give it workers, or cut the HR images into sub-images first (BasicSR's ``extract_subimages``), which a plain
 folder then serves. The built-in photographs (a few MB) stay resident and are cut in this process.
 
@@ -22,7 +22,7 @@ Training batches are random aligned patches (``data.patch_size`` HR pixels, a mu
 random flips and transposition (the 8 dihedral transforms, EDSR's augmentation) when ``data.flip`` is on; an
 epoch draws ``data.repeat`` patches per image. As in :mod:`.loader`, randomness is a pure function of
 ``(seed, epoch, batch)``, drawn in this process: workers only decode and cut, so batches do not depend on the
-worker count and a resumed run sees the same batches (engineering.md §5). Evaluation batches are whole images,
+worker count and a resumed run sees the same batches (docs/data.md). Evaluation batches are whole images,
 one per batch, HR cropped to a multiple of the scale. Inputs are LR images in [0, 1] (the model subtracts its own
 mean), targets HR images in [0, 1].
 """

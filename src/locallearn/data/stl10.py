@@ -1,13 +1,13 @@
 """STL-10 binary version (``stl10_binary/{train,test}_{X,y}.bin``), registered as ``stl10``.
 
-Format (spec methods.md §9): ``*_X.bin`` is raw uint8, 3·96·96 = 27,648 bytes per image, each channel plane stored
-**column-major**; read as (N, 3, 96, 96) and swap the last two axes (engineering.md §7.2). ``*_y.bin`` is one uint8
-label per image in 1..10, minus 1 gives 0..9. Sizes are checked (a whole number of images, as many labels as
-images, labels in range) rather than assumed (5,000 train / 8,000 test).
+Format (docs/data.md, "File formats"): ``*_X.bin`` is raw uint8, 3·96·96 = 27,648 bytes per image, each channel
+plane stored **column-major**; read as (N, 3, 96, 96) and swap the last two axes. ``*_y.bin`` is one uint8 label per
+image in 1..10, minus 1 gives 0..9. Sizes are checked (a whole number of images, as many labels as images, labels in
+range) rather than assumed (5,000 train / 8,000 test).
 
-Only the labelled ``train`` and ``test`` splits are read, as in the papers (spec §0.3). The 100k ``unlabeled_X.bin``
-split is out of scope here (it would need a streaming loader, engineering.md §7.2); ``fold_indices.txt`` is not
-used either (the papers train on all 5,000 images). Recipe (spec §0.3): random crop 96 with padding 4, horizontal
+Only the labelled ``train`` and ``test`` splits are read, as in the papers' scripts. The 100k ``unlabeled_X.bin``
+split is out of scope here (it would need a streaming loader); ``fold_indices.txt`` is not used either (the papers
+train on all 5,000 images). Recipe (InfoPro's ``train.py``; docs/data.md): random crop 96 with padding 4, horizontal
 flip, Normalize(0.5, 0.5).
 
 Get ``stl10_binary.tar.gz`` from ``http://ai.stanford.edu/~acoates/stl10/`` (or ``locallearn data get stl10

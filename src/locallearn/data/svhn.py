@@ -1,15 +1,15 @@
 """SVHN cropped digits (``train_32x32.mat``, ``test_32x32.mat``, ``extra_32x32.mat``), registered as ``svhn`` and
 ``svhn_extra``.
 
-Format (spec methods.md §9): MATLAB v5 files read with ``scipy.io.loadmat`` (the ``[svhn]`` extra, imported only
-when a file is read). ``X`` is uint8 of shape (32, 32, 3, N), i.e. (H, W, C, N); ``y`` is (N, 1) with labels 1..10
-where **10 means digit 0** (torchvision applies ``y % 10``). We reorder X with axes (3, 2, 0, 1) to (N, C, H, W)
-(engineering.md §7.2) and remap 10 → 0.
+Format (docs/data.md, "File formats"): MATLAB v5 files read with ``scipy.io.loadmat`` (the ``[svhn]`` extra,
+imported only when a file is read). ``X`` is uint8 of shape (32, 32, 3, N), i.e. (H, W, C, N); ``y`` is (N, 1) with
+labels 1..10 where **10 means digit 0** (torchvision applies ``y % 10``). We reorder X with axes (3, 2, 0, 1) to
+(N, C, H, W) and remap 10 → 0.
 
-``svhn`` uses the ``train`` split alone, as the papers do (spec §0.3: 73,257 train / 26,032 test images, ``extra``
-unused). ``svhn_extra`` is the same dataset with ``extra_32x32.mat`` (531,131 images) appended to ``train``; its
-test split is the ordinary one. Recipe (spec §0.3): random crop 32 with zero padding 2, **no flip** (digits),
-Normalize(0.5, 0.5). Get the files from ``http://ufldl.stanford.edu/housenumbers/`` or with
+``svhn`` uses the ``train`` split alone, as the papers do (InfoPro's ``train.py``: 73,257 train / 26,032 test
+images, ``extra`` unused). ``svhn_extra`` is the same dataset with ``extra_32x32.mat`` (531,131 images) appended to
+``train``; its test split is the ordinary one. Recipe (InfoPro's ``train.py``): random crop 32 with zero padding 2,
+**no flip** (digits), Normalize(0.5, 0.5). Get the files from ``http://ufldl.stanford.edu/housenumbers/`` or with
 ``locallearn data get svhn --root data`` and point ``data.root`` at the folder holding them.
 """
 

@@ -1,4 +1,4 @@
-"""Auxiliary networks placed on a local module's output (spec methods.md §1.2, §2.2).
+"""Auxiliary networks placed on a local module's output (docs/methods.md, "Aux nets and local losses").
 
 All are built from the :class:`UnitInfo` of the module's last unit, so they adapt to any width and resolution,
 and they are looked up by name in registries (never ``exec``/``eval``).
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.units import UnitInfo
+from ..names import unknown_name
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -22,13 +23,13 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.S
 
 
 INFOPRO_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
-# The ImageNet aux pair of spec §2.2 (InfoPro ``Experiments on ImageNet``): this head and the ImageNet decoder.
+# InfoPro's ImageNet aux pair (its ``Experiments on ImageNet``): this head and the ImageNet decoder.
 IMAGENET_AUX = "imagenet"
 
 
 def _imagenet_head(c: int, widen: int) -> tuple[list[nn.Module], int]:
-    """InfoPro's ImageNet head body (spec §2.2): 1×1 conv → 128, 3×3 stride-2 → 256, 3×3 stride-2 → 512, 1×1 →
-    2048 (each BN, ReLU). The first width is 256 above 512 input channels (HPFF's heads on layer3, spec §4.3), so
+    """InfoPro's ImageNet head body: 1×1 conv → 128, 3×3 stride-2 → 256, 3×3 stride-2 → 512, 1×1 →
+    2048 (each BN, ReLU). The first width is 256 above 512 input channels (HPFF's ImageNet heads on layer3), so
     it fits any stage; widths are times ``widen``. Returns the layers and the output width."""
     first = (128 if c <= 512 else 256) * widen
     widths = [(first, 1, 1), (256 * widen, 3, 2), (512 * widen, 3, 2), (2048 * widen, 1, 1)]
@@ -40,7 +41,7 @@ def _imagenet_head(c: int, widen: int) -> tuple[list[nn.Module], int]:
 
 
 class InfoProHead(nn.Module):
-    """InfoPro's ``AuxClassifier``: ``{n}c{m}f`` = n convs, GAP, m linear layers (spec §2.2 table).
+    """InfoPro's ``AuxClassifier``: ``{n}c{m}f`` = n convs, GAP, m linear layers (its ``auxiliary_nets.py``).
 
     The conv goes to 2C with stride 2 before the last stage and keeps C with stride 1 in it (16→32, 32→64,
     64→64 in the paper's ResNets), times ``widen``. Hidden linear width is ``feature_dim·widen``.
@@ -52,8 +53,7 @@ class InfoProHead(nn.Module):
     ) -> None:
         super().__init__()
         if config not in (*INFOPRO_CONFIGS, IMAGENET_AUX):
-            choices = ", ".join((*INFOPRO_CONFIGS, IMAGENET_AUX))
-            raise ValueError(f"unknown InfoPro aux config {config!r}; choose one of {choices}")
+            raise ValueError(unknown_name("InfoPro aux config", config, (*INFOPRO_CONFIGS, IMAGENET_AUX)))
         if feature_dim < 1:
             raise ValueError(f"method.feature_dim must be >= 1 (the paper uses 128), got {feature_dim}")
         if config == IMAGENET_AUX:
@@ -86,7 +86,7 @@ DECODERS = ("infopro", IMAGENET_AUX)
 
 
 class Decoder(nn.Module):
-    """InfoPro's reconstruction decoder (spec §2.2). The image size comes from the batch, so any input size works.
+    """InfoPro's reconstruction decoder. The image size comes from the batch, so any input size works.
 
     * ``infopro`` (CIFAR/STL): upsample to the image size, 3×3 conv C→12w, BN, ReLU, 3×3 conv → image channels,
       sigmoid.
@@ -134,7 +134,7 @@ DGL_HEADS = ("mlp", "mlp-sr", "cnn")
 
 
 class DGLHead(nn.Module):
-    """DGL's ``auxillary_classifier2`` (spec §1.2): optional pool to ceil(S/4), ``n_lin`` conv-BN-ReLU layers,
+    """DGL's ``auxillary_classifier2``: optional pool to ceil(S/4), ``n_lin`` conv-BN-ReLU layers,
     pool to 2×2, then an MLP (``mlp_layers`` × Linear-BN-ReLU) or BN, and a linear classifier.
 
     Variants: ``mlp`` (no convs, 3 MLP layers), ``mlp-sr`` (DGL default: 3 1×1 convs, 3 MLP layers),
@@ -170,11 +170,11 @@ TOKEN_POOLS = ("auto", "cls", "mean")
 
 
 class TokenHead(nn.Module):
-    """Aux head on a token map (B, N, D), e.g. a ViT block's output (``UnitInfo.tokens``; MAN++ ViT aux, spec
-    §3.2): LayerNorm, the CLS token (``cls``, token 0) or the mean of all tokens (``mean``), an optional hidden
-    Linear + GELU of width ``hidden``, then Linear → ``out_dim``. ``auto`` = ``cls``, except on the patch
-    embedding's own output (stage 0), where the CLS token has not yet attended to any patch (a CLS head there
-    would train nothing but the CLS and position embeddings), so ``mean``."""
+    """Aux head on a token map (B, N, D), e.g. a ViT block's output (``UnitInfo.tokens``; MAN++'s ViT aux,
+    its ``vit_man.py``): LayerNorm, the CLS token (``cls``, token 0) or the mean of all tokens (``mean``), an
+    optional hidden Linear + GELU of width ``hidden``, then Linear → ``out_dim``. ``auto`` = ``cls``, except on
+    the patch embedding's own output (stage 0), where the CLS token has not yet attended to any patch (a CLS head
+    there would train nothing but the CLS and position embeddings), so ``mean``."""
 
     def __init__(self, info: UnitInfo, out_dim: int, pool: str = "auto", hidden: int | None = None) -> None:
         super().__init__()

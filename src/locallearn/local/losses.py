@@ -1,4 +1,4 @@
-"""Local losses shared by the methods (spec methods.md §2.2)."""
+"""Local losses shared by the methods (docs/methods.md, "Aux nets and local losses")."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def supcon_loss(
 
     ``features`` (B, d) are L2-normalised here. Positives of row i are the other samples with label y_i; the
     anchor itself is excluded from numerator and denominator. A row without positives contributes 0 (its
-    positive count is clamped to 1, spec §2.2).
+    positive count is clamped to 1, as in InfoPro).
     """
     if features.dim() != 2:
         raise ValueError(f"supcon_loss expects (batch, dim) features, got shape {tuple(features.shape)}")
@@ -38,8 +38,8 @@ def reconstruction_loss(recon: torch.Tensor, image01: torch.Tensor) -> torch.Ten
 def infopro_lambdas(
     k: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2: float, ixy_2: float, ratio: float | None = None
 ) -> tuple[float, float]:
-    """(λ1, λ2) of local module k (0-based, k < K-1): linear from (ixx_1, ixy_1) to (ixx_2, ixy_2) (spec §2.3).
-    ``ratio`` replaces r = k/(K-2) (MAN's legacy stage-index ratio, spec §3.3; may exceed 1 and extrapolate)."""
+    """(λ1, λ2) of local module k (0-based, k < K-1): linear from (ixx_1, ixy_1) to (ixx_2, ixy_2) (InfoPro).
+    ``ratio`` replaces r = k/(K-2) (MAN's legacy stage-index ratio; may exceed 1 and extrapolate)."""
     if not 0 <= k < num_modules - 1:
         raise ValueError(f"module {k} has no local loss weights: only modules 0..{num_modules - 2} are local")
     r = ratio if ratio is not None else k / (num_modules - 2) if num_modules > 2 else 0.0

@@ -1,4 +1,4 @@
-"""Cut an ordered list of units into K contiguous, gradient-isolated local modules (spec methods.md §2.1, §10.1.2).
+"""Cut an ordered list of units into K contiguous, gradient-isolated local modules (docs/methods.md, "Splits").
 
 A split is the list of exclusive end indices of the modules; ``K = len(ends)`` is always the true module count.
 Two ways to get one:
@@ -7,18 +7,19 @@ Two ways to get one:
   looked up per backbone *layout* (blocks per stage, read from the units' :class:`UnitInfo`), so one name covers
   every family that has it:
 
-  - CIFAR ResNet-32/110 (spec §2.1, §3.1): ``infopro`` (K = 2/3/4/8/16), ``infopro_star`` and
+  - CIFAR ResNet-32/110: ``infopro`` (K = 2/3/4/8/16), ``infopro_star`` and
     ``infopro_star_stl10`` (the "balanced memory" ResNet-110 splits of Table 3), ``man`` (ResNet-32 K=8/15,
     ResNet-110 K=32/54, stem merged), ``manpp`` (the same with the stem alone, K=9/16 and 33/55);
-  - ImageNet ResNets (spec §2.1, §3.1, §4.1, §5.1): ``infopro_star`` K=2 (ResNet-101/152, Table 4), ``man`` K=2/4
+  - ImageNet ResNets: ``infopro_star`` K=2 (ResNet-101/152, Table 4), ``man`` K=2/4
     (ResNet-101/152; K=4 is MAN++'s config), ``hpff`` K=4/8 (ResNet-101/152) and K=4 (ResNet-34), ``mlaan``
     (one module per block: ResNet-34 K=16, ResNet-101 K=33). ResNet-50 shares ResNet-34's layout (3, 4, 6, 3) and
-    so its presets, as the MAN reference does (spec §3.6-5); ResNet-18 has none;
-  - a 12-block ViT (spec §3.1): ``manpp`` K=4, four groups of three blocks (patch embedding in the first, head in
+    so its presets, as MAN's ImageNet code does; ResNet-18 has none;
+  - a 12-block ViT (MAN++'s): ``manpp`` K=4, four groups of three blocks (patch embedding in the first, head in
     the last).
 
   The papers' labels that differ from the true count (MAN "K=16" = 15 modules, MAN++ "K=8" = 9, MLAAN's ResNet-101
-  "K=34" = 33, ...) are accepted with a warning;
+  "K=34" = 33, ...) are accepted with a warning. Where each preset comes from: docs/methods.md, "Where the paper
+  presets come from";
 * an **automatic** split that balances a per-unit cost (unit count, parameters, FLOPs or saved-activation bytes;
   the engine measures the cost with :mod:`locallearn.measure`): the partition minimising the largest module cost,
   and among those the most even one.
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 
 from ..models.imagenet_resnet import LAYERS as IMAGENET_LAYERS
 from ..models.units import UnitInfo
+from ..names import unknown_name
 
 _K8_R32 = [(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2)]
 _MAN_R110_K32 = [
@@ -79,11 +81,11 @@ def _every_block(layout: Layout) -> list[Position]:
     return [(s, j) for s, n in enumerate(layout, start=1) for j in range(n)][:-1]
 
 
-# The papers' K labels that are not the true module count (spec §3.1, §3.6-3, §5.1): label → true count.
+# The papers' K labels that are not the true module count (docs/methods.md, "Splits"): label → true count.
 _K_ALIASES: dict[str, dict[Layout, dict[int, int]]] = {
     "man": {_R32: {16: 15}, _R110: {55: 54}},
     "manpp": {_R32: {8: 9}, _R110: {32: 33}},
-    "mlaan": {_R101: {34: 33}},  # MLAAN's README says "K=34" for ResNet-101; the config key is 33 (spec §5.1)
+    "mlaan": {_R101: {34: 33}},  # MLAAN's README says "K=34" for ResNet-101; the config key is 33
 }
 # The CIFAR view (by blocks per stage), as methods.infopro's legacy MAN λ ratio reads it.
 PAPER_K_ALIASES = {
@@ -94,7 +96,7 @@ PAPER_K_ALIASES = {
 # Split positions per preset and layout; the last module is implicit.
 _PRESETS: dict[str, dict[Layout, dict[int, list[Position]]]] = {
     "infopro": {
-        _R32: {  # InfoPro networks/configs.py (spec §2.1)
+        _R32: {  # InfoPro's networks/configs.py
             2: [(2, 1)],
             3: [(1, 4), (2, 4)],
             4: [(1, 2), (2, 1), (3, 0)],
@@ -115,26 +117,28 @@ _PRESETS: dict[str, dict[Layout, dict[int, list[Position]]]] = {
     },
     "infopro_star": {
         _R110: {2: [(1, 14)], 3: [(1, 9), (2, 2)], 4: [(1, 6), (1, 14), (2, 8)]},
-        # ImageNet InfoPro* K=2 (spec §2.1, Table 4): stem + layer1 + layer2[0..k] | the rest.
+        # ImageNet InfoPro* K=2 (InfoPro's k2_infopro, Table 4): stem + layer1 + layer2[0..k] | the rest.
         _R101: {2: [(2, 0)]},
         _R152: {2: [(2, 5)]},
     },
     "infopro_star_stl10": {_R110: {2: [(1, 14)], 3: [(1, 8), (2, 1)], 4: [(1, 6), (1, 14), (2, 8)]}},
-    # MAN / HPFF / MLAAN (spec §3.1, §4.1, §5.1): the stem is merged into the first module.
+    # MAN / HPFF / MLAAN (MAN's networks/config.py): the stem is merged into the first module.
     "man": {
         _R32: {8: _K8_R32, 15: _every_block(_R32)},
         _R110: {32: _MAN_R110_K32, 54: _every_block(_R110)},
-        # ImageNet (spec §3.1): K=2 from MAN, K=4 from MAN++'s configs (the K MAN's tables report).
+        # ImageNet: K=2 from MAN, K=4 from MAN++'s configs (the K MAN's tables report).
         _R101: {2: [(2, 0)], 4: [(2, 2), (3, 8), (3, 16)]},
         _R152: {2: [(2, 5)], 4: [(2, 6), (3, 13), (3, 25)]},
     },
-    # MAN++ (spec §3.1): the stem is a module of its own, in front of the MAN split; ViT: 4 groups of 3 blocks.
+    # MAN++ (its networks/config.py and vit_man.py): the stem is a module of its own, in front of the MAN split;
+    # ViT: 4 groups of 3 blocks.
     "manpp": {
         _R32: {9: [(0, 0), *_K8_R32], 16: [(0, 0), *_every_block(_R32)]},
         _R110: {33: [(0, 0), *_MAN_R110_K32], 55: [(0, 0), *_every_block(_R110)]},
         _VIT12: {4: [(1, 2), (1, 5), (1, 8)]},
     },
-    # HPFF ImageNet (spec §4.1); the ResNet-34 entry is unusable in the reference (hard-coded widths), not here.
+    # HPFF ImageNet (its networks/configs.py); the ResNet-34 entry is unusable in the reference (hard-coded
+    # widths), not here.
     "hpff": {
         _R34: {4: [(2, 0), (3, 0), (3, 5)]},
         **{
@@ -145,7 +149,7 @@ _PRESETS: dict[str, dict[Layout, dict[int, list[Position]]]] = {
             for layout in (_R101, _R152)
         },
     },
-    # MLAAN ImageNet (spec §5.1): one module per residual block (no split config exists for ResNet-152).
+    # MLAAN ImageNet (its networks/configs.py): one module per residual block (no split config exists for ResNet-152).
     "mlaan": {_R34: {16: _every_block(_R34)}, _R101: {33: _every_block(_R101)}},
 }
 
@@ -191,7 +195,7 @@ def preset_split(preset: str, layout: int | Layout | None, k: int) -> list[int]:
     """End indices of a paper preset for a backbone of ``layout`` (blocks per stage; an int n is the CIFAR
     ResNet with n blocks in each of its 3 stages, 5 = ResNet-32). Unit 0 is the stem, the last is the head."""
     if preset not in _PRESETS:
-        raise ValueError(f"unknown split preset {preset!r}; choose one of {list_presets()} or 'auto'")
+        raise ValueError(unknown_name("split preset", preset, [*list_presets(), "auto"]))
     if isinstance(layout, int):
         layout = (layout,) * 3
     by_layout = _PRESETS[preset]

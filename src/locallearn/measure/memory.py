@@ -1,6 +1,6 @@
-"""Training memory: activations measured the same way on every device (engineering.md §8), plus the parts a
-method cannot change (parameters, gradients, optimizer state), CUDA peaks above a baseline and the process's
-peak RSS as a coarse cross-check.
+"""Training memory: activations measured the same way on every device, plus the parts a method cannot change
+(parameters, gradients, optimizer state), CUDA peaks above a baseline and the process's peak RSS as a coarse
+cross-check (docs/benchmarks.md, "Which memory figure is which").
 
 :class:`SavedTensorMeter` installs autograd saved-tensor hooks: every tensor autograd keeps for backward is
 counted by the bytes of its storage, each storage once. Parameters and their views (``weight.t()``) are
@@ -92,7 +92,7 @@ def cuda_reserved_peak_bytes(device: torch.device) -> int | None:
 
 
 class CudaPeak:
-    """CUDA peak memory of a phase, *above the baseline at its start* (engineering.md §8 trap).
+    """CUDA peak memory of a phase, *above the baseline at its start*.
 
     The resident loader keeps the whole dataset on the GPU; an absolute peak would dilute the BP-vs-local ratio
     by that constant. Enter the context after the data (and the model) are resident: the baseline is what is

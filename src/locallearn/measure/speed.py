@@ -4,7 +4,7 @@ On a shared machine the load drifts over minutes, so timing method A for a minut
 under one load with B under another. :func:`interleaved_throughput` instead times a short block of steps of every
 method in turn, repeats that round, and reports per method the median images/s and the median of the *per-round*
 ratios to the reference: both runs of a ratio saw nearly the same load. CPU timing uses ``time.perf_counter``;
-CUDA timing uses events around the timed block (no host sync inside it), as airbench does (engineering.md §8).
+CUDA timing uses events around the timed block (no host sync inside it), as airbench does (docs/benchmarks.md).
 """
 
 from __future__ import annotations

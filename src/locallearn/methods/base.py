@@ -4,27 +4,27 @@ A method is an ``nn.Module`` holding one *objective* (aux net + loss) per local 
 :meth:`LocalMethod.local_losses` on each module's output and alone calls ``backward``/``step``, so the
 single-process engine and the pipeline runtime run the very same method objects.
 
-Add-ons compose with any base (spec methods.md §8, §10.1): a base method (``dgl``, ``infopro``) only says how to
+Add-ons compose with any base (docs/methods.md, "Add-ons"): a base method (``dgl``, ``infopro``) only says how to
 build the objective for a feature map described by a :class:`UnitInfo`; ``method.addons`` then wraps it:
 
 * ``man`` — momentum bridge (MAN, MAN++ with ``bridge_combine: scaled``): learnable + EMA copies of the next
-  module's first unit in front of the objective (:mod:`.bridge`, spec §3.2);
-* ``lam`` — leap augmented modules (MLAAN): the same bridge over a leap chain of later units (spec §5.3);
-* ``pff`` — patch feature fusion (HPFF): the objective runs on n×n patches, outputs averaged (:mod:`.pff`, §4.3);
+  module's first unit in front of the objective (:mod:`.bridge`);
+* ``lam`` — leap augmented modules (MLAAN): the same bridge over a leap chain of later units (:mod:`.bridge`);
+* ``pff`` — patch feature fusion (HPFF): the objective runs on n×n patches, outputs averaged (:mod:`.pff`);
 * ``cascade`` — HiLo / MLM: a second objective whose loss reaches the ``cascade_span`` modules ending here
-  (spec §4.2, §5.2, §10.1.5); the engine routes each loss's gradient by its ``reach``.
+  (HPFF's HiLo, MLAAN's MLM); the engine routes each loss's gradient by its ``reach``.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..local.task import Batch
 from ..models.units import UnitInfo, main_tensor
+from ..names import unknown_name
+from ..tasks.task import Batch
 from .bridge import build_bridged
 from .objective import LocalLoss, ModuleAux, Objective
 from .options import ADDONS, LEGACY, MethodCfg, MethodContext
@@ -46,14 +46,14 @@ class LocalMethod(nn.Module):
         self.ctx, self.cfg = ctx, cfg
         unknown = [a for a in cfg.addons if a not in ADDONS]
         if unknown:
-            raise ValueError(f"unknown add-on {unknown[0]!r} in method.addons; choose from {', '.join(ADDONS)}")
+            raise ValueError(unknown_name("add-on", unknown[0], ADDONS, " in method.addons"))
         if "man" in cfg.addons and "lam" in cfg.addons:
             raise ValueError("method.addons: 'man' and 'lam' both prefix the aux net with copies; pick one")
         if cfg.cascade_span < 1:
             raise ValueError(f"method.cascade_span must be >= 1, got {cfg.cascade_span}")
         bad = [name for name in cfg.legacy if name not in LEGACY]
         if bad:
-            raise ValueError(f"unknown method.legacy switch {bad[0]!r}; choose from {', '.join(LEGACY)}")
+            raise ValueError(unknown_name("method.legacy switch", bad[0], LEGACY))
         self.span = cfg.cascade_span if "cascade" in cfg.addons else 1
         self.final_mode = "cascade" if "final_overwrite" in cfg.legacy else cfg.cascade_final
         if "triple_bn" in cfg.legacy:
@@ -151,7 +151,7 @@ class LocalMethod(nn.Module):
 
 def reference_bn_updates(ctx: MethodContext, span: int) -> None:
     """``legacy: [triple_bn]``: BN momentum as if each module ran as many train-mode forwards per step as in the
-    reference's stream recomputation (spec §4.2, §4.6): once on the independent stream, once per cascade window
+    reference's stream recomputation (HPFF's and MLAAN's code): once on the independent stream, once per cascade window
     that contains it (windows end at modules span-1..K-2), once more in the final cascade stream (the last
     ``span`` modules); the stem runs once. The repeated forwards see identical inputs and weights, so n updates
     with momentum m equal one update with 1 - (1 - m)^n, exactly."""
@@ -184,9 +184,7 @@ def list_methods() -> list[str]:
 
 def method_class(name: str) -> type[LocalMethod]:
     if name not in _METHODS:
-        hint = difflib.get_close_matches(name, _METHODS, n=1)
-        more = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(f"unknown method {name!r}{more} Known methods: {', '.join(list_methods())}")
+        raise ValueError(unknown_name("method", name, _METHODS))
     return _METHODS[name]
 
 

@@ -1,12 +1,12 @@
 """Momentum bridges: copies of later backbone units in front of an aux objective (MAN, MAN++, LAM).
 
-MAN (spec methods.md §3.2): module i's aux net starts with two copies of the first unit of module i+1: a
+MAN (docs/methods.md, "Add-ons"): module i's aux net starts with two copies of the first unit of module i+1: a
 learnable one (LB, trained by the local loss) and an EMA one (never trained by gradient; after the local backward
 θ_EMA ← m·θ_EMA + (1−m)·θ_live, with ``lerp_`` under ``no_grad``; with ``ema_warmup`` m is min(m, (1+t)/(10+t)) at
 the t-th update). Combined as LB(h) + EMA(h) (MAN) or
 s·LB(h) + (2−s)·EMA(h) with a learnable s starting at 1 (MAN++).
 
-LAM (spec §5.3): the same bridge over a *leap chain* of later units, ending at the final width; the first
+LAM (MLAAN): the same bridge over a *leap chain* of later units, ending at the final width; the first
 ``n_ema`` sources get EMA twins, and every module's EMA is updated (the reference updates only the last one).
 
 The chain rule (``leap_chain``): from a split at unit u, take the first unit of every later stage (those change
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..local.checkpointing import recomputed
-from ..local.task import Batch
 from ..models.units import UnitInfo, main_tensor
+from ..tasks.task import Batch
 from .objective import Objective, ObjectiveBuilder
 from .pff import PatchFusion
 
@@ -46,7 +46,7 @@ def leap_chain(method: ObjectiveBuilder, k: int) -> list[int]:
     """LAM's sources for the split after module k: every later unit that changes the stage (they change the
     width and resolution, so the chain stays well-formed), then units of the final stage spread evenly up to
     ``lam_depth`` in all, always ending with the last body unit. ResNet-32, split in stage 1 → L2.0, L3.0, L3.2,
-    L3.4; in stage 2 → L3.0, L3.2, L3.3, L3.4 (the reference's table, spec §5.3)."""
+    L3.4; in stage 2 → L3.0, L3.2, L3.3, L3.4 (MLAAN's table; docs/methods.md, "Add-ons")."""
     infos, depth = method.ctx.unit_infos, method.cfg.lam_depth
     last_body = max(i for i, info in enumerate(infos) if not info.is_head)
     later = list(range(method.ctx.ends[k], last_body + 1))
@@ -71,7 +71,7 @@ class MomentumBridge(nn.Module):
         self.live = [units[i] for i in sources]  # plain list: the backbone owns these, not the bridge
         self.learnable = nn.ModuleList(copy.deepcopy(units[i]) for i in sources)
         self.ema = nn.ModuleList(copy.deepcopy(units[i]) for i in sources[: cfg.n_ema if self.combine != "none" else 0])
-        if cfg.ema_init == "random":  # the reference re-initialises its copies (spec §3.2, §5.6)
+        if cfg.ema_init == "random":  # the MAN and MLAAN code re-initialise their copies
             for module in [*self.learnable, *self.ema]:
                 for sub in module.modules():
                     if hasattr(sub, "reset_parameters"):
@@ -85,7 +85,7 @@ class MomentumBridge(nn.Module):
 
     def forward(self, h: torch.Tensor, recompute: bool = False) -> torch.Tensor:
         """The chain; with ``recompute`` each link (a learnable copy with its EMA twin) is checkpointed on its own,
-        so its backward rebuilds one link's activations at a time (spec §5.3 chains are 4 blocks long)."""
+        so its backward rebuilds one link's activations at a time (MLAAN's chains are 4 blocks long)."""
         for j in range(len(self.learnable)):
             if recompute:
                 h = recomputed(lambda x, j=j: self.link(j, x), h, owner=self.link_modules(j))

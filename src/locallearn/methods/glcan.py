@@ -1,9 +1,9 @@
-"""GLCAN, global-local collaborative auxiliary networks (Zhu et al., arXiv 2406.00446; spec methods.md §6).
+"""GLCAN, global-local collaborative auxiliary networks (Zhu et al., arXiv 2406.00446; docs/glcan.md).
 
 Only the abstract is public: each local module's aux net combines a *local* part and a *global* part, designed
 together so that every module learns features the final task can use; it is the first local learning for
-super-resolution and detection. The design here (full rationale in ``docs/glcan.md``) follows the reading the
-spec suggests (§6, "an inference") and MAN's momentum idea from the same group (§3.2):
+super-resolution and detection. The design here (full rationale in ``docs/glcan.md``) follows a reading of the
+abstract and MAN's momentum idea from the same group (docs/glcan.md, "The aux net of module k"):
 
     aux_k(h_k) = Global(Local_k(h_k)),  loss_k = task loss (SR: L1 against the HR image)
 

@@ -1,8 +1,8 @@
-"""InfoPro (Wang et al., ICLR 2021; spec methods.md §2).
+"""InfoPro (Wang et al., ICLR 2021; docs/methods.md, "Base methods").
 
 Module k's local loss is λ1(k)·BCE(decoder(h), image) + λ2(k)·L_y(head(h)), with L_y the supervised contrastive
 loss (``loss_mode: contrast``, InfoPro's default) or cross-entropy (``softmax``), and (λ1, λ2) moving linearly
-from (ixx_1, ixy_1) at the first module to (ixx_2, ixy_2) at module K-2 (§2.3). The reference steps one optimizer
+from (ixx_1, ixy_1) at the first module to (ixx_2, ixy_2) at module K-2. The reference steps one optimizer
 after all backwards (``step: end``). A term whose λ is 0 is not computed.
 
 On a token map (a ViT block, ``UnitInfo.tokens``) the I(h;y) head is a
@@ -20,8 +20,9 @@ import torch
 from ..local.aux_nets import IMAGENET_AUX, INFOPRO_CONFIGS, Decoder, InfoProHead, TokenHead
 from ..local.losses import infopro_lambdas, reconstruction_loss, supcon_loss
 from ..local.split import PAPER_K_ALIASES
-from ..local.task import Batch, ClassificationTask
 from ..models.units import UnitInfo
+from ..names import unknown_name
+from ..tasks.task import Batch, ClassificationTask
 from .base import LocalMethod, register_method
 from .objective import Objective
 from .options import MethodCfg, MethodContext
@@ -69,8 +70,9 @@ class InfoProObjective(Objective):
 
 
 def legacy_stage_ratio(ctx: MethodContext, cfg: MethodCfg, k: int) -> float:
-    """MAN/MAN++ CIFAR's λ ratio (spec §3.3, §3.6 bug 1): r = s'/(K - 2), s' the stage (1..3) of the first unit
-    of module k+1 and K the paper's label (MAN's K=16 is 15 modules, so r <= 3/14 and λ barely moves)."""
+    """MAN/MAN++ CIFAR's λ ratio (docs/methods.md, "Legacy switches"): r = s'/(K - 2), s' the stage (1..3) of
+    the first unit of module k+1 and K the paper's label (MAN's K=16 is 15 modules, so r <= 3/14 and λ barely
+    moves)."""
     blocks = sum(info.stage == 1 for info in ctx.unit_infos)
     labels = {m: label for label, m in PAPER_K_ALIASES.get(cfg.split, {}).get(blocks, {}).items()}
     k_label = labels.get(ctx.num_modules, ctx.num_modules)
@@ -91,7 +93,7 @@ class InfoPro(LocalMethod):
             raise ValueError(f"method.lambdas must be [ixx_1, ixy_1, ixx_2, ixy_2], got {cfg.lambdas}")
         ratio = legacy_stage_ratio(ctx, cfg, k) if "stage_lambda" in cfg.legacy else None
         lam_x, lam_y = infopro_lambdas(k, ctx.num_modules, *cfg.lambdas, ratio=ratio)
-        if independent:  # beside a cascade: HPFF's independent aux net is the head alone (spec §4.2)
+        if independent:  # beside a cascade: HPFF's independent aux net is the head alone (HPFF's code)
             lam_x, lam_y = 0.0, 1.0
         out = cfg.feature_dim if cfg.loss_mode == "contrast" else ctx.task.num_classes
         if info.tokens:
@@ -101,12 +103,12 @@ class InfoPro(LocalMethod):
                     "method.lambdas=[0, ixy_1, 0, ixy_2] or use method.name=dgl"
                 )
             if cfg.aux not in INFOPRO_CONFIGS:
-                raise ValueError(f"unknown InfoPro aux config {cfg.aux!r}; choose one of {', '.join(INFOPRO_CONFIGS)}")
+                raise ValueError(unknown_name("InfoPro aux config", cfg.aux, INFOPRO_CONFIGS))
             hidden = cfg.feature_dim * cfg.widen if int(cfg.aux[2]) >= 2 else None
             head = TokenHead(info, out, pool="auto", hidden=hidden) if lam_y else None
             return InfoProObjective(None, head, lam_x, lam_y, cfg, ctx.task)
         head = InfoProHead(info, ctx.num_stages, cfg.aux, out, cfg.widen, cfg.feature_dim) if lam_y else None
-        kind = "imagenet" if cfg.aux == IMAGENET_AUX else "infopro"  # aux: imagenet = head + decoder of §2.2
+        kind = "imagenet" if cfg.aux == IMAGENET_AUX else "infopro"  # aux: imagenet = InfoPro's ImageNet head + decoder
         decoder = Decoder(info, ctx.image_channels, cfg.widen, kind) if lam_x else None
         if decoder is not None and "pff" in cfg.addons and cfg.pff_mode == "decoder":
             decoder = PatchDecoders(lambda: Decoder(info, ctx.image_channels, cfg.widen, kind), cfg.pff_patches)

@@ -1,7 +1,7 @@
 """The pieces a method is made of: :class:`Objective` (an aux net and its loss), :class:`ModuleAux` (a module's
 objectives) and :class:`LocalLoss` (a loss and how far its gradient may reach). The add-ons (:mod:`.bridge`,
 :mod:`.pff`) wrap objectives, and :class:`ObjectiveBuilder` is all they need of a method, so they never import
-the method base class (spec methods.md §10.1.3).
+the method base class (docs/api.md, "Writing a method").
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
-from ..local.task import Batch
 from ..models.units import UnitInfo, main_tensor
+from ..tasks.task import Batch
 from .options import MethodCfg, MethodContext
 
 
@@ -25,7 +25,7 @@ class LocalLoss(NamedTuple):
 
 
 class Objective(nn.Module):
-    """An aux net and its loss on one module's output (spec §10.1.3 ``LocalObjective``).
+    """An aux net and its loss on one module's output.
 
     ``outputs`` maps the feature map to a tuple of tensors (logits, reconstruction, ...; None for unused parts);
     ``loss_from`` turns them into the loss. The split lets :class:`~.pff.PatchFusion` average the outputs of

@@ -1,4 +1,4 @@
-"""Method options and what a method may know about the network (spec methods.md §1–5, engineering.md §3.3).
+"""Method options and what a method may know about the network (docs/methods.md, docs/configuration.md).
 
 The config dataclass :class:`MethodCfg`, the add-on and legacy switch names, the papers' add-on presets, and
 :class:`MethodContext`. A leaf of :mod:`locallearn.methods`: the method base class, the add-ons and the config
@@ -12,18 +12,18 @@ from typing import Literal
 
 from torch import nn
 
-from ..local.task import Task
 from ..models.units import UnitInfo
+from ..tasks.task import Task
 
 ADDONS = ("man", "lam", "pff", "cascade")
 
-# Reference-code behaviours that published numbers depend on, reproduced only when asked (spec §3.6, §4.6, §5.6,
-# §10.4). Defaults follow the papers' intent; each switch is documented on :class:`MethodCfg` ``legacy``.
+# Reference-code behaviours that published numbers depend on, reproduced only when asked (docs/methods.md,
+# "Legacy switches"). Defaults follow the papers' intent; each switch is documented on :class:`MethodCfg` ``legacy``.
 LEGACY = ("stage_lambda", "last_ema_only", "final_overwrite", "triple_bn", "ema_before_backward")
 
-# The papers' named combinations, as method options (spec §3–5): ``locallearn compare --methods dgl+hpff`` and the
-# presets in configs/ use these. HPFF = HiLo (cascade, final loss on both streams) + PFF; MLAAN = MLM (cascade,
-# final loss on the cascade stream, as MLAAN CIFAR) + LAM.
+# The papers' named combinations, as method options (docs/methods.md, "Add-ons"): ``locallearn compare --methods
+# dgl+hpff`` and the presets in configs/ use these. HPFF = HiLo (cascade, final loss on both streams) + PFF;
+# MLAAN = MLM (cascade, final loss on the cascade stream, as MLAAN CIFAR) + LAM.
 ADDON_PRESETS: dict[str, dict[str, object]] = {
     "man": {"addons": ["man"], "bridge_combine": "sum"},
     "manpp": {"addons": ["man"], "bridge_combine": "scaled"},
@@ -39,7 +39,7 @@ ADDON_PRESETS: dict[str, dict[str, object]] = {
 
 @dataclass
 class MethodCfg:
-    """Method, split and add-on options (names follow the papers; spec methods.md §1–5, engineering.md §3.3).
+    """Method, split and add-on options (names follow the papers; docs/configuration.md, ``method``).
 
     Attributes:
         name: registered base method (``e2e``, ``dgl``, ``infopro``).
@@ -55,9 +55,9 @@ class MethodCfg:
         aux: InfoPro aux head config (``--aux_net_config``), e.g. ``1c2f``.
         widen: ``--aux_net_widen``. feature_dim: ``--aux_net_feature_dim``.
         loss_mode: InfoPro ``--local_loss_mode``: ``contrast`` (SupCon) or ``softmax`` (CE).
-        lambdas: InfoPro (ixx_1, ixy_1, ixx_2, ixy_2), the λ schedule of spec §2.3.
+        lambdas: InfoPro (ixx_1, ixy_1, ixx_2, ixy_2), the λ schedule (docs/methods.md, "Aux nets and local losses").
         temperature: SupCon temperature.
-        dgl_head: DGL aux net ``mlp``, ``mlp-sr`` or ``cnn`` (spec §1.2).
+        dgl_head: DGL aux net ``mlp``, ``mlp-sr`` or ``cnn`` (DGL's ``auxillary_classifier2`` variants).
         step: ``module`` steps each module's optimizer right after its backward (DGL); ``end`` steps all after
             the last backward (InfoPro reference); None = the method's default. Cascades always step at the end.
         addons: any subset of ``man``, ``lam``, ``pff``, ``cascade`` (``man`` and ``lam`` exclude each other).
@@ -72,25 +72,25 @@ class MethodCfg:
         ema_init: ``copy`` (copies start equal to their source units) or ``random`` (the reference re-initialises
             the copies; reproduces published numbers).
         n_ema: how many of the bridge's sources get an EMA twin (MAN, LAM reference: 1).
-        lam_depth: units in a LAM leap chain (spec §5.3: 4 for early splits, fewer near the end).
+        lam_depth: units in a LAM leap chain (MLAAN: 4 for early splits, fewer near the end).
         cascade_span: modules a cascade loss reaches (HiLo/MLM CIFAR 2, MLAAN ImageNet 3).
         w_ind, w_casc: weights of the independent and cascade losses (reference 0.001 / 0.999).
         cascade_final: last module's loss: ``cascade`` (MLAAN CIFAR: CE reaching the span), ``both``
             (HPFF: w_ind·CE + w_casc·CE reaching the span) or ``plain`` (CE on the last module only).
         man_depth: units of module k+1 the MAN bridge copies (learnable chain; the first gets the EMA twin):
-            1 for the CNNs, 2 for MAN++ ViT (spec §3.2).
+            1 for the CNNs, 2 for MAN++ ViT (its ``MANPP_VIT_AUX_DEPTH``).
         pff_patches: n of the n×n patches (HPFF: 2). pff_sequential: run patches one at a time under activation
             checkpointing, so only one patch's aux activations are alive (same loss and gradients).
-        pff_mode: ``paper`` (the whole aux objective runs per patch, outputs averaged: spec §4.3 paper) or
+        pff_mode: ``paper`` (the whole aux objective runs per patch, outputs averaged: the HPFF paper's form) or
             ``decoder`` (HPFF CIFAR code: only the decoder is patched, one decoder per patch, BCEs summed; the
             head sees the whole map).
-        legacy: reference bugs to reproduce a published number (spec §10.4), any of
+        legacy: reference bugs to reproduce a published number (docs/methods.md, "Legacy switches"), any of
             ``stage_lambda`` (MAN/MAN++ CIFAR: λ ratio r = stage of module k+1's first unit / (K_label − 2)),
             ``last_ema_only`` (MLAAN CIFAR: only the last split's EMA moves, after the final backward),
             ``final_overwrite`` (MLAAN CIFAR: the last module's loss is the cascade CE only),
             ``triple_bn`` (HPFF/MLAAN: BN running statistics updated once per reference forward: 2–3 per step),
             ``ema_before_backward`` (MAN++ ViT: EMA moved after the aux forward, before its backward).
-        glcan_local: GLCAN's per-module local adapter in front of the global head (spec §6, docs/glcan.md):
+        glcan_local: GLCAN's per-module local adapter in front of the global head (docs/glcan.md):
             ``resblock`` (residual blocks at the module's width), ``conv`` (3×3 conv + ReLU layers) or ``none``;
             a 1×1 conv and a pooling/upsampling step are added when the width or stride differ from the head's.
         glcan_local_depth: layers (blocks or convs) in the local adapter.

@@ -1,4 +1,4 @@
-"""Patch feature fusion (HPFF's PFF, spec methods.md §4.3, §10.1.6).
+"""Patch feature fusion (HPFF's PFF, Su et al., ECCV 2024; docs/methods.md, "Add-ons").
 
 The aux input is cut into n×n patches (``torch.tensor_split``, so odd sizes give patches that differ by one
 row/column: an 8×8 map with n=3 gives 3/3/2) and the wrapped objective runs on each patch. Vector outputs
@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..local.losses import reconstruction_loss
-from ..local.task import Batch
+from ..tasks.task import Batch
 from .objective import Objective
 
 
@@ -39,7 +39,7 @@ def stitch(parts: list[torch.Tensor] | tuple[torch.Tensor, ...], n: int) -> torc
 
 
 class PatchDecoders(nn.Module):
-    """``pff_mode: decoder``, HPFF's CIFAR code (spec §4.3): the feature map is cut into n×n patches and each
+    """``pff_mode: decoder``, HPFF's CIFAR code (its ``Decoder``): the feature map is cut into n×n patches and each
     goes through *its own* decoder, which reconstructs the matching patch of the image; the loss is the **sum** of
     the per-patch BCEs (the reference's 4 quadrant BCEs). The classifier/projection head is not patched."""
 

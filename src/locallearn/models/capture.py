@@ -21,7 +21,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import difflib
 import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -29,6 +28,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+
+from ..names import did_you_mean
 
 ROOT = "model"  # the user's model inside the tracing wrapper; names given to users are relative to it
 
@@ -228,10 +229,9 @@ def _resolve(
     bounds: dict[fx.Node, list[str]] = {}
     for name in names:
         if name not in table:
-            hint = difflib.get_close_matches(name, table, n=1)
-            more = f"did you mean {hint[0]!r}? " if hint else ""
             raise CaptureError(
-                f"cut {name!r}: the model has no submodule of that name that runs in forward; {more}"
+                f"cut {name!r}: the model has no submodule of that name that runs in forward"
+                f"{did_you_mean(name, table)}; "
                 "use fully qualified names as in model.named_modules(), e.g. 'layer1' or 'layer2.3'"
             )
         _, node, why = table[name]

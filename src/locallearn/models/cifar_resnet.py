@@ -1,4 +1,4 @@
-"""CIFAR-style ResNet-(6n+2) exactly as in spec methods.md §0.1 (InfoPro ``networks/resnet.py``).
+"""CIFAR-style ResNet-(6n+2) exactly as InfoPro's ``networks/resnet.py`` (docs/methods.md, "The unit contract").
 
 Units: stem (3×3 conv, BN, ReLU), every BasicBlock of the three stages, head (GAP, FC). Depths 20/32/44/56/110
 are registered (plus 8 and 14 for quick CPU runs); ``width`` scales the (16, 32, 64) channel tuple.
@@ -32,7 +32,7 @@ class Subsample(nn.Module):
 
 
 def projection_shortcut(cin: int, cout: int, stride: int) -> nn.Module:
-    """Identity, or 1×1 conv + BN when the block changes width or resolution (spec §0.1).
+    """Identity, or 1×1 conv + BN when the block changes width or resolution.
 
     Subsample, then a stride-1 1×1 conv: the same function as a stride-2 1×1 conv, but torch 2.13's CPU (oneDNN)
     backward of a channels_last stride-2 1×1 conv corrupts the heap for narrow inputs (< 8 channels).
@@ -43,7 +43,7 @@ def projection_shortcut(cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3×3 convs with a residual; the first block of a stage projects with 1×1 conv + BN (spec §0.1)."""
+    """Two 3×3 convs with a residual; the first block of a stage projects with 1×1 conv + BN."""
 
     def __init__(self, cin: int, cout: int, stride: int, droprate: float = 0.0) -> None:
         super().__init__()
@@ -71,7 +71,7 @@ class Head(nn.Module):
 
 
 def _init_weights(model: nn.Module) -> None:
-    """Conv: normal(0, sqrt(2 / (k·k·out))); BN: γ=1, β=0 (spec §0.1). Linear keeps torch's default."""
+    """Conv: normal(0, sqrt(2 / (k·k·out))); BN: γ=1, β=0 (InfoPro's init). Linear keeps torch's default."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -110,7 +110,7 @@ def _make(depth: int):
     def build(**kwargs) -> UnitBackbone:
         return cifar_resnet(depth, **kwargs)
 
-    build.__doc__ = f"CIFAR ResNet-{depth} (spec §0.1)."
+    build.__doc__ = f"CIFAR ResNet-{depth} (InfoPro's layout)."
     return build
 
 

@@ -1,16 +1,16 @@
-"""A one-stage FCOS-style detector on an ImageNet ResNet, as ordered units (spec methods.md §3.2, §6; Tian et
+"""A one-stage FCOS-style detector on an ImageNet ResNet, as ordered units (docs/glcan.md, "Detection"; Tian et
 al., FCOS, ICCV 2019).
 
 Units: the ResNet's stem and blocks, then one ``FCOSHead`` unit (FPN + shared class/box towers). The FPN needs the
 outputs of the last block of stages 2 and 3 (C3, C4) besides its own input (C5): those blocks are wrapped in
 :class:`Tap`, which posts their output on a board the head reads. When the split puts a tap and the head in
 different local modules, the tap is detached (``configure_split``), so the FPN and final head train on detached
-C3/C4 exactly as MAN++'s RetinaNet does (§3.2) and no gradient crosses a module boundary; inside one module (E2E)
+C3/C4 exactly as MAN++'s RetinaNet does and no gradient crosses a module boundary; inside one module (E2E)
 the FPN's gradient flows into C3/C4 as usual.
 
 Every prediction is self-describing: the output is (B, P, num_classes + 8) with, per point, the class logits,
 the box distances (l, t, r, b) in pixels, the centerness logit, and the point's (x, y, stride). Aux heads at any
-pyramid level emit the same layout, so one task loss (:mod:`locallearn.local.detection`) serves all of them.
+pyramid level emit the same layout, so one task loss (:mod:`locallearn.tasks.detection`) serves all of them.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class FCOSHead(nn.Module):
     GLCAN hooks (:mod:`locallearn.methods.glcan`): the global part an aux net copies is the dense head
     (``glcan_source``), fed by the local adapter at the FPN width and the module's own stride
     (``glcan_target``) and run at that stride (``glcan_wrap``): each module predicts on the pyramid level of its
-    stride, as MAN++'s aux detectors do (spec §3.2).
+    stride, as MAN++'s aux detectors do (docs/glcan.md, "Detection").
     """
 
     def __init__(

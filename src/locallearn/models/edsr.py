@@ -1,5 +1,5 @@
 """EDSR-style super-resolution network as ordered units (Lim et al., CVPR-W 2017; the SR backbone of GLCAN's SR
-experiments, spec methods.md §6).
+experiments; docs/glcan.md, "Backbone: EDSR as units").
 
 Units: ``head`` (subtract the RGB mean, 3×3 conv to ``width``), ``blocks`` residual blocks
 (conv–ReLU–conv, scaled by ``res_scale``, plus the identity; no BatchNorm, as EDSR), and ``tail``, the task head:

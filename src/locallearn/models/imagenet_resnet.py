@@ -1,11 +1,11 @@
-"""ImageNet ResNet-18/34/50/101/152 (He et al., 2016) as ordered units (spec methods.md §2.1, §3.1, §4.1, §5.1).
+"""ImageNet ResNet-18/34/50/101/152 (He et al., 2016) as ordered units (docs/methods.md, "Splits").
 
 Units: stem (7×7 stride-2 conv, BN, ReLU, 3×3 stride-2 max-pool), every residual block of the four stages
 (BasicBlock for 18/34, Bottleneck with expansion 4 for 50/101/152; stride on the 3×3 conv, "v1.5"), head (GAP,
 FC). Any input size and channel count; ``width`` is the stem/first-stage width (64 in the papers), stage widths
 are ``width·(1, 2, 4, 8)`` (times 4 at a Bottleneck's output). Registered as ``resnet18`` … ``resnet152``.
 
-The papers' ImageNet splits (spec §2.1 K=2, §3.1 K=2/4, §4.1 K=4/8) are positions ``[stage, block]`` in this
+The papers' ImageNet splits (InfoPro* K=2, MAN K=2/4, HPFF K=4/8, MLAAN) are positions ``[stage, block]`` in this
 unit list: unit 0 is the stem, stage s block j is unit ``1 + sum(blocks[:s-1]) + j``; the head is the last unit.
 """
 

@@ -6,11 +6,11 @@ cuts into modules. No ``exec``/``eval``: names map to functions.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any
 
+from ..names import unknown_name
 from .units import UnitBackbone
 
 _MODELS: dict[str, Callable[..., UnitBackbone]] = {}
@@ -32,9 +32,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, **kwargs: Any) -> UnitBackbone:
     if name not in _MODELS:
-        hint = difflib.get_close_matches(name, _MODELS, n=1)
-        more = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(f"unknown model {name!r}{more} Known models: {', '.join(list_models())}")
+        raise ValueError(unknown_name("model", name, _MODELS))
     return _MODELS[name](**kwargs)
 
 

@@ -1,4 +1,4 @@
-"""The backbone contract: an ordered list of units (spec methods.md §10.1.1).
+"""The backbone contract: an ordered list of units (docs/methods.md, "The unit contract").
 
 A split groups consecutive units into K gradient-isolated local modules; the model itself knows nothing of
 methods or splits. Each unit carries metadata that aux-net builders need at a split point.

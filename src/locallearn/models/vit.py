@@ -1,4 +1,4 @@
-"""Vision Transformer (Dosovitskiy et al., 2021) as ordered units (spec methods.md §3.1 MAN++ ViT).
+"""Vision Transformer (Dosovitskiy et al., 2021) as ordered units (MAN++'s ViT; docs/methods.md).
 
 Units: patch embedding (+ CLS token + learned position embedding), one unit per pre-norm transformer block, head
 (final LayerNorm, CLS token, Linear). Token units output (B, N+1, D) and carry ``UnitInfo(tokens=True)`` with
@@ -10,7 +10,7 @@ patch 16, image 224, MLP ratio 4, qkv bias, no dropout or drop-path, as in MAN++
 ``width // 64``, at least 1), ``depth``, ``patch_size`` and ``image_size`` are configurable. An input whose patch
 grid differs from ``image_size``'s gets the position embedding bilinearly resized.
 
-The spec's K=4 split (4 groups of 3 blocks, the patch embedding in group 1, the head in group 4) is
+MAN++'s K=4 split (4 groups of 3 blocks, the patch embedding in group 1, the head in group 4) is
 ``method.split: auto`` with ``method.balance: params`` (or ``split: ends`` with ``ends: [4, 7, 10, 14]``);
 ``balance: units`` gives [3, 6, 10, 14] (3, 3, 4, 4 units) instead.
 """
@@ -155,7 +155,7 @@ def _make(name: str, width: int):
         kwargs.setdefault("width", width)
         return vit(**kwargs)
 
-    build.__doc__ = f"{name}: ViT with embedding dim {width}, {width // 64} heads, 12 blocks, patch 16 (spec §3.1)."
+    build.__doc__ = f"{name}: ViT with embedding dim {width}, {width // 64} heads, 12 blocks, patch 16 (MAN++'s ViT)."
     return build
 
 

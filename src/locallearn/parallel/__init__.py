@@ -1,4 +1,4 @@
-"""Multi-process runtimes (spec pipeline.md): PPLL, one process per local module, optionally replicated on a 2-D mesh
+"""Multi-process runtimes (docs/pipeline.md): PPLL, one process per local module, optionally replicated on a 2-D mesh
 (:mod:`.ppll`, protocol :mod:`.link`, cross-stage add-ons :mod:`.cross_stage`); data-parallel local learning
 (:mod:`.data_parallel`); how ranks start (:mod:`.launch`); the pipeline baselines (:mod:`.pipeline_baselines`).
 

@@ -1,5 +1,5 @@
-"""Add-ons whose state crosses a PPLL stage boundary (spec methods.md §3.2, §4.2, §5.2–5.3, §7 item 7,
-§10.2 "cross-stage state").
+"""Add-ons whose state crosses a PPLL stage boundary (docs/pipeline.md, "Add-ons across stages"; the add-ons
+themselves: docs/methods.md, "Add-ons: MAN, MAN++, HPFF, MLAAN on any base").
 
 **EMA shipping (MAN, MAN++, LAM).** Module k's momentum bridge keeps EMA twins of *later* units
 (:class:`~locallearn.methods.bridge.MomentumBridge`), which live on a later stage s. Every rank builds the whole

@@ -1,5 +1,5 @@
 """Data-parallel local learning (``parallel: dp``), and the gradient averaging that PPLL's replicated stages share
-(spec methods.md §10.2 ``DDP`` integration, "all-reduce manually per stage"; pipeline.md §6).
+(docs/pipeline.md, "Data-parallel local learning and replicated pipelines": why one all-reduce per module).
 
     torchrun --nproc-per-node 8 -m locallearn train -c configs/imagenet/resnet34_infopro_k4.yaml parallel=dp
     locallearn train -c configs/fmnist/demo.yaml parallel=dp ppll.procs=2     # spawns the ranks itself
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..local.task import Batch
+from ..tasks.task import Batch
 from ..train.build import build_engine, build_loaders, run_name
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.config import ConfigError, TrainCfg

@@ -1,5 +1,5 @@
-"""Starting the ranks of a multi-process run, and what they must agree on before training (spec
-pipeline.md §5.3 item 4, §6.1).
+"""Starting the ranks of a multi-process run, and what they must agree on before training
+(docs/pipeline.md, "PPLL: one process per module" and "Checkpoints, resume and failure handling").
 
 Two entry points run the same rank body (:func:`~.ppll.run_stage`, :func:`~.data_parallel.run_dp`):
 
@@ -106,7 +106,7 @@ def agreed_run_dir(cfg: TrainCfg, out_dir: str | None, name: str, device: torch.
 
 
 class Heartbeat:
-    """Names the ranks that died or hang when a rank fails (pipeline.md §5.2: gloo hangs are what users report).
+    """Names the ranks that died or hang when a rank fails (hangs on gloo are what pipeline users report most).
     A daemon thread bumps this rank's counter in the rendezvous store every ``interval`` seconds; after a failure,
     :meth:`silent` reads every counter twice, ``3·interval`` apart, and returns the ranks whose counter did not
     move (or never appeared). The counters are compared with themselves, never across clocks, so it works across

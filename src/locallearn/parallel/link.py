@@ -1,5 +1,5 @@
 """The PPLL wire protocol: typed, step-stamped point-to-point messages between the stages of one pipeline
-(spec pipeline.md §5.2 lessons, §6.1 header and window; methods.md §10.2 ``PipelineLocalTrainer``).
+(docs/pipeline.md, "The wire protocol" and "Design and where it comes from").
 
 Every message is a header, then (unless the kind carries none) one payload tensor. The header is
 ``HEADER`` int64 values: ``kind, step, dtype code, a, b, ndim, d0..d4``; ``a``/``b`` are kind-specific (a
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..local.task import Batch
+from ..tasks.task import Batch
 
 TRAIN, EVAL, STOP, GRAD, NOGRAD, WEIGHTS, DATA = range(7)
 KINDS = ("TRAIN", "EVAL", "STOP", "GRAD", "NOGRAD", "WEIGHTS", "DATA")
@@ -265,7 +265,7 @@ class Link:
 
     def shutdown(self, step: int) -> None:
         """Orderly end: pending upstream messages are drained, then STOP travels down the pipe, so no rank exits
-        with a send in flight (pipeline.md §3.2)."""
+        with a send in flight (docs/pipeline.md, "Checkpoints, resume and failure handling")."""
         for hook in self.on_shutdown:
             hook(step)
         if self.stage > 0:

@@ -1,5 +1,5 @@
 """What PPLL is measured against: classic pipeline parallelism and DDP of end-to-end training, and a spawn entry
-point that times any of the runtimes on fixed batches (pipeline.md §2.1, §4, §6.4; methods.md §10.2).
+point that times any of the runtimes on fixed batches (docs/pipeline.md, "Pipeline baselines and `bench pipeline`").
 
 Kinds (one row each in ``locallearn bench pipeline``):
 
@@ -7,7 +7,7 @@ Kinds (one row each in ``locallearn bench pipeline``):
 * ``ppll``: one process per local module, :func:`~.ppll.bench_step` (the PPLL stage loop on fixed batches);
 * ``gpipe``, ``1f1b``: ``torch.distributed.pipelining`` ``ScheduleGPipe`` / ``Schedule1F1B`` on the *same split*
   as the local engine (rank k holds module k), end-to-end backprop of the task loss on the last stage only,
-  ``scale_grads=True`` so the gradient is that of the mean loss over the global batch (pipeline.md §2.1);
+  ``scale_grads=True`` so the gradient is that of the mean loss over the global batch (torch divides by M);
 * ``ddp``: ``DistributedDataParallel`` of the whole network on the same number of processes, each rank taking an
   equal shard of the same global batch;
 * ``independent``: K processes that each run sequential local learning on the whole batch and never communicate.
@@ -23,14 +23,14 @@ Kinds (one row each in ``locallearn bench pipeline``):
 Equivalence (tested): GPipe/1F1B with M micro-batches and DDP with K ranks give the gradients of single-process
 E2E training that accumulates the mean loss over M (or K) equal micro-batches in order. That, not the
 full-batch step, is the oracle, because BatchNorm normalises each micro-batch (or shard) with its own statistics
-(torchgpipe #14, pipeline.md §5.2); with M=1 they coincide.
+(the reason torchgpipe defers BatchNorm); with M=1 they coincide.
 
-Timing (pipeline.md §6.4): every rank passes a barrier, then records when each of its steps ends. A step is
-complete when its latest rank is done; steady-state samples/s is taken over the steps after ``warmup``, and the
-fill (the first step: pipeline fill plus lazy shape inference) is reported apart. A rank's busy fraction is its
-compute seconds in that window divided by the window: PPLL counts everything but the seconds blocked in
-:class:`~.ppll.Link`; GPipe/1F1B count ``forward_one_chunk``, ``backward_one_chunk`` and the optimizer step
-(the micro-batch loss and P2P waits are idle); DDP and single-process runs report none.
+Timing (docs/pipeline.md, "Measurement rules"): every rank passes a barrier, then records when each of its steps
+ends. A step is complete when its latest rank is done; steady-state samples/s is taken over the steps after
+``warmup``, and the fill (the first step: pipeline fill plus lazy shape inference) is reported apart. A rank's busy
+fraction is its compute seconds in that window divided by the window: PPLL counts everything but the seconds blocked
+in :class:`~.ppll.Link`; GPipe/1F1B count ``forward_one_chunk``, ``backward_one_chunk`` and the optimizer step (the
+micro-batch loss and P2P waits are idle); DDP and single-process runs report none.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.datasets import dataset_spec
-from ..local.task import Batch
+from ..tasks.task import Batch
 from ..train.build import build_engine, resolve_device
 from ..train.config import ConfigError, TrainCfg, config_from_dict, to_dict
 from ..train.engine import LocalEngine

@@ -1,5 +1,5 @@
-"""PPLL: pipeline-parallel local learning, one process per local module (spec methods.md §7, §10.2; pipeline.md
-§1.4, §6).
+"""PPLL: pipeline-parallel local learning, one process per local module (Guo et al., arXiv 2411.12780; design:
+docs/pipeline.md).
 
     torchrun --nproc-per-node 4 -m locallearn train -c configs/fmnist/demo.yaml parallel=ppll
     torchrun --nproc-per-node 4 -m locallearn train --resume runs/<run>             # per-stage checkpoints
@@ -16,7 +16,7 @@ loader that is not reproducible across ranks. Protocol, window and failure handl
 
 Semantics: module k+1 sees, for batch t, module k's output computed with module k's parameters after t steps —
 exactly what the sequential engine does — so PPLL gives bitwise the same parameters as sequential local learning
-on CPU (pipeline.md §1.4; tested for DGL and InfoPro, K = 2..4). Add-ons whose state crosses stages run with
+on CPU (tested for DGL and InfoPro, K = 2..4). Add-ons whose state crosses stages run with
 their own messages and documented semantics (:mod:`.cross_stage`): MAN/LAM EMA copies get the later stage's
 weights every ``ppll.ema_every`` steps (1 = bitwise the sequential engine), and cascades send one-hop input
 gradients upstream (bitwise the sequential engine, at the cost of a backward dependency).
@@ -48,10 +48,10 @@ Evaluation, for any task: each stage scores its aux head (the last stage: the fi
 set and rank 0 logs the sequential engine's keys (``test_<metric>``, ``test_loss``, ``aux_<headline>``;
 :mod:`.stage_eval`).
 
-Balance: ``method.balance: time`` is measured once on rank 0 and broadcast (:func:`~.launch.agreed_config`).
-Timing: :class:`~.link.Link` counts the seconds a rank sits blocked, so each stage reports a busy fraction,
-compute / wall (pipeline.md §6.4). :func:`bench_step` runs the same stage step on fixed batches for ``locallearn
-bench pipeline``.
+Balance: ``method.balance: time`` is measured once on rank 0 and broadcast (:func:`~.launch.agreed_config`). Timing:
+:class:`~.link.Link` counts the seconds a rank sits blocked, so each stage reports a busy fraction, compute / wall
+(docs/pipeline.md, "Measurement rules"). :func:`bench_step` runs the same stage step on fixed batches for
+``locallearn bench pipeline``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..local.task import Batch
+from ..tasks.task import Batch
 from ..train.build import build_engine, build_loaders, run_name
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.config import ConfigError, TrainCfg

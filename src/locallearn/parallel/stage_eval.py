@@ -1,5 +1,5 @@
-"""PPLL evaluation for any task (spec pipeline.md §6.1 "Eval": a forward-only chain; §1.4: the sequential engine
-is the oracle, so PPLL logs exactly its keys).
+"""PPLL evaluation for any task: a forward-only chain; the sequential engine is the oracle, so PPLL logs exactly
+its keys (docs/pipeline.md, "Design and where it comes from").
 
 Each stage runs the forward-only chain over the *whole* test set (stage k receives stage k-1's activations) and
 feeds its own predictions to one ``task.metrics()`` accumulator: the aux head's on stages 0..K-2, the final
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..local.task import Batch, Task
+from ..tasks.task import Batch, Task
 from ..train.engine import LocalEngine
 from .link import EVAL, Link
 

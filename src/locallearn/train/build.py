@@ -19,13 +19,13 @@ from torch import nn
 from ..data.datasets import dataset_spec, load_split
 from ..data.loader import ResidentLoader
 from ..data.sr import sr_loaders
-from ..local.detection import DetectionTask
-from ..local.task import Batch, ClassificationTask, SuperResolutionTask, Task
 from ..methods.base import resolve_k
 from ..methods.options import MethodCfg
 from ..models.capture import CaptureError
 from ..models.registry import create_model, import_builder, is_import_path
 from ..models.units import UnitBackbone
+from ..tasks.detection import DetectionTask
+from ..tasks.task import Batch, ClassificationTask, SuperResolutionTask, Task
 from .config import ConfigError, TrainCfg
 from .engine import LocalEngine
 from .partition import time_balanced_method

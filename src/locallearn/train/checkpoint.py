@@ -1,6 +1,6 @@
-"""Checkpoints are plain dicts of tensors and Python primitives (engineering.md §5): written atomically (temp
-file + ``os.replace``, so a crash never leaves a half-written ``ckpt_last.pt``) and loaded with
-``weights_only=True``, so a checkpoint can never run code."""
+"""Checkpoints are plain dicts of tensors and Python primitives: written atomically (temp file + ``os.replace``,
+so a crash never leaves a half-written ``ckpt_last.pt``) and loaded with ``weights_only=True``, so a checkpoint can
+never run code (docs/configuration.md, "What a run writes")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Typed run configuration: nested dataclasses ⇄ YAML, with dotted ``key=value`` overrides (engineering.md §3).
+"""Typed run configuration: nested dataclasses ⇄ YAML, with dotted ``key=value`` overrides (docs/configuration.md).
 
 Values are coerced to the field's type (``method.k=8`` → int, ``optim.lr=1e-3`` → float, bools, lists), Literal
 fields are checked, and unknown keys are rejected with a ``difflib`` suggestion. No ``exec``/``eval``: values are
@@ -8,7 +8,6 @@ parsed with ``yaml.safe_load``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -19,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from ..methods.options import MethodCfg
+from ..names import did_you_mean
 
 # Scientific notation that YAML 1.1 (PyYAML) leaves as a string: 1e-3, 2E5, 5e+2.
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataCfg:
     """``name``: registered dataset; ``root``: folder with its files (None = the standard locations).
-    ``pad``/``pad_mode``/``flip``: None = the dataset's recipe (spec §0.3). ``limit_train``/``limit_test``:
+    ``pad``/``pad_mode``/``flip``: None = the dataset's recipe (docs/data.md). ``limit_train``/``limit_test``:
     use only the first N samples (quick runs and tests).
 
     Super-resolution datasets (:mod:`locallearn.data.sr`): ``scale`` (2, 3, 4), ``patch_size`` (HR side of a
@@ -40,9 +40,9 @@ class DataCfg:
     random flips and 90° rotations; the limits count images. Folders are indexed, not held in memory:
     ``num_workers`` DataLoader processes decode each image and cut its patch (DIV2K fits any machine).
 
-    Class-folder datasets (``imagenet``, ``imagefolder``; :mod:`locallearn.data.imagefolder`, engineering.md
-    §7.3): ``num_workers`` DataLoader processes decode the JPEGs; ``image_size`` is the crop side (None = the
-    dataset's, 224; evaluation resizes the short side to image_size/0.875, 256 for 224, spec §0.4)."""
+    Class-folder datasets (``imagenet``, ``imagefolder``; :mod:`locallearn.data.imagefolder`): ``num_workers``
+    DataLoader processes decode the JPEGs; ``image_size`` is the crop side (None = the dataset's, 224; evaluation
+    resizes the short side to image_size/0.875, 256 for 224, as InfoPro's ImageNet scripts)."""
 
     name: str = "fashion_mnist"
     root: str | None = None
@@ -81,10 +81,10 @@ class ModelCfg:
 
 @dataclass
 class OptimCfg:
-    """The optimizer and the spec §0.4 schedules.
+    """The optimizer and the papers' schedules (docs/configuration.md, "The papers' optimizer recipes").
 
-    ``name``: ``sgd`` (``momentum``, ``nesterov``; the ResNet recipes, spec §0.4) or ``adamw`` (``betas``,
-    ``eps``; MAN++'s ViT recipe, spec §3.4: lr 1e-3, betas (0.9, 0.999), weight decay 0.05). ``weight_decay``
+    ``name``: ``sgd`` (``momentum``, ``nesterov``; the ResNet recipes) or ``adamw`` (``betas``,
+    ``eps``; MAN++'s ViT recipe: lr 1e-3, betas (0.9, 0.999), weight decay 0.05). ``weight_decay``
     applies to every parameter, aux nets included, as in the references. ``schedule``: ``cosine``
     (``warmup_epochs`` of InfoPro's blend warm-up from ``warmup_lr``), ``step`` (×``gamma`` at ``milestones``)
     or ``constant``. ``per_step``: update the lr every step (smooth, for short runs) instead of once per epoch (the
@@ -251,9 +251,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
     leaf = key.rsplit(".", 1)[-1]
-    hint = difflib.get_close_matches(leaf, known, n=1)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    more = f"; did you mean {prefix + hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
+    more = did_you_mean(leaf, known, prefix) or f"; known keys: {', '.join(known)}"
     return ConfigError(f"unknown config key {key!r}{more}")
 
 

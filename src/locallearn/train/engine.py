@@ -1,4 +1,4 @@
-"""The single-process local-learning engine (spec methods.md §0.2, §10.2 ``SequentialLocalTrainer``).
+"""The single-process local-learning engine: the reference step of InfoPro's and DGL's code (docs/api.md).
 
 Per batch, for each of the K modules: forward, the method's local loss, backward, then pass the *detached* output
 on, so module k's graph is freed before module k+1 runs and no gradient crosses a module boundary. Each module
@@ -26,12 +26,12 @@ from torch import nn
 
 from ..local.checkpointing import CheckpointedSequential, recomputed, segment_count
 from ..local.split import backbone_layout, balanced_split, check_k, preset_split, validate_ends
-from ..local.task import Batch, Task
 from ..measure.memory import SavedTensorMeter
 from ..measure.profile import unit_costs
 from ..methods.base import LocalMethod, build_method, method_class, resolve_k
 from ..methods.options import MethodCfg, MethodContext
 from ..models.units import ModuleBackbone, UnitBackbone, backward_carry, carry_tensors, detach_carry, grad_leaves
+from ..tasks.task import Batch, Task
 from .config import OptimCfg
 from .schedule import build_optimizer
 
@@ -125,7 +125,7 @@ class LocalEngine:
     Args:
         backbone: the network as ordered units (already initialised: the caller owns the backbone RNG stream).
         method_cfg: method, K and split.
-        task: the task (loss of the last module and of task-head aux nets, metrics; :mod:`~locallearn.local.task`).
+        task: the task (loss of the last module and of task-head aux nets, metrics; :mod:`~locallearn.tasks.task`).
         optim: optimiser settings.
         aux_seed: seeds aux-net initialisation on its own stream, so the method never shifts the backbone's
             or the data's randomness.
@@ -174,7 +174,7 @@ class LocalEngine:
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         for part in (backbone, self.method):
             part.to(device=self.device, memory_format=memory_format)
-        if compile:  # in place, per module and per aux objective, so checkpoint keys stay clean (eng. §6)
+        if compile:  # in place, per module and per aux objective, so checkpoint keys stay clean (no ``_orig_mod.``)
             for module in self.modules:
                 module.compile()
             for aux in self.method.aux:

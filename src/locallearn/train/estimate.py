@@ -24,10 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.datasets import dataset_spec
 from ..local.split import module_sizes
-from ..local.task import Batch
 from ..measure.memory import SavedTensorMeter, frozen_param_bytes, model_state_bytes
 from ..measure.profile import count_params
 from ..models.units import detach_carry
+from ..tasks.task import Batch
 from .build import build_engine
 from .config import TrainCfg
 from .engine import LocalEngine

@@ -1,4 +1,4 @@
-"""Split points from measured time (``method.balance: time``; spec pipeline.md §4, §6.1).
+"""Split points from measured time (``method.balance: time``; docs/methods.md, "Splits balanced by measured time").
 
 In a pipeline the slowest stage sets the pace, and a stage's time is its units' forward + backward *plus its aux
 net*, which parameter or FLOP counts of the backbone do not see (InfoPro's decoder on a 32×32 map costs more than
@@ -33,10 +33,10 @@ from dataclasses import replace
 import torch
 
 from ..local.split import balanced_split, check_k
-from ..local.task import Batch
 from ..methods.base import resolve_k
 from ..methods.options import MethodCfg
 from ..models.units import backward_carry, carry_tensors, detach_carry
+from ..tasks.task import Batch
 from .engine import LocalEngine
 
 

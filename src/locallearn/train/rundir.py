@@ -1,5 +1,5 @@
 """Run directories: ``config.yaml``, ``env.json``, ``metrics.jsonl`` (one JSON object per epoch, the source of
-truth for plots) and ``ckpt_last.pt`` (engineering.md §4)."""
+truth for plots) and ``ckpt_last.pt`` (docs/configuration.md, "What a run writes")."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..local.task import Batch
+from ..tasks.task import Batch
 from .checkpoint import save_checkpoint
 from .engine import LocalEngine, StepResult
 

@@ -1,5 +1,5 @@
-"""Optimizers and learning-rate schedules of spec methods.md §0.4 (InfoPro ``adjust_learning_rate``) and §3.4
-(MAN++'s AdamW for ViTs)."""
+"""Optimizers and learning-rate schedules of the papers: InfoPro's ``adjust_learning_rate`` and MAN++'s AdamW for
+ViTs (docs/configuration.md, "The papers' optimizer recipes")."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from .config import OptimCfg
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimCfg) -> torch.optim.Optimizer:
     """The optimizer ``optim.name`` names, over ``params`` (one local module and its aux net; the engine builds
-    one per module). ``sgd``: Nesterov only with momentum (torch rejects Nesterov without it), spec §0.4.
-    ``adamw``: decoupled weight decay, spec §3.4. The learning rate is set per step by :func:`lr_at`."""
+    one per module). ``sgd``: Nesterov only with momentum (torch rejects Nesterov without it).
+    ``adamw``: decoupled weight decay. The learning rate is set per step by :func:`lr_at`."""
     params = list(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(

@@ -1,4 +1,4 @@
-"""PSNR and SSIM as super-resolution papers report them (EDSR, GLCAN's SR tables; spec methods.md §6).
+"""PSNR and SSIM as super-resolution papers report them (EDSR; docs/glcan.md, "Task and metrics").
 
 The convention: both images quantised to 8 bits, converted to the luma channel Y of ITU-R BT.601 as MATLAB's
 ``rgb2ycbcr`` does (Y in [16, 235]), a border of ``shave`` pixels (= the scale factor) cropped, then

@@ -1,11 +1,11 @@
 """Object detection as a task: FCOS targets, focal + GIoU + centerness losses, decoding, COCO mAP (Tian et
-al., FCOS, ICCV 2019; spec methods.md §6).
+al., FCOS, ICCV 2019; docs/glcan.md, "Detection").
 
 Predictions come in the self-describing layout of :mod:`locallearn.models.detector`: (B, P, C + 8) with class
 logits, box distances (l, t, r, b) in pixels, a centerness logit and the point's (x, y, stride). The same loss
-therefore trains the final multi-level head and a single-level aux head of any module (spec methods.md §3.2:
-each stage's aux detector predicts on the level of its stride; §6 GLCAN). Targets are the padded (B, M, 5)
-``[label, x1, y1, x2, y2]`` tensors of :mod:`locallearn.data.detection` (label −1 = padding).
+therefore trains the final multi-level head and a single-level aux head of any module (docs/glcan.md, "Detection":
+each module's aux detector predicts on the level of its stride, as MAN++'s RetinaNet does). Targets are the padded
+(B, M, 5) ``[label, x1, y1, x2, y2]`` tensors of :mod:`locallearn.data.detection` (label −1 = padding).
 
 Assignment (FCOS with center sampling): a point is positive for a box when it lies inside the box and within
 1.5 strides of its centre, and, when several levels predict, the box's largest (l, t, r, b) falls in the level's

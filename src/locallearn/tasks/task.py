@@ -4,7 +4,7 @@ so super-resolution and detection plug into the same engine (design rule: nothin
 A task supplies the loss of a prediction, a metric accumulator for evaluation (``metrics()``: ``update`` per
 batch on the device, ``compute`` once at the end), the per-sample train statistic the engine sums without a host
 sync (``train_stat``), what a backbone builder needs to fit it (``model_kwargs``) and the plainest aux head for
-a feature map (``plain_head``: the DGL-style baseline, spec methods.md §6). ``headline`` names the metric a run is
+a feature map (``plain_head``: the DGL-style baseline, docs/glcan.md). ``headline`` names the metric a run is
 judged by (``test_<headline>``, ``aux_<headline>`` by depth, ``train_<headline>``).
 """
 
@@ -39,7 +39,8 @@ class Batch:
 
     @cached_property
     def image01(self) -> torch.Tensor:
-        """The un-normalised image in [0, 1], the target of InfoPro's decoder (spec §0.3, §2.6)."""
+        """The un-normalised image in [0, 1], the target of InfoPro's decoder (docs/methods.md, "Aux nets and
+        local losses")."""
         if self.raw is None:
             raise ValueError("this batch carries no raw image; the loader must keep it for reconstruction losses")
         return self.raw.float().div_(255)
