@@ -105,10 +105,11 @@ def main() -> None:
     start, batch = time.perf_counter(), 128
     for epoch in range(args.epochs):
         order = torch.randperm(len(x))
+        figures = 0  # per-module loss sums, train hits, steps: summed on the device, read once per epoch
         for i in range(0, len(x) - batch + 1, batch):
             idx = order[i : i + batch]
-            engine.train_step(ll.Batch(x[idx], y[idx], raw[idx]))
-        losses = [round(v, 3) for v in engine.pop_train_stats()["train_loss"]]
+            figures = figures + engine.train_step(ll.Batch(x[idx], y[idx], raw[idx])).figures
+        losses = [round(v / figures[-1].item(), 3) for v in figures[:-2].tolist()]
         batches = [(test[0][i : i + 500], test[1][i : i + 500], test[2][i : i + 500]) for i in range(0, 10000, 500)]
         result = engine.evaluate(batches)
         print(
