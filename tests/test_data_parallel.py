@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from locallearn.cli.main import main
 from locallearn.parallel.data_parallel import fit_dp
 from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_checkpoint, load_config
+from locallearn.train.rundir import read_records
 
 from .conftest import tiny_overrides
 from .test_ppll import assert_resumed_records_match, assert_stages_match, exit_at_call, ppll_base, run_until_exit
@@ -57,7 +57,7 @@ def test_dp_trains_a_resnet_and_resumes(synthetic_root: Path, tmp_path: Path) ->
     base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=2", "run.threads=1"]
     first = fit_dp(load_config(None, base + ["parallel=dp", "ppll.procs=2", "run.epochs=2"]))
     assert main(["train", "--resume", first["run_dir"], "run.epochs=3"]) == 0
-    records = [json.loads(line) for line in (Path(first["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(Path(first["run_dir"]) / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[-1]["train_loss"][-1] < records[0]["train_loss"][-1]
     assert records[-1]["test_acc"] > 0.2  # 10 classes: chance is 0.1

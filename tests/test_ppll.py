@@ -19,6 +19,7 @@ from locallearn.parallel.link import free_port
 from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_checkpoint, load_config
 from locallearn.train.config import ConfigError
+from locallearn.train.rundir import read_records
 
 from .conftest import tiny_overrides
 
@@ -110,10 +111,7 @@ def exit_at_call(owner: Any, name: str, call: int, code: int) -> None:
 def assert_resumed_records_match(reference: str | Path, resumed: str | Path, steps: list[int]) -> None:
     """A run killed mid-epoch and resumed records what the uninterrupted ``reference`` did (every module's loss,
     train and test accuracy, bitwise) at the same ``steps``, each record timing all of its epoch's samples."""
-    a, b = (
-        [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-        for d in (reference, resumed)
-    )
+    a, b = (read_records(Path(d) / "metrics.jsonl") for d in (reference, resumed))
     assert [r["step"] for r in a] == [r["step"] for r in b] == steps
     for x, y in zip(a, b):
         assert (y["train_loss"], y["train_acc"], y["test_acc"]) == (x["train_loss"], x["train_acc"], x["test_acc"])
@@ -184,7 +182,6 @@ def test_a_wrong_process_count_is_one_config_error(synthetic_root: Path, tmp_pat
 def _timed_stages(cfg, out_dir: str, resume: bool) -> dict | None:
     """PPLL's rank body, with the last stage slowed down (0.2 s per step) and the wall time at which every rank
     enters each step written to ``out_dir/enter{rank}.json``."""
-    import json
 
     import torch.distributed as dist
 
@@ -207,7 +204,6 @@ def _timed_stages(cfg, out_dir: str, resume: bool) -> dict | None:
 def test_back_pressure_bounds_how_far_a_stage_runs_ahead(synthetic_root: Path, tmp_path: Path) -> None:
     """With ``ppll.window=1`` and a slow last stage, stage 0 enters step i only after stage 1 has received the
     activation of step i-2 (so at most the window's message is in flight), and nothing deadlocks."""
-    import json
 
     from locallearn.parallel.launch import spawn
 
@@ -281,7 +277,6 @@ def test_labels_sent_with_the_activations_train_the_same_model(
     """``ppll.labels=send``: stage 0 alone reads batches; targets and raw images (InfoPro's decoders reconstruct
     them on every stage) travel with the activations, through a ragged last batch and the evaluation passes, and
     the run is still the sequential engine's bit for bit. ``loader`` (the default) reads on every stage."""
-    import json
 
     base = ppll_base(synthetic_root, tmp_path, "infopro", 3)
     sequential = fit(load_config(None, base), quiet=True)
@@ -293,7 +288,7 @@ def test_labels_sent_with_the_activations_train_the_same_model(
     assert reads[0] > 10  # 10 training batches, 2 evaluation passes and the sample that builds the engine
     assert reads[1:] == ([1, 1] if labels == "send" else [reads[0]] * 2)  # later stages: only that sample
     assert_stages_match(load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt"), run_dir, 3)
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    last = read_records(run_dir / "metrics.jsonl")[-1]
     assert last["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
     assert last["aux_acc"] == pytest.approx(sequential["aux_acc"], abs=1e-6)
 
@@ -301,7 +296,6 @@ def test_labels_sent_with_the_activations_train_the_same_model(
 def test_pinned_ranks_run_on_cores_of_their_own(synthetic_root: Path, tmp_path: Path) -> None:
     """``ppll.pin_cores=true`` with one thread per rank: rank 0 runs on the first core alone (where the machine
     has a core per rank), and training is unchanged by it (bitwise the sequential engine)."""
-    import json
 
     base = ppll_base(synthetic_root, tmp_path, "dgl", 2) + ["run.threads=1"]
     sequential = fit(load_config(None, base), quiet=True)

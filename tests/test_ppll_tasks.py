@@ -5,7 +5,6 @@ any rank waits on another; ``locallearn eval RUN_DIR`` scores a PPLL run from it
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_checkpoint, load_config
 from locallearn.train.checkpoint import save_checkpoint
 from locallearn.train.config import ConfigError
+from locallearn.train.rundir import read_records
 
 from .test_ppll import assert_stages_match, ppll_base
 
@@ -76,7 +76,7 @@ def assert_same_evaluation(pipelined: dict[str, Any], sequential: dict[str, Any]
     assert evaluation_keys(pipelined) == evaluation_keys(sequential), (pipelined, sequential)
     for key in evaluation_keys(sequential):
         assert pipelined[key] == pytest.approx(sequential[key], abs=1e-6), key
-    logged = json.loads((Path(pipelined["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = read_records(Path(pipelined["run_dir"]) / "metrics.jsonl")[-1]
     assert evaluation_keys(logged) == evaluation_keys(sequential)
 
 

@@ -3,14 +3,13 @@ equal the JSONL log (single-process and PPLL runs; PPLL writes from rank 0, whic
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from locallearn.parallel.ppll import spawn_ppll
 from locallearn.train import fit, load_config
-from locallearn.train.rundir import tensorboard_scalars
+from locallearn.train.rundir import read_records, tensorboard_scalars
 
 from .conftest import tiny_overrides
 
@@ -24,7 +23,7 @@ def read_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def assert_events_match_jsonl(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir / "metrics.jsonl")
     events = read_events(run_dir)
     expected: dict[str, list[tuple[int, float]]] = {}
     for record in records:

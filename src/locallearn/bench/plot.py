@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from ..train.rundir import read_records
 from .report import shown_value, table_rows, task_metric
 
 # What a headline metric is called on an axis, and its unit (None: a fraction, shown as logged).
@@ -110,8 +111,7 @@ def collect(inputs: list[str | Path]) -> tuple[dict[Path, list[dict[str, Any]]],
     benches: list[tuple[Path, dict[str, Any]]] = []
 
     def add_run(d: Path) -> None:
-        lines = (d / "metrics.jsonl").read_text().splitlines()
-        runs[d] = [json.loads(line) for line in lines if line.strip()]
+        runs[d] = read_records(d / "metrics.jsonl")  # the epoch records
 
     for item in map(Path, inputs):
         if not item.exists():

@@ -23,6 +23,7 @@ from ..data.idx import DataError
 from ..parallel.link import StageError
 from ..train.allocator import tune_cpu_allocator
 from ..train.config import ConfigError
+from ..train.interrupt import Interrupted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one run from a YAML preset with key=value overrides")
     t.add_argument("-c", "--config", help="YAML preset (see configs/)")
-    t.add_argument("--resume", help="run directory (or checkpoint) to continue from")
+    t.add_argument(
+        "--resume",
+        help="run directory (or checkpoint) to continue from; 'auto' with -c: the newest run of the same run name "
+        "in run.out if it has a checkpoint, else a new run",
+    )
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.k=8 optim.lr=0.05")
 
     e = sub.add_parser("eval", help="evaluate a run directory or checkpoint on its test set")
@@ -128,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides) if args.config else None
             from ..parallel import fit_parallel, wants_parallel  # ppll / dp runs, and resuming them
 
+            if args.resume == "auto":
+                from ..train.trainer import latest_run
+
+                if cfg is None:
+                    raise ConfigError("--resume auto needs -c CONFIG.yaml: it looks for the config's run name")
+                args.resume = latest_run(cfg)
+                if args.resume is None:
+                    print("--resume auto: no earlier run of this name with a checkpoint; starting a new one")
+
             if wants_parallel(cfg, args.resume):
                 fit_parallel(cfg, resume=args.resume, overrides=[] if cfg else args.overrides)
             elif cfg is not None:
@@ -200,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as e:  # a multi-process run whose rank died or hung: one line, not a traceback per rank
         print(f"locallearn: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:  # a run that saved its state at the current step and names the command to continue
+        print(f"locallearn: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         hint = {
-            "train": "; resume with `locallearn train --resume RUN_DIR`",
+            "train": " before training started or in a multi-process run: rerun with --resume RUN_DIR from its last "
+            "checkpoint (see the run folder printed at the start)",
             "bench": "; rerun the same command with the same --out to continue",
         }.get(args.command, "")
         print(f"locallearn: interrupted{hint}", file=sys.stderr)

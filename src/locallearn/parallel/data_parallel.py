@@ -38,7 +38,7 @@ from ..train.config import ConfigError, TrainCfg
 from ..train.engine import LocalEngine, StepResult
 from ..train.runtime import Reduced
 from ..train.trainer import Trainer
-from .launch import agreed_config, agreed_run_dir, name_ranks, rank_device, run_torchrun, spawn
+from .launch import agreed, agreed_config, agreed_run_dir, name_ranks, rank_device, run_torchrun, spawn
 from .link import StageError, short_error
 
 
@@ -88,7 +88,7 @@ class ReplicaRuntime:
     """The trainer's runtime on one data-parallel rank: its shard of every global batch, gradients averaged by
     :class:`GradAverager`, figures reduced over the replicas, rank 0's ``ckpt_last.pt`` (module doc)."""
 
-    measures = False
+    measures = solo = False
 
     def __init__(
         self,
@@ -123,6 +123,9 @@ class ReplicaRuntime:
 
     def sync(self, steps_done: int, flush: bool = True) -> None:
         broadcast_buffers(self.parts)  # BN running statistics drift apart: rank 0's everywhere
+
+    def agree(self, value: float) -> float:
+        return agreed(value, self.engine.device)
 
     def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
         """Loss: the mean over replicas of each shard's mean; the train stat: a sum over every sample."""

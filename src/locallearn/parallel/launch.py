@@ -89,6 +89,13 @@ def _broadcast(objects: list[Any], device: torch.device) -> None:
     dist.broadcast_object_list(objects, src=0, device=device if device.type == "cuda" else None)
 
 
+def agreed(value: Any, device: torch.device) -> Any:
+    """Rank 0's ``value`` on every rank (every rank calls it)."""
+    box = [value]
+    _broadcast(box, device)
+    return box[0]
+
+
 def agreed_config(cfg: TrainCfg, spec: Any, device: torch.device, loader: Any) -> TrainCfg:
     """``method.balance: time``: rank 0 measures and broadcasts the split (module doc); other configs unchanged."""
     if cfg.method.balance != "time" or cfg.method.split != "auto":

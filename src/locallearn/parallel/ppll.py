@@ -74,7 +74,7 @@ from ..train.runtime import Reduced
 from ..train.trainer import Trainer
 from .cross_stage import CrossStage, check_supported
 from .data_parallel import GradAverager, broadcast_buffers, shard
-from .launch import agreed_config, agreed_run_dir, name_ranks, new_group, rank_device, run_torchrun, spawn
+from .launch import agreed, agreed_config, agreed_run_dir, name_ranks, new_group, rank_device, run_torchrun, spawn
 from .link import TRAIN, Link, StageError
 from .stage_eval import gather_evaluation, stage_evaluate
 
@@ -162,7 +162,7 @@ class StageRuntime:
     """The trainer's runtime on one PPLL rank: its place in the mesh, its batches, its per-stage checkpoint and
     how the stages' figures become the run's (module doc)."""
 
-    measures = False
+    measures = solo = False
 
     def __init__(
         self,
@@ -241,6 +241,9 @@ class StageRuntime:
             self.link.flush()
         if self.group is not None:
             broadcast_buffers(self.parts, src=self.k, group=self.group)
+
+    def agree(self, value: float) -> float:
+        return agreed(value, self.engine.device)
 
     def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
         """Per stage: mean loss, train seconds, idle seconds (replica 0) and the train_stat sum (all replicas);

@@ -112,6 +112,8 @@ class RunCfg:
     """``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:1``. ``threads``: torch CPU threads
     (None = torch's default). ``max_steps``: stop early (smoke runs). ``amp``: ``none``, ``bf16`` or ``fp16``.
     ``compile``: ``torch.compile`` each module in place. ``ckpt_every``: also checkpoint every N steps.
+    ``ckpt_minutes``: a one-process run also checkpoints when this many minutes passed since its last checkpoint
+    (0 = off), so a crash loses at most that much; SIGINT and SIGTERM checkpoint at the current step either way.
     ``precision``: ``fp32``, or mixed precision with ``bf16`` or ``fp16`` autocast (fp16 with one GradScaler for all
     K losses) for every module, aux net and add-on. On CUDA, ``cudnn.benchmark`` is on (shapes are fixed)."""
 
@@ -125,6 +127,7 @@ class RunCfg:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     ckpt_every: int = 0
+    ckpt_minutes: float = 10.0
     eval_every: int = 1
     progress: bool = True
 
@@ -154,11 +157,15 @@ class PPLLCfg:
 
 @dataclass
 class LogCfg:
-    """``tensorboard``: also write every epoch record's scalars (per-module losses, lr, accuracy, images/s, memory)
-    as TensorBoard events to ``<run>/tb/`` (needs ``pip install 'locallearn[tb]'``); ``metrics.jsonl`` is always
-    written."""
+    """``tensorboard``: also write every record's scalars (per-module losses, lr, accuracy, images/s, memory) as
+    TensorBoard events to ``<run>/tb/`` (needs ``pip install 'locallearn[tb]'``); ``metrics.jsonl`` is always
+    written. ``every``: a step record (``"kind": "step"``: per-module loss, lr, images/s since the last one) every
+    N steps to the console, metrics.jsonl and TensorBoard (``step/`` tags); null = about every ``seconds``
+    seconds, at the step count the first steps' speed gives (agreed by every rank); 0 = epoch records only."""
 
     tensorboard: bool = False
+    every: int | None = None
+    seconds: float = 30.0
 
 
 @dataclass
@@ -366,6 +373,9 @@ DOMAINS: dict[str, tuple[str, str]] = {
     "run.max_steps": (">= 1", "steps before stopping early; leave unset (null) for no limit"),
     "run.ckpt_every": (">= 0", "steps between extra checkpoints; 0 = only at epoch ends"),
     "run.eval_every": (">= 1", "epochs between evaluations"),
+    "run.ckpt_minutes": (">= 0", "minutes between time-based checkpoints; 0 = off"),
+    "log.every": (">= 0", "steps between step records; 0 = off, null = about every log.seconds"),
+    "log.seconds": ("> 0", "seconds between step records when log.every is null"),
     "ppll.procs": (">= 0", "ranks to spawn; 0 = started by torchrun"),
     "ppll.window": (">= 1", "sends in flight per rank and direction"),
     "ppll.timeout": ("> 0", "seconds a rank waits for a peer"),

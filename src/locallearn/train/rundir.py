@@ -118,11 +118,14 @@ def training_seconds(records: list[dict[str, Any]], batch_size: int) -> float:
 
 def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The scalars of one metrics record, as TensorBoard tags: numbers under their key, lists one tag per module
-    (``train_loss/module_0``, ``aux_acc/module_2``; a None entry, a module without that head, is left out)."""
+    (``train_loss/module_0``, ``aux_acc/module_2``; a None entry, a module without that head, is left out); a
+    step record's tags start with ``step/``."""
     scalars: dict[str, float] = {}
+    prefix = "step/" if record.get("kind") == "step" else ""
     for key, value in record.items():
-        if key in ("epoch", "step"):
+        if key in ("epoch", "step", "kind"):
             continue
+        key = prefix + key
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
             scalars[key] = float(value)
         elif isinstance(value, list):
@@ -169,7 +172,14 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.close()
 
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    def read(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The epoch records (``kind`` None), or the records of one ``kind`` (``step``)."""
+        return read_records(self.path, kind)
+
+
+def read_records(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """One kind of record of a ``metrics.jsonl``: epoch records (no ``kind`` key) by default, or ``step`` records."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("kind") == kind]

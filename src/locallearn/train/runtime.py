@@ -44,6 +44,7 @@ class Runtime(Protocol):
     writes: bool  # this rank logs, prints and writes run-level files (config.yaml, env.json)
     label: str  # console prefix ("" in one process)
     measures: bool  # the saved-tensor meter may watch the first steps (one process only)
+    solo: bool  # decides alone: signals and time-based checkpoints stop or save at its own current step
 
     def batches(self, epoch: int, start: int) -> Iterable[Any]:
         """This rank's loader items of ``epoch`` from batch ``start`` on (placeholders where it reads none)."""
@@ -59,6 +60,9 @@ class Runtime(Protocol):
 
     def sync(self, steps_done: int, flush: bool = True) -> None:
         """Collective, before a checkpoint or an evaluation: the state every writer must see."""
+
+    def agree(self, value: float) -> float:
+        """Collective: rank 0's ``value`` on every rank (a decision taken from one rank's timing)."""
 
     def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
         """Collective: this rank's figures and seconds become the run's."""
@@ -83,7 +87,7 @@ class Runtime(Protocol):
 class LocalRuntime:
     """One process: the engine runs every module on each batch of the loader; one checkpoint file."""
 
-    label, measures, writes = "", True, True
+    label, measures, writes, solo = "", True, True, True
 
     def __init__(
         self, engine: LocalEngine, train_loader: Any, test_loader: Any, run_dir: Path, state: dict | None = None
@@ -105,6 +109,9 @@ class LocalRuntime:
 
     def sync(self, steps_done: int, flush: bool = True) -> None:
         pass
+
+    def agree(self, value: float) -> float:
+        return value
 
     def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
         values = figures.tolist()

@@ -31,6 +31,7 @@ from ..measure.memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
 from .build import build_engine, build_loaders, resolve_device, resolve_time_balance, run_name
 from .checkpoint import load_checkpoint
 from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
+from .interrupt import Interrupted, StopSignals
 from .rundir import MetricsLog, check_tensorboard, environment, make_dir, new_run_dir
 from .runtime import LocalRuntime, Reduced, Runtime
 from .schedule import lr_at
@@ -43,10 +44,14 @@ RESUMABLE_CHANGES = {
     "run.threads",
     "run.device",
     "run.ckpt_every",
+    "run.ckpt_minutes",
     "run.eval_every",
     "log.tensorboard",
+    "log.every",
+    "log.seconds",
 }
 METER_STEPS = 2  # steps measured by the saved-tensor meter (the peak is the same every step at a fixed shape)
+CADENCE_STEPS = 5  # steps timed to choose the step-record cadence when log.every is null
 
 
 class Trainer:
@@ -70,12 +75,37 @@ class Trainer:
             self.figures.copy_(carried["stats"])
             self.carried = {key: value for key, value in carried.items() if key != "stats"}
         self.log: MetricsLog | None = None
+        self.log_every = cfg.log.every  # None until the first steps' speed sets it
+        self.mark = (self.step, time.perf_counter(), self.figures.clone())  # where the step record starts
+        self.last_save = time.perf_counter()
         if runtime.writes:
             if not resume:
                 (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             env = {**environment(self.engine.device), **runtime.environment()}
             (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))
             self.log = MetricsLog(self.run_dir / "metrics.jsonl", cfg.log.tensorboard)
+            if resume and not quiet:
+                self.say_resumed(state)
+
+    def say_resumed(self, state: dict[str, Any]) -> None:
+        """Where a resumed run continues, and what a longer or shorter ``run.epochs`` does to the schedule."""
+        cfg, steps = self.cfg, len(self.runtime.train_loader)
+        if self.finished():
+            return  # (fit says so)
+        print(f"continuing {self.run_dir} at epoch {self.epoch + 1}, step {self.step}", flush=True)
+        saved = state["config"]["run"]["epochs"]
+        if saved != cfg.run.epochs:
+            before = lr_at(cfg.optim, self.epoch, self.in_epoch, steps, saved)
+            after = lr_at(cfg.optim, self.epoch, self.in_epoch, steps, cfg.run.epochs)
+            print(
+                f"note: run.epochs {saved} → {cfg.run.epochs}: the lr schedule is recomputed for {cfg.run.epochs} "
+                f"epochs from here (lr at step {self.step}: {before:.4g} → {after:.4g})",
+                flush=True,
+            )
+
+    def finished(self) -> bool:
+        cfg = self.cfg
+        return self.epoch >= cfg.run.epochs or bool(cfg.run.max_steps and self.step >= cfg.run.max_steps)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, carry: dict[str, Any] | None = None) -> None:
@@ -89,6 +119,23 @@ class Trainer:
             "peak_act_bytes": self.peak_act,
         }
         self.runtime.save(position, carry)
+        self.last_save = time.perf_counter()
+
+    def save_mid_epoch(self, start: float, done: int) -> None:
+        """A checkpoint inside an epoch, with the carry of its ``done`` unrecorded steps since ``start``."""
+        self.runtime.sync(self.step, flush=False)  # activations in flight need not land: a resume recomputes them
+        carry = {"seconds": time.perf_counter() - start, "steps": done, **self.runtime.carry()}
+        self.save({**carry, "stats": self.figures.cpu()})
+
+    def checkpoint_due(self) -> bool:
+        """Every ``run.ckpt_every`` steps; in one process also every ``run.ckpt_minutes`` (ranks of a multi-process
+        run would decide at different steps, so they keep to the step count)."""
+        run = self.cfg.run
+        if run.ckpt_every and self.step % run.ckpt_every == 0:
+            return True
+        return (
+            self.runtime.solo and run.ckpt_minutes > 0 and time.perf_counter() - self.last_save >= 60 * run.ckpt_minutes
+        )
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any] | None:
@@ -96,66 +143,81 @@ class Trainer:
         cfg, engine, runtime = self.cfg, self.engine, self.runtime
         steps_per_epoch = len(runtime.train_loader)
         meter = SavedTensorMeter()
-        result: dict[str, Any] | None = {"run_dir": str(self.run_dir), "ends": list(engine.ends)}
+        result: dict[str, Any] = {"run_dir": str(self.run_dir), "ends": list(engine.ends)}
         if runtime.writes and not self.quiet:
-            print(
-                f"{runtime.label}run {self.run_dir}: {cfg.model.name}, {cfg.method.name} K={engine.k} split "
-                f"{engine.ends}, {steps_per_epoch} steps/epoch on {engine.device}",
-                flush=True,
-            )
-        stop = False
-        while self.epoch < cfg.run.epochs and not stop:
-            reset_cuda_peak(engine.device)
-            start = time.perf_counter() - self.carried["seconds"]
-            done = self.carried["steps"]  # steps since the last record, those before an interruption included
-            runtime.begin_epoch(self.carried)
-            self.carried = {"seconds": 0.0, "steps": 0}
-            batches = runtime.batches(self.epoch, self.in_epoch)
-            if self.shows_progress():
-                batches = bar = tqdm(
-                    batches,
-                    total=steps_per_epoch,
-                    initial=self.in_epoch,
-                    desc=f"epoch {self.epoch + 1}/{cfg.run.epochs}",
-                    mininterval=1.0,
-                    leave=False,
+            if self.finished():
+                print(
+                    f"{self.run_dir} is finished (epoch {self.epoch} of {cfg.run.epochs}, step {self.step}); "
+                    "raise run.epochs to train it further",
+                    flush=True,
                 )
-            for item in batches:
-                engine.set_lr(lr_at(cfg.optim, self.epoch, self.in_epoch, steps_per_epoch, cfg.run.epochs))
-                measuring = runtime.measures and self.step < METER_STEPS
-                engine.meter = meter if measuring else None
-                with meter if measuring else contextlib.nullcontext():
-                    self.figures += runtime.step(item, self.step).figures
-                self.in_epoch, self.step, done = self.in_epoch + 1, self.step + 1, done + 1
-                if measuring:
-                    self.peak_act = max(self.peak_act, meter.peak)
-                if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
-                    runtime.sync(self.step, flush=False)  # activations in flight need not land: a resume recomputes
-                    carry = {"seconds": time.perf_counter() - start, "steps": done, **runtime.carry()}
-                    self.save({**carry, "stats": self.figures.cpu()})
-                if cfg.run.max_steps and self.step >= cfg.run.max_steps:
-                    stop = True
-                    break
-            if self.shows_progress():
-                bar.close()
-            engine.meter = None
-            runtime.sync(self.step)
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize(engine.device)
-            reduced = runtime.reduce(self.figures, time.perf_counter() - start)
-            self.figures.zero_()
-            record = self.record(reduced, done)
-            if self.in_epoch == steps_per_epoch:
-                self.epoch, self.in_epoch = self.epoch + 1, 0
-            epoch_done = self.in_epoch == 0
-            if epoch_done and (self.epoch % cfg.run.eval_every == 0 or self.epoch == cfg.run.epochs) or stop:
-                record.update(runtime.evaluate())
-            if self.log is not None:
-                self.log.log(record)
-                if not self.quiet:
-                    print(runtime.label + format_row(record, engine.task.headline), flush=True)
-            self.save()
-            if result is not None:
+            else:
+                print(
+                    f"{runtime.label}run {self.run_dir}: {cfg.model.name}, {cfg.method.name} K={engine.k} split "
+                    f"{engine.ends}, {steps_per_epoch} steps/epoch on {engine.device}",
+                    flush=True,
+                )
+        if runtime.writes and self.log is not None:
+            result |= next(iter(self.log.read()[-1:]), {})  # a finished run returns its last record
+        started, first_step, stop = time.perf_counter(), self.step, False
+        with StopSignals(enabled=runtime.solo) as signals:
+            while self.epoch < cfg.run.epochs and not stop:
+                reset_cuda_peak(engine.device)
+                start = time.perf_counter() - self.carried["seconds"]
+                done = self.carried["steps"]  # steps since the last record, those before an interruption included
+                runtime.begin_epoch(self.carried)
+                self.carried = {"seconds": 0.0, "steps": 0}
+                self.mark = (self.step, time.perf_counter(), self.figures.clone())
+                batches = bar = runtime.batches(self.epoch, self.in_epoch)
+                if self.shows_progress():
+                    batches = bar = tqdm(
+                        batches,
+                        total=steps_per_epoch,
+                        initial=self.in_epoch,
+                        desc=f"epoch {self.epoch + 1}/{cfg.run.epochs}",
+                        mininterval=1.0,
+                        leave=False,
+                    )
+                for item in batches:
+                    engine.set_lr(lr_at(cfg.optim, self.epoch, self.in_epoch, steps_per_epoch, cfg.run.epochs))
+                    measuring = runtime.measures and self.step < METER_STEPS
+                    engine.meter = meter if measuring else None
+                    with meter if measuring else contextlib.nullcontext():
+                        self.figures += runtime.step(item, self.step).figures
+                    self.in_epoch, self.step, done = self.in_epoch + 1, self.step + 1, done + 1
+                    if measuring:
+                        self.peak_act = max(self.peak_act, meter.peak)
+                    if signals.received:
+                        self.save_mid_epoch(start, done)
+                        raise Interrupted(signals.received, self.run_dir, self.epoch + 1, self.step)
+                    if self.log_every is None and self.step - first_step == CADENCE_STEPS:
+                        self.log_every = self.agreed_cadence(time.perf_counter() - started)
+                    if self.log_every and self.step % self.log_every == 0:
+                        self.log_steps(bar)
+                    if self.checkpoint_due():
+                        self.save_mid_epoch(start, done)
+                    if cfg.run.max_steps and self.step >= cfg.run.max_steps:
+                        stop = True
+                        break
+                if self.shows_progress():
+                    bar.close()
+                engine.meter = None
+                runtime.sync(self.step)
+                if engine.device.type == "cuda":
+                    torch.cuda.synchronize(engine.device)
+                reduced = runtime.reduce(self.figures, time.perf_counter() - start)
+                self.figures.zero_()
+                record = self.record(reduced, done)
+                if self.in_epoch == steps_per_epoch:
+                    self.epoch, self.in_epoch = self.epoch + 1, 0
+                epoch_done = self.in_epoch == 0
+                if epoch_done and (self.epoch % cfg.run.eval_every == 0 or self.epoch == cfg.run.epochs) or stop:
+                    record.update(runtime.evaluate())
+                if self.log is not None:
+                    self.log.log(record)
+                    if not self.quiet:
+                        print(runtime.label + format_row(record, engine.task.headline), flush=True)
+                self.save()
                 result.update(record)
         if self.log is not None:
             self.log.close()
@@ -170,8 +232,41 @@ class Trainer:
         a disabled one, holds a multiprocessing lock that a killed rank would leak)."""
         return self.cfg.run.progress and self.runtime.writes and not self.quiet and sys.stderr.isatty()
 
+    # ---- records -------------------------------------------------------------------------------------------
+    def agreed_cadence(self, seconds: float) -> int:
+        """``log.every: null``: the step count that takes about ``log.seconds`` at the speed of the first
+        :data:`CADENCE_STEPS` steps, rank 0's on every rank (a collective call)."""
+        per_step = seconds / CADENCE_STEPS
+        return int(self.runtime.agree(max(1, round(self.cfg.log.seconds / max(per_step, 1e-9)))))
+
+    def log_steps(self, bar: Any) -> None:
+        """A step record of the steps since the last one (collective: every rank reduces its figures)."""
+        step, since, figures = self.mark
+        now = time.perf_counter()
+        reduced = self.runtime.reduce(self.figures - figures, now - since)
+        self.mark = (self.step, now, self.figures.clone())
+        if self.log is None:
+            return
+        headline, loader = self.engine.task.headline, self.runtime.train_loader
+        seen = samples_seen(loader, self.in_epoch - (self.step - step), self.in_epoch)
+        record = {
+            "kind": "step",
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "lr": self.engine.lr,
+            "train_loss": reduced.losses,
+            f"train_{headline}": reduced.stat_sum / max(1, seen),
+            "imgs_per_s": seen / max(reduced.seconds, 1e-9),
+            "elapsed_s": reduced.seconds,
+        }
+        self.log.log(record)
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"loss {reduced.losses[-1]:.3f}", refresh=False)
+        elif not self.quiet:
+            print(self.runtime.label + format_step(record, headline), flush=True)
+
     def record(self, reduced: Reduced, done: int) -> dict[str, Any]:
-        """The metrics record of the ``done`` steps since the last one (the evaluation is added by the loop)."""
+        """The epoch record of the ``done`` steps since the last one (the evaluation is added by the loop)."""
         loader, engine = self.runtime.train_loader, self.engine
         seen = samples_seen(loader, self.in_epoch - done, self.in_epoch)
         record: dict[str, Any] = {
@@ -209,10 +304,33 @@ def format_row(r: dict[str, Any], metric: str = "acc") -> str:
     )
 
 
+def format_step(r: dict[str, Any], metric: str = "acc") -> str:
+    """One console line per step record (runs without a progress bar: logs under nohup or a batch system)."""
+    losses = " ".join(f"{v:.3f}" for v in r["train_loss"])
+    train = r[f"train_{metric}"]
+    train = "" if math.isnan(train) else f"  train_{metric} {train:.4f}"
+    return (
+        f"  step {r['step']:6d}  epoch {r['epoch']:3d}  lr {r['lr']:.4f}  loss [{losses}]{train}  "
+        f"{r['imgs_per_s']:.0f} img/s"
+    )
+
+
 def checkpoint_path(run: str | Path) -> Path:
     """A run directory's ``ckpt_last.pt``, or the checkpoint file itself."""
     path = Path(run)
     return path / "ckpt_last.pt" if path.is_dir() else path
+
+
+def latest_run(cfg: TrainCfg) -> str | None:
+    """``--resume auto``: the newest folder of ``run.out`` for this config's run name that holds a checkpoint."""
+    name = run_name(cfg)
+    stamp = len(time.strftime("%Y-%m-%d_%H%M%S_"))  # run folders are <date>_<time>_<name> (rundir.new_run_dir)
+    runs = [
+        d
+        for d in Path(cfg.run.out).glob(f"*_{name}")
+        if d.name[stamp:] == name and ((d / "ckpt_last.pt").is_file() or (d / "ckpt_stage0.pt").is_file())
+    ]
+    return str(max(runs, key=lambda d: d.name)) if runs else None
 
 
 def resumed_config(

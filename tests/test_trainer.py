@@ -1,0 +1,141 @@
+"""The one trainer: interrupts that lose nothing (SIGINT, SIGTERM: a checkpoint at the current step and the real
+command to continue), step records (console, metrics.jsonl, TensorBoard), resume that says where it continues,
+``--resume auto``, and a longer ``run.epochs`` on resume said out loud."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from locallearn.cli.main import main
+from locallearn.parallel.ppll import spawn_ppll
+from locallearn.train import fit, load_checkpoint, load_config
+from locallearn.train.interrupt import Interrupted
+from locallearn.train.rundir import read_records
+from locallearn.train.runtime import LocalRuntime
+
+from .conftest import tiny_overrides
+
+
+def base(root: Path, out: Path) -> list[str]:
+    """DGL K=2, two epochs of 8 steps (512 samples, batch 64)."""
+    return [*tiny_overrides(root, out), "method.name=dgl", "method.k=2", "run.threads=1", "model.width=4"]
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
+    synthetic_root: Path, tmp_path: Path, monkeypatch, how: signal.Signals
+) -> None:
+    """The signal arrives inside step 11 (epoch 2): the trainer finishes that step, saves, and raises
+    Interrupted naming epoch, step and the resume command; resuming ends with the uninterrupted run's records."""
+    reference = fit(load_config(None, base(synthetic_root, tmp_path / "ref")), quiet=True)
+    original = LocalRuntime.step
+
+    def step(self, item, index):
+        if index == 10:
+            os.kill(os.getpid(), how)
+        return original(self, item, index)
+
+    monkeypatch.setattr(LocalRuntime, "step", step)
+    before = signal.getsignal(how)
+    with pytest.raises(Interrupted) as info:
+        fit(load_config(None, base(synthetic_root, tmp_path / "run")), quiet=True)
+    run_dir = info.value.run_dir
+    assert (info.value.epoch, info.value.step) == (2, 11)
+    assert str(info.value).endswith(f"continue with: locallearn train --resume {run_dir}")
+    assert signal.getsignal(how) == before and load_checkpoint(run_dir / "ckpt_last.pt")["step"] == 11  # handlers restored
+    monkeypatch.setattr(LocalRuntime, "step", original)
+    resumed = fit(resume=run_dir, quiet=True)
+    a, b = read_records(Path(reference["run_dir"]) / "metrics.jsonl"), read_records(Path(run_dir) / "metrics.jsonl")
+    assert [(r["step"], r["train_loss"], r["train_acc"], r["test_acc"]) for r in a] == [
+        (r["step"], r["train_loss"], r["train_acc"], r["test_acc"]) for r in b
+    ]
+    assert resumed["test_acc"] == reference["test_acc"]
+
+
+def test_ctrl_c_on_the_command_line_prints_the_real_resume_command(synthetic_root: Path, tmp_path: Path) -> None:
+    """A real ``locallearn train`` process gets SIGINT mid-run: exit 130, one line with the real run folder;
+    ``--resume`` says where it continues and a longer ``run.epochs`` is noted; a finished run says so, exit 0."""
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "locallearn", "train", "-c", "configs/smoke/fmnist_dgl_k3.yaml"]
+    cmd += [*base(synthetic_root, out), "run.epochs=500"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*/metrics.jsonl")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    (run_dir,) = list(out.iterdir())
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("locallearn: interrupted by SIGINT at epoch ") and last.endswith(
+        f"continue with: locallearn train --resume {run_dir}"
+    ), last
+    step = load_checkpoint(run_dir / "ckpt_last.pt")["step"]
+    assert f", step {step}; " in last
+    epoch = load_checkpoint(run_dir / "ckpt_last.pt")["epoch"]
+    done = subprocess.run(
+        [sys.executable, "-m", "locallearn", "train", "--resume", str(run_dir), f"run.epochs={epoch + 1}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"continuing {run_dir} at epoch {epoch + 1}, step {step}" in done.stdout
+    assert f"note: run.epochs 500 → {epoch + 1}: the lr schedule is recomputed" in done.stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "locallearn", "train", "--resume", str(run_dir)], capture_output=True, text=True
+    )
+    assert again.returncode == 0 and f"{run_dir} is finished (epoch {epoch + 1} of {epoch + 1}" in again.stdout
+
+
+def test_step_records_reach_the_console_jsonl_and_tensorboard(synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = load_config(None, [*base(synthetic_root, tmp_path), "log.every=3", "log.tensorboard=true"])
+    result = fit(cfg)
+    steps = read_records(Path(result["run_dir"]) / "metrics.jsonl", "step")
+    assert [r["step"] for r in steps] == [3, 6, 9, 12, 15]
+    assert all(len(r["train_loss"]) == 2 and r["imgs_per_s"] > 0 and r["lr"] > 0 for r in steps)
+    assert [r["step"] for r in read_records(Path(result["run_dir"]) / "metrics.jsonl")] == [8, 16]  # epochs
+    out = capsys.readouterr().out
+    assert "  step      3  epoch   1  lr " in out and "  step     15  epoch   2" in out
+    acc = event_accumulator.EventAccumulator(str(Path(result["run_dir"]) / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("step/train_loss/module_1")] == [3, 6, 9, 12, 15]
+    assert [e.step for e in acc.Scalars("train_loss/module_1")] == [8, 16]
+
+
+def test_step_records_by_default_follow_the_first_steps_speed(synthetic_root: Path, tmp_path: Path) -> None:
+    """``log.every: null``: the cadence that takes ``log.seconds`` at the first 5 steps' speed (here: every step)."""
+    cfg = load_config(None, [*base(synthetic_root, tmp_path), "log.seconds=1e-9"])
+    result = fit(cfg, quiet=True)
+    assert [r["step"] for r in read_records(Path(result["run_dir"]) / "metrics.jsonl", "step")] == list(range(5, 17))
+    cfg = load_config(None, [*base(synthetic_root, tmp_path), "log.every=0", "log.seconds=1e-9"])
+    assert not read_records(Path(fit(cfg, quiet=True)["run_dir"]) / "metrics.jsonl", "step")
+
+
+def test_resume_auto_continues_the_latest_run_of_the_same_name(synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    argv = ["train", "-c", "configs/smoke/fmnist_dgl_k3.yaml", *base(synthetic_root, tmp_path), "run.name=mine"]
+    assert main([*argv, "run.max_steps=3", "--resume", "auto"]) == 0
+    assert "starting a new one" in capsys.readouterr().out
+    (run_dir,) = list(tmp_path.iterdir())
+    assert main([*argv, "--resume", "auto"]) == 0
+    assert f"continuing {run_dir} at epoch 1, step 3" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [run_dir] and load_checkpoint(run_dir / "ckpt_last.pt")["step"] == 16
+
+
+def test_ppll_writes_step_records_with_every_stage_loss(synthetic_root: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, [*base(synthetic_root, tmp_path), "parallel=ppll", "log.every=4"])
+    result = spawn_ppll(cfg, 2, timeout=240)
+    steps = read_records(Path(result["run_dir"]) / "metrics.jsonl", "step")
+    assert [r["step"] for r in steps] == [4, 8, 12, 16] and all(len(r["train_loss"]) == 2 for r in steps)
+    assert Path(result["run_dir"]).name.endswith("_ppll")
