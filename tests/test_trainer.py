@@ -49,7 +49,9 @@ def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
     run_dir = info.value.run_dir
     assert (info.value.epoch, info.value.step) == (2, 11)
     assert str(info.value).endswith(f"continue with: locallearn train --resume {run_dir}")
-    assert signal.getsignal(how) == before and load_checkpoint(run_dir / "ckpt_last.pt")["step"] == 11  # handlers restored
+    assert (
+        signal.getsignal(how) == before and load_checkpoint(run_dir / "ckpt_last.pt")["step"] == 11
+    )  # handlers restored
     monkeypatch.setattr(LocalRuntime, "step", original)
     resumed = fit(resume=run_dir, quiet=True)
     a, b = read_records(Path(reference["run_dir"]) / "metrics.jsonl"), read_records(Path(run_dir) / "metrics.jsonl")
