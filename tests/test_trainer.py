@@ -141,3 +141,43 @@ def test_ppll_writes_step_records_with_every_stage_loss(synthetic_root: Path, tm
     steps = read_records(Path(result["run_dir"]) / "metrics.jsonl", "step")
     assert [r["step"] for r in steps] == [4, 8, 12, 16] and all(len(r["train_loss"]) == 2 for r in steps)
     assert Path(result["run_dir"]).name.endswith("_ppll")
+
+
+def unet_run(root: Path, out: Path) -> list[str]:
+    """The test U-Net (skips across the cut) cut after enc3: K=2, one epoch of 5 steps."""
+    return [
+        *tiny_overrides(root, out),
+        "model.name=tests.user_models:unet",
+        "model.kwargs.width=4",
+        "method.name=dgl",
+        "method.cuts=[enc3]",
+        "run.epochs=2",
+        "data.batch_size=120",
+        "run.threads=1",
+    ]
+
+
+def test_best_checkpoint_and_export_load_strictly_into_the_users_class(synthetic_root: Path, tmp_path: Path) -> None:
+    """``ckpt_best.pt`` holds the epoch with the highest test accuracy; ``locallearn export`` writes a plain
+    state_dict with the U-Net's own keys, from a single-process and a PPLL run alike (PPLL ≡ sequential: equal)."""
+    import torch
+
+    from tests import user_models
+
+    single = fit(load_config(None, unet_run(synthetic_root, tmp_path / "one")), quiet=True)
+    run_dir = Path(single["run_dir"])
+    accs = [r["test_acc"] for r in read_records(run_dir / "metrics.jsonl")]
+    best = load_checkpoint(run_dir / "ckpt_best.pt")
+    assert best["best"]["value"] == max(accs) and best["epoch"] == best["best"]["epoch"] == 1 + accs.index(max(accs))
+    pipelined = spawn_ppll(load_config(None, [*unet_run(synthetic_root, tmp_path / "two"), "parallel=ppll"]), 2)
+    assert (Path(pipelined["run_dir"]) / "ckpt_best_stage1.pt").is_file()
+    exported = {}
+    for name, run in (("one", run_dir), ("two", Path(pipelined["run_dir"]))):
+        assert main(["export", str(run), "--out", str(tmp_path / f"{name}.pt")]) == 0
+        exported[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        model = user_models.unet(width=4)
+        model.load_state_dict(exported[name], strict=True)  # the original class, keys unchanged
+    assert exported["one"].keys() == exported["two"].keys()
+    assert all(torch.equal(exported["one"][key], exported["two"][key]) for key in exported["one"])
+    assert main(["export", str(run_dir), "--best", "--out", str(tmp_path / "best.pt")]) == 0
+    assert main(["eval", str(run_dir), "--best"]) == 0

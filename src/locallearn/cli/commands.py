@@ -17,31 +17,32 @@ from ..data.datasets import dataset_spec, list_datasets
 from ..local.split import list_presets
 from ..methods.base import list_methods, resolve_k
 from ..models.registry import list_models
-from ..parallel.ppll import load_stages, read_stage_checkpoints
+from ..parallel.ppll import load_stages, read_stage_checkpoints, stage_file
 from ..tasks.task import Batch
 from ..train.build import build_engine, build_loaders, build_task, resolve_device, resolve_time_balance
-from ..train.checkpoint import load_checkpoint
+from ..train.checkpoint import load_checkpoint, save_tensors
 from ..train.config import ConfigError, apply_overrides, changed_keys, config_from_dict, load_config, to_dict
 from ..train.estimate import ModuleEstimate, estimate_step, meta_batch
 from ..train.rundir import environment, make_dir, new_run_dir
-from ..train.trainer import checkpoint_path
 
 MiB = 2**20
 EVAL_OVERRIDABLE = ("data.", "run.device", "run.threads")
 
 
-def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
-    """Rebuild a run from its checkpoint (a PPLL run: from its per-stage checkpoints, assembled into one
-    process) and evaluate the final head and every aux head."""
+def rebuild_run(run: str, overrides: list[str] = (), name: str = "last") -> tuple[Any, dict[str, Any], Any, Any]:
+    """A trained run's engine, rebuilt from its checkpoint ``name`` (``last``, ``best``; a PPLL run's per-stage
+    checkpoints assembled into one process): (engine, a checkpoint's state, its config, the test loader)."""
+    path = Path(run)
     stages = None
-    if Path(run).is_dir() and not checkpoint_path(run).exists() and any(Path(run).glob("ckpt_stage*.pt")):
-        stages = read_stage_checkpoints(run)
-    state = stages[0] if stages else load_checkpoint(checkpoint_path(run))
+    if path.is_dir() and not (path / f"ckpt_{name}.pt").exists() and any(path.glob(stage_file(0, name))):
+        stages = read_stage_checkpoints(run, name)
+    file = path / f"ckpt_{name}.pt" if path.is_dir() else path
+    state = stages[0] if stages else load_checkpoint(file)
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
     if bad:
         raise ConfigError(f"eval accepts only data.*, run.device and run.threads overrides, not {bad[0]!r}")
     trained = config_from_dict(state["config"]).data.scale  # before the overrides (they edit the dict in place)
-    cfg = config_from_dict(apply_overrides(state["config"], overrides))
+    cfg = config_from_dict(apply_overrides(state["config"], list(overrides)))
     if cfg.data.scale != trained and build_task(cfg, dataset_spec(cfg.data.name)).kind == "super_resolution":
         raise ConfigError(
             f"data.scale={cfg.data.scale}, but {run} was trained at ×{trained} (its model upsamples ×{trained}); "
@@ -56,15 +57,36 @@ def evaluate_run(run: str, overrides: list[str]) -> dict[str, Any]:
         load_stages(engine, stages)
     else:
         engine.load_state_dict(state)
+    return engine, state, cfg, test_loader
+
+
+def evaluate_run(run: str, overrides: list[str], name: str = "last") -> dict[str, Any]:
+    """Rebuild a run from its checkpoint and evaluate the final head and every aux head."""
+    engine, state, _, test_loader = rebuild_run(run, overrides, name)
     result = engine.evaluate(test_loader.batches())
-    name = engine.task.headline  # acc, psnr
-    aux = " ".join("-" if a is None else f"{a:.4f}" for a in result[f"aux_{name}"])
+    headline = engine.task.headline  # acc, psnr
+    aux = " ".join("-" if a is None else f"{a:.4f}" for a in result[f"aux_{headline}"])
     tests = "  ".join(f"{key} {value:.4f}" for key, value in result.items() if key.startswith("test_"))
     print(
-        f"{run if stages else checkpoint_path(run)} (epoch {state['epoch']}, step {state['step']}): {tests}"
-        + (f"  aux_{name} by depth [{aux}]" if aux else "")
+        f"{run} (epoch {state['epoch']}, step {state['step']}): {tests}"
+        + (f"  aux_{headline} by depth [{aux}]" if aux else "")
     )
     return result
+
+
+def export_run(run: str, out: str, name: str = "last", overrides: list[str] = ()) -> Path:
+    """``locallearn export RUN_DIR --out model.pt``: the trained network as one plain ``state_dict`` with the
+    model's own keys (a captured ``nn.Module``: the keys of your class, so ``model.load_state_dict(torch.load(path,
+    weights_only=True))`` restores it; a PPLL run's stages assembled first). No aux nets, no optimizer."""
+    engine, state, cfg, _ = rebuild_run(run, overrides, name)
+    weights = {key: value.detach().cpu() for key, value in engine.backbone.state_dict().items()}
+    target = Path(out)
+    save_tensors(weights, target)
+    print(
+        f"wrote {target}: {len(weights)} tensors of {cfg.model.name} from {run} ({name} checkpoint: epoch "
+        f"{state['epoch']}, step {state['step']}); load with model.load_state_dict(torch.load(path, weights_only=True))"
+    )
+    return target
 
 
 def compare(

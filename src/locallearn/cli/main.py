@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory or ckpt_last.pt")
     e.add_argument("overrides", nargs="*", help="data.* / run.* overrides, e.g. data.root=/data run.device=cpu")
 
+    e.add_argument("--best", action="store_true", help="the best checkpoint (ckpt_best.pt) instead of the last")
+
+    x = sub.add_parser("export", help="write a run's trained network as one plain state_dict (the model's own keys)")
+    x.add_argument("run", help="run directory (single-process, data-parallel or PPLL)")
+    x.add_argument("--out", required=True, help="file to write, e.g. model.pt")
+    x.add_argument("--best", action="store_true", help="export the best checkpoint (ckpt_best.pt) instead of the last")
+    x.add_argument("overrides", nargs="*", help="data.* / run.* overrides, e.g. data.root=/data")
+
     c = sub.add_parser("compare", help="train several methods side by side and print one table (the demo)")
     c.add_argument("-c", "--config", required=True, help="YAML preset shared by all methods")
     c.add_argument("--methods", default="e2e,dgl,infopro", help="comma-separated, add-ons with +, e.g. e2e,dgl,dgl+man")
@@ -151,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .commands import evaluate_run
 
-            evaluate_run(args.run, args.overrides)
+            evaluate_run(args.run, args.overrides, "best" if args.best else "last")
+        elif args.command == "export":
+            from .commands import export_run
+
+            export_run(args.run, args.out, "best" if args.best else "last", args.overrides)
         elif args.command == "compare":
             from .commands import compare
 

@@ -140,7 +140,7 @@ class ReplicaRuntime:
     def evaluate(self) -> dict[str, Any]:
         return self.engine.evaluate(self.test_loader.batches())  # every rank: identical, none idles into a timeout
 
-    def save(self, position: dict[str, Any], carry: dict[str, Any] | None) -> None:
+    def save(self, position: dict[str, Any], carry: dict[str, Any] | None, name: str = "last") -> None:
         """Rank 0 writes ``ckpt_last.pt``; ``carry`` keeps every rank's figures, so each resumes with its own."""
         if carry is not None:
             stats: list[Any] = [None] * self.world
@@ -148,7 +148,7 @@ class ReplicaRuntime:
             carry = {**carry, "stats": stats}
         if self.rank == 0:
             state = {**self.engine.state_dict(), **position, "rng_torch": torch.get_rng_state(), "unrecorded": carry}
-            save_checkpoint(state, self.run_dir / "ckpt_last.pt")
+            save_checkpoint(state, self.run_dir / f"ckpt_{name}.pt")
         dist.barrier()
 
     def load(self) -> dict[str, Any]:

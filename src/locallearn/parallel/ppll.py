@@ -266,7 +266,7 @@ class StageRuntime:
         self.link.flush()
         return gather_evaluation(engine.task, report, engine.k, self.replica)
 
-    def save(self, position: dict[str, Any], carry: dict[str, Any] | None) -> None:
+    def save(self, position: dict[str, Any], carry: dict[str, Any] | None, name: str = "last") -> None:
         """Replica 0 writes the stage's checkpoint, with every replica's RNG state and, for ``carry``, every
         replica's figures of the unrecorded steps."""
         engine, k = self.engine, self.k
@@ -288,7 +288,7 @@ class StageRuntime:
             "ends": engine.ends,
             "unrecorded": None if carry is None else {**carry, "stats": stats},
         }
-        save_checkpoint(state, self.run_dir / f"ckpt_stage{k}.pt")
+        save_checkpoint(state, self.run_dir / stage_file(k, name))
 
     def load(self) -> dict[str, Any]:
         """Restore the stage; every stage must be at the same step."""
@@ -336,15 +336,21 @@ def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -
     return Trainer(cfg, runtime, resume=resume).fit()
 
 
-def read_stage_checkpoints(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``ckpt_stage{k}.pt`` of a PPLL run, in stage order, checked to form one model at one step (for
-    ``locallearn eval``)."""
-    paths = sorted(Path(run_dir).glob("ckpt_stage*.pt"), key=lambda p: int(p.stem.removeprefix("ckpt_stage")))
+def stage_file(stage: int, name: str = "last") -> str:
+    """A PPLL stage's checkpoint file: ``ckpt_stage{k}.pt`` (the last), ``ckpt_best_stage{k}.pt``."""
+    return f"ckpt_stage{stage}.pt" if name == "last" else f"ckpt_{name}_stage{stage}.pt"
+
+
+def read_stage_checkpoints(run_dir: str | Path, name: str = "last") -> list[dict[str, Any]]:
+    """Every stage checkpoint ``name`` (``last``, ``best``) of a PPLL run, in stage order, checked to form one model
+    at one step (for ``locallearn eval`` and ``export``)."""
+    prefix = stage_file(0, name).removesuffix("0.pt")
+    paths = sorted(Path(run_dir).glob(f"{prefix}*.pt"), key=lambda p: int(p.stem.removeprefix(prefix)))
     states = [load_checkpoint(p) for p in paths]
     k = len(states[0]["ends"]) if states else 0
     if not states or [s["stage"] for s in states] != list(range(k)):
         found = [s["stage"] for s in states]
-        raise ConfigError(f"{run_dir}: a PPLL run needs ckpt_stage0..{max(k, 1) - 1}.pt, found stages {found}")
+        raise ConfigError(f"{run_dir}: a PPLL run needs {prefix}0..{max(k, 1) - 1}.pt, found stages {found}")
     steps = [s["step"] for s in states]
     if len(set(steps)) > 1:
         raise ConfigError(

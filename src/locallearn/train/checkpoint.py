@@ -16,12 +16,17 @@ CKPT_VERSION = 1
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    save_tensors({"version": CKPT_VERSION, **state}, path)
+
+
+def save_tensors(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temporary file moved into place, so ``path`` is never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"version": CKPT_VERSION, **state}, f)
+            torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

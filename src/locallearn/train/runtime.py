@@ -70,9 +70,9 @@ class Runtime(Protocol):
     def evaluate(self) -> dict[str, Any]:
         """Collective: the engine's evaluation keys (``test_<metric>``, ``test_loss``, ``aux_<headline>``)."""
 
-    def save(self, position: dict[str, Any], carry: dict[str, Any] | None) -> None:
-        """Collective: write this runtime's checkpoint(s) with ``position`` (config, epoch, steps) and ``carry``
-        (the unrecorded steps' seconds and figures; None at an epoch's end)."""
+    def save(self, position: dict[str, Any], carry: dict[str, Any] | None, name: str = "last") -> None:
+        """Collective: write this runtime's checkpoint(s) ``name`` (``last``, ``best``) with ``position`` (config,
+        epoch, steps) and ``carry`` (the unrecorded steps' seconds and figures; None at an epoch's end)."""
 
     def load(self) -> dict[str, Any]:
         """Collective: restore the checkpoint; its position, with ``unrecorded`` holding this rank's carry."""
@@ -121,9 +121,9 @@ class LocalRuntime:
     def evaluate(self) -> dict[str, Any]:
         return self.engine.evaluate(self.test_loader.batches())
 
-    def save(self, position: dict[str, Any], carry: dict[str, Any] | None) -> None:
+    def save(self, position: dict[str, Any], carry: dict[str, Any] | None, name: str = "last") -> None:
         state = {**self.engine.state_dict(), **position, "rng_torch": torch.get_rng_state(), "unrecorded": carry}
-        save_checkpoint(state, self.run_dir / "ckpt_last.pt")
+        save_checkpoint(state, self.run_dir / f"ckpt_{name}.pt")
 
     def load(self) -> dict[str, Any]:
         state = self.state

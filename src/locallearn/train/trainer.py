@@ -62,11 +62,13 @@ class Trainer:
         self.engine, self.run_dir = runtime.engine, Path(runtime.run_dir)
         self.epoch = self.in_epoch = self.step = 0
         self.peak_act = 0
+        self.best: dict[str, Any] | None = None  # the best evaluation so far: metric, value, epoch, step
         carried = None
         if resume:
             state = runtime.load()
             self.epoch, self.in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
             self.peak_act = state.get("peak_act_bytes", 0) or 0
+            self.best = state.get("best")
             carried = state.get("unrecorded")  # (checkpoints from before the carry was kept have none)
         # Figures of the steps since the last record (StepResult.figures summed), and their seconds and count.
         self.figures = torch.zeros(self.engine.k + 2, device=self.engine.device)
@@ -108,18 +110,29 @@ class Trainer:
         return self.epoch >= cfg.run.epochs or bool(cfg.run.max_steps and self.step >= cfg.run.max_steps)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
-    def save(self, carry: dict[str, Any] | None = None) -> None:
-        """Every rank: the runtime's checkpoint(s) at the current step. ``carry``: seconds and figures of the steps
-        since the last record (mid-epoch), so the resumed epoch records all of its steps."""
+    def save(self, carry: dict[str, Any] | None = None, name: str = "last") -> None:
+        """Every rank: the runtime's checkpoint(s) at the current step (``name``: ``last`` or ``best``). ``carry``:
+        seconds and figures of the steps since the last record (mid-epoch), so the resumed epoch records all of its
+        steps."""
         position = {
             "config": to_dict(self.cfg),
             "epoch": self.epoch,
             "step_in_epoch": self.in_epoch,
             "step": self.step,
             "peak_act_bytes": self.peak_act,
+            "best": self.best,
         }
-        self.runtime.save(position, carry)
+        self.runtime.save(position, carry, name)
         self.last_save = time.perf_counter()
+
+    def improved(self, record: dict[str, Any]) -> bool:
+        """Is this evaluation the best so far by the task's headline metric (accuracy, PSNR, mAP: higher is
+        better)? Every rank holds the same evaluation, so every rank answers alike."""
+        metric = f"test_{self.engine.task.headline}"
+        if metric not in record or (self.best is not None and record[metric] <= self.best["value"]):
+            return False
+        self.best = {"metric": metric, "value": record[metric], "epoch": record["epoch"], "step": self.step}
+        return True
 
     def save_mid_epoch(self, start: float, done: int) -> None:
         """A checkpoint inside an epoch, with the carry of its ``done`` unrecorded steps since ``start``."""
@@ -213,11 +226,14 @@ class Trainer:
                 epoch_done = self.in_epoch == 0
                 if epoch_done and (self.epoch % cfg.run.eval_every == 0 or self.epoch == cfg.run.epochs) or stop:
                     record.update(runtime.evaluate())
+                best = self.improved(record)
                 if self.log is not None:
                     self.log.log(record)
                     if not self.quiet:
                         print(runtime.label + format_row(record, engine.task.headline), flush=True)
                 self.save()
+                if best:
+                    self.save(name="best")
                 result.update(record)
         if self.log is not None:
             self.log.close()
