@@ -50,6 +50,8 @@ def tiny_overrides(root: Path, out: Path) -> list[str]:
     """A fast config on the synthetic data: ResNet-8 of width 8, 16×16 inputs, batch 64."""
     return [
         f"data.root={root}",
+        "data.limit_train=null",  # (a preset's limits exceed the synthetic set: all of it)
+        "data.limit_test=null",
         "data.batch_size=64",
         "data.eval_batch_size=128",
         "data.flip=false",

@@ -115,7 +115,7 @@ def test_cli_train_eval_summary_compare(synthetic_root: Path, tmp_path: Path, ca
     for name in ("config.yaml", "env.json", "metrics.jsonl", "ckpt_last.pt"):
         assert (run_dir / name).is_file(), name
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["method"]["k"] == 2 and saved["data"]["limit_train"] == 2048
+    assert saved["method"]["k"] == 2 and saved["data"]["limit_train"] is None  # the overrides win over the preset
     assert main(["eval", str(run_dir)]) == 0
     assert "test_acc" in capsys.readouterr().out
     assert (

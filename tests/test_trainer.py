@@ -181,3 +181,54 @@ def test_best_checkpoint_and_export_load_strictly_into_the_users_class(synthetic
     assert all(torch.equal(exported["one"][key], exported["two"][key]) for key in exported["one"])
     assert main(["export", str(run_dir), "--best", "--out", str(tmp_path / "best.pt")]) == 0
     assert main(["eval", str(run_dir), "--best"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["run.device=gpu"], "run.device=gpu is not a device name; use cpu, cuda, cuda:N or auto"),
+        (["data.batch_size=4096"], "data.batch_size=4096 is larger than the 512 training samples; use at most 512"),
+        (["data.limit_train=999999"], "data.limit_train=999999 but fashion_mnist has 512 train samples"),
+        (["data.limit_test=5000"], "data.limit_test=5000 but fashion_mnist has 256 test samples"),
+    ],
+)
+def test_bad_run_input_is_one_line_exit_2_before_training(
+    synthetic_root: Path, tmp_path: Path, capsys, extra: list[str], message: str
+) -> None:
+    argv = ["train", "-c", "configs/smoke/fmnist_dgl_k3.yaml", *base(synthetic_root, tmp_path), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("locallearn: error:") and "\n" not in err and message in err, err
+    assert not list(tmp_path.glob("*/metrics.jsonl"))
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_without_torchs_advice(tmp_path: Path, capsys) -> None:
+    """torch's own message suggests weights_only=False (which would run the file's code): never shown."""
+    for content in (b"not a checkpoint at all", b"PK\x03\x04garbage"):
+        (tmp_path / "ckpt_last.pt").write_bytes(content)
+        assert main(["train", "--resume", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "not a locallearn checkpoint" in err and "weights_only" not in err and "\n" not in err, err
+
+
+def test_labels_beyond_the_class_count_are_one_line() -> None:
+    import torch
+
+    from locallearn import Batch, ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
+
+    engine = LocalEngine(
+        create_model("resnet8", num_classes=5, in_channels=1, width=4),
+        MethodCfg(name="dgl", k=2),
+        ClassificationTask(5),
+        OptimCfg(),
+    )
+    batch = Batch(torch.randn(8, 1, 16, 16), torch.arange(8))
+    with pytest.raises(ValueError, match=r"labels run from 0 to 7 but ClassificationTask\(5\) has classes 0..4; use "):
+        engine.train_step(batch)
+
+
+def test_aux_nets_larger_than_the_backbone_draw_a_warning(synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    cfg = load_config(None, [*base(synthetic_root, tmp_path), "method.k=4", "method.addons=[man]", "run.max_steps=1"])
+    fit(cfg, quiet=True)
+    err = capsys.readouterr().err
+    assert "locallearn: warning: the aux nets hold " in err and "× the backbone's parameters" in err, err

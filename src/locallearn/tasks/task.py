@@ -78,6 +78,9 @@ class Task:
         """Keyword arguments a backbone builder needs for this task (class count, upscaling factor)."""
         return {}
 
+    def check(self, batch: Batch) -> None:
+        """Refuse, with one line, targets this task cannot score (the engine asks once, on its first step)."""
+
     def plain_head(self, info: UnitInfo, image_channels: int) -> nn.Module:
         """The plainest aux head mapping a feature map described by ``info`` to a prediction."""
         raise NotImplementedError(f"the {self.kind} task has no plain aux head")
@@ -120,6 +123,22 @@ class ClassificationTask(Task):
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes}
+
+    def check(self, batch: Batch) -> None:
+        target = batch.target
+        if target.dtype.is_floating_point or target.dim() != 1:
+            raise ValueError(
+                f"classification targets are class indices (one integer per sample), got {tuple(target.shape)} "
+                f"{target.dtype}"
+            )
+        if target.is_meta:  # (memory estimates run the engine on meta tensors: no values to check)
+            return
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f"the labels run from {low} to {high} but ClassificationTask({self.num_classes}) has classes "
+                f"0..{self.num_classes - 1}; use ClassificationTask({max(high + 1, self.num_classes)})"
+            )
 
 
 class _ImageQuality:

@@ -79,8 +79,19 @@ def build_loaders(cfg: TrainCfg, device: torch.device) -> tuple[Any, Any, Any]:
     loaders = []
     for split, limit, train in (("train", cfg.data.limit_train, True), ("test", cfg.data.limit_test, False)):
         images, labels = load_split(cfg.data.name, cfg.data.root, split)
+        if limit and limit > len(images):
+            key = "data.limit_train" if train else "data.limit_test"
+            raise ConfigError(
+                f"{key}={limit} but {cfg.data.name} has {len(images)} {split} samples; use at most {len(images)} "
+                "or leave it unset for all of them"
+            )
         if limit:
             images, labels = images[:limit], labels[:limit]
+        if train and cfg.data.batch_size > len(images):
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} is larger than the {len(images)} training samples; "
+                f"use at most {len(images)}"
+            )
         loaders.append(
             ResidentLoader(
                 images,

@@ -39,9 +39,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"checkpoint {path} not found; pass a run directory or its ckpt_last.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a loadable locallearn checkpoint ({first})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        # (torch's own message advises weights_only=False, which would run code from the file: never)
+        raise ValueError(
+            f"{path}: not a locallearn checkpoint (not a torch file of plain tensors, or cut short); pass a run "
+            "directory or its ckpt_last.pt"
+        ) from None
     if not isinstance(state, dict) or state.get("version") != CKPT_VERSION:
         raise ValueError(f"{path}: not a locallearn checkpoint (version {CKPT_VERSION} expected)")
     return state

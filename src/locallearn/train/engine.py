@@ -187,6 +187,7 @@ class LocalEngine:
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self._scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.meter: SavedTensorMeter | None = None
+        self.checked = False  # the task has seen a batch's targets
         # Called with k right before module k's optimizer step; a data-parallel runtime (locallearn.parallel) sets
         # it to average module k's gradients across replicas. None in a single process.
         self.grad_sync: Callable[[int], None] | None = None
@@ -268,6 +269,9 @@ class LocalEngine:
         backward, the GradScaler and the optimizers' steps.
         """
         modules = range(self.k) if modules is None else modules
+        if not self.checked:  # one host sync, on the first step only
+            self.task.check(batch)
+            self.checked = True
         self.backbone.train()
         self.method.train()
         span = self.method.max_reach

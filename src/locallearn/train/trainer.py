@@ -126,10 +126,14 @@ class Trainer:
         self.last_save = time.perf_counter()
 
     def improved(self, record: dict[str, Any]) -> bool:
-        """Is this evaluation the best so far by the task's headline metric (accuracy, PSNR, mAP: higher is
-        better)? Every rank holds the same evaluation, so every rank answers alike."""
-        metric = f"test_{self.engine.task.headline}"
-        if metric not in record or (self.best is not None and record[metric] <= self.best["value"]):
+        """Is this evaluation the best so far by the task's headline metric (accuracy, PSNR, mAP; the task says
+        which way is better)? Every rank holds the same evaluation, so every rank answers alike."""
+        task = self.engine.task
+        metric = f"test_{task.headline}"
+        if metric not in record:
+            return False
+        sign = 1 if task.higher_is_better else -1
+        if self.best is not None and sign * record[metric] <= sign * self.best["value"]:
             return False
         self.best = {"metric": metric, "value": record[metric], "epoch": record["epoch"], "step": self.step}
         return True
@@ -172,6 +176,7 @@ class Trainer:
                 )
         if runtime.writes and self.log is not None:
             result |= next(iter(self.log.read()[-1:]), {})  # a finished run returns its last record
+            self.warn_large_aux()
         started, first_step, stop = time.perf_counter(), self.step, False
         with StopSignals(enabled=runtime.solo) as signals:
             while self.epoch < cfg.run.epochs and not stop:
@@ -242,6 +247,21 @@ class Trainer:
             return None
         result["peak_act_bytes"] = self.peak_act
         return result
+
+    def warn_large_aux(self) -> None:
+        """One warning line when the aux nets outweigh the backbone (a method meant to save memory would then hold
+        more parameters, gradients and optimizer state than the network it trains)."""
+        engine = self.engine
+        backbone = sum(p.numel() for p in engine.backbone.parameters())
+        aux = sum(p.numel() for head in engine.method.aux if head is not None for p in head.parameters())
+        if backbone and aux > backbone:
+            print(
+                f"locallearn: warning: the aux nets hold {aux / backbone:.1f}× the backbone's parameters ({aux:,} vs "
+                f"{backbone:,}); a smaller aux net (method.aux, method.widen, fewer add-ons) or fewer modules keeps "
+                "the memory local learning saves",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def shows_progress(self) -> bool:
         """A progress bar on a terminal, from the writing rank (none under nohup or a batch system: a bar, even
