@@ -232,3 +232,18 @@ def test_aux_nets_larger_than_the_backbone_draw_a_warning(synthetic_root: Path, 
     fit(cfg, quiet=True)
     err = capsys.readouterr().err
     assert "locallearn: warning: the aux nets hold " in err and "× the backbone's parameters" in err, err
+
+
+def test_version_list_and_table_formats(capsys) -> None:
+    from locallearn.bench.report import load_text
+    from locallearn.cli.commands import seconds
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("locallearn 0.")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "add-ons:  man, lam, pff, cascade" in out and "mlaan = addons=cascade+lam" in out
+    assert "  fmnist/: demo," in out  # the presets of configs/
+    assert (seconds(0.43), seconds(9.96), seconds(107.4)) == ("0.4", "10.0", "107")
+    assert load_text([0.5234375, 1.0, 2.125]) == "0.52 / 1.00 / 2.12" and load_text(None) == "?"

@@ -17,3 +17,13 @@ def unknown_name(what: str, name: str, known: Iterable[str], where: str = "") ->
     """``unknown method 'dg'; did you mean 'dgl'? choose from dgl, e2e, ...`` (``where``: e.g. `` in 'dgl+mann'``)."""
     known = sorted(known)
     return f"unknown {what} {name!r}{where}{did_you_mean(name, known)}; choose from {', '.join(known)}"
+
+
+def package_version() -> str:
+    """The installed distribution's version (``locallearn --version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("locallearn")
+    except PackageNotFoundError:
+        return "unknown (not installed)"

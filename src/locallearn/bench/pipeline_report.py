@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .report import load_text
+
 
 def _f(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
@@ -122,7 +124,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"CPU used by other processes during the rounds: {min(foreign):.2f}–{max(foreign):.2f} cores "
             "(multi-process rows are unreliable above ~0.1)"
         )
-    notes.append(f"load average {m.get('load_avg')} → {m.get('load_avg_end', '?')}")
+    notes.append(f"load average {load_text(m.get('load_avg'))} → {load_text(m.get('load_avg_end'))}")
     notes.append(
         "fill = seconds from the start barrier until every rank finished step 1 (pipeline fill + lazy init); "
         "busy fraction = compute seconds / wall per rank after warm-up (none for DDP and one-process rows; for the "

@@ -50,6 +50,13 @@ def format_metric(metric: str, value: float, std: float | None = None) -> str:
     return text + unit
 
 
+def load_text(load: list[float] | float | None) -> str:
+    """Load averages as ``0.52 / 0.61 / 0.70`` (1, 5, 15 minutes), or ``?``."""
+    if load is None:
+        return "?"
+    return " / ".join(f"{v:.2f}" for v in (load if isinstance(load, list) else [load]))
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """:func:`~locallearn.train.rundir.environment` plus all three load averages and the exact command line."""
     env = environment(device)
@@ -392,8 +399,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     notes.append(f"speed input: {results['speed_data']}" if "speed_data" in results else None)
     if machine:
         notes.append(
-            f"machine: {machine.get('cpu')} ({machine.get('cpu_count')} CPUs), load average {machine.get('load_avg')}"
-            + (f" → {machine['load_avg_end']}" if machine.get("load_avg_end") else "")
+            f"machine: {machine.get('cpu')} ({machine.get('cpu_count')} CPUs), load average "
+            f"{load_text(machine.get('load_avg'))}"
+            + (f" → {load_text(machine['load_avg_end'])}" if machine.get("load_avg_end") else "")
             + _allocator_note(machine.get("cpu_allocator"))
         )
     notes += [f"command ({c['date']}): `{c['command']}`" for c in results.get("commands", []) if c.get("command")]

@@ -32,7 +32,7 @@ from ..data.datasets import dataset_spec
 from ..train.build import build_engine, build_task
 from ..train.config import TrainCfg, config_from_dict, to_dict
 from ..train.estimate import estimate_step
-from ..train.rundir import MetricsLog, train_throughput, training_seconds
+from ..train.rundir import MetricsLog, latest_run_dir, train_throughput, training_seconds
 from ..train.trainer import fit
 from .variants import Variant, variant_config
 
@@ -77,9 +77,7 @@ def _probe(cfg: TrainCfg) -> torch.Tensor:
 
 def partial_run(runs_dir: Path, name: str) -> Path | None:
     """The newest run directory called ``<date>_<name>`` with a checkpoint: an interrupted run to continue."""
-    pattern = re.compile(r"\d{4}-\d\d-\d\d_\d{6}_" + re.escape(name) + r"(_\d+)?")
-    found = [p for p in runs_dir.glob(f"*{name}*") if pattern.fullmatch(p.name) and (p / "ckpt_last.pt").exists()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    return latest_run_dir(runs_dir, name)
 
 
 def run_record(run: Run, run_dir: Path, out: Path) -> dict[str, Any]:

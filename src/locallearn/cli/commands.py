@@ -16,6 +16,7 @@ from ..bench.variants import Variant, parse_method
 from ..data.datasets import dataset_spec, list_datasets
 from ..local.split import list_presets
 from ..methods.base import list_methods, resolve_k
+from ..methods.options import ADDON_PRESETS, ADDONS
 from ..models.registry import list_models
 from ..parallel.ppll import load_stages, read_stage_checkpoints, stage_file
 from ..tasks.task import Batch
@@ -176,9 +177,14 @@ def _table(rows: list[dict[str, Any]], e2e: dict[str, Any] | None, metric: str) 
         test = "-" if value is None else format_metric(metric, value)
         lines.append(
             f"| {r['method']} | {r['k']} | {test} | {r['peak_act_mib']:.1f} | {mem_ratio} | "
-            f"{r['imgs_per_s']:.0f} | {speed_ratio} | {r['train_s']:.0f} |"
+            f"{r['imgs_per_s']:.0f} | {speed_ratio} | {seconds(r['train_s'])} |"
         )
     return "\n".join(lines)
+
+
+def seconds(value: float) -> str:
+    """Seconds for a table: one decimal under 10 s (a toy run's 0.4 s is not 0), whole seconds above."""
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def summary(config: str | None, overrides: list[str]) -> str:
@@ -267,5 +273,16 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 def list_registries() -> None:
     print("models:   " + ", ".join(list_models()))
     print("methods:  " + ", ".join(list_methods()))
+    print("add-ons:  " + ", ".join(ADDONS) + " (method.addons)")
+    described = [
+        f"{name} = " + " ".join(f"{key}={'+'.join(v) if isinstance(v, list) else v}" for key, v in options.items())
+        for name, options in ADDON_PRESETS.items()
+    ]
+    print("  presets (--methods dgl+mlaan): " + "; ".join(described))
     print("datasets: " + ", ".join(list_datasets()))
     print("splits:   auto, ends, " + ", ".join(list_presets()))
+    configs = next((d for d in (Path("configs"), Path(__file__).resolve().parents[3] / "configs") if d.is_dir()), None)
+    if configs is not None:  # (a checkout; an installed wheel has no presets folder)
+        print(f"presets:  {configs}/ (-c FILE)")
+        for folder in sorted(d for d in configs.iterdir() if d.is_dir()):
+            print(f"  {folder.name}/: " + ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))))

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from ..data.idx import DataError
+from ..names import package_version
 from ..parallel.link import StageError
 from ..train.allocator import tune_cpu_allocator
 from ..train.config import ConfigError
@@ -28,6 +29,7 @@ from ..train.interrupt import Interrupted
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="locallearn", description="Supervised local learning for PyTorch.")
+    p.add_argument("--version", action="version", version=f"locallearn {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one run from a YAML preset with key=value overrides")

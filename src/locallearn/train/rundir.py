@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,18 @@ def new_run_dir(out: str, name: str) -> Path:
         path, i = Path(f"{base}_{i}"), i + 1
     path.mkdir(parents=True)
     return path
+
+
+def latest_run_dir(out: str | Path, name: str) -> Path | None:
+    """The newest folder ``<date>_<time>_<name>`` (or ``..._<name>_<n>``, see :func:`new_run_dir`) of ``out`` that
+    holds a checkpoint (``ckpt_last.pt``, or a PPLL run's ``ckpt_stage0.pt``): the run to continue, or None."""
+    pattern = re.compile(r"\d{4}-\d\d-\d\d_\d{6}_" + re.escape(name) + r"(_\d+)?")
+    found = [
+        p
+        for p in Path(out).glob(f"*{name}*")
+        if pattern.fullmatch(p.name) and ((p / "ckpt_last.pt").exists() or (p / "ckpt_stage0.pt").exists())
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def cpu_model() -> str:

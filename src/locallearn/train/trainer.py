@@ -32,7 +32,7 @@ from .build import build_engine, build_loaders, resolve_device, resolve_time_bal
 from .checkpoint import load_checkpoint
 from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
 from .interrupt import Interrupted, StopSignals
-from .rundir import MetricsLog, check_tensorboard, environment, make_dir, new_run_dir
+from .rundir import MetricsLog, check_tensorboard, environment, latest_run_dir, make_dir, new_run_dir
 from .runtime import LocalRuntime, Reduced, Runtime
 from .schedule import lr_at
 
@@ -359,14 +359,8 @@ def checkpoint_path(run: str | Path) -> Path:
 
 def latest_run(cfg: TrainCfg) -> str | None:
     """``--resume auto``: the newest folder of ``run.out`` for this config's run name that holds a checkpoint."""
-    name = run_name(cfg)
-    stamp = len(time.strftime("%Y-%m-%d_%H%M%S_"))  # run folders are <date>_<time>_<name> (rundir.new_run_dir)
-    runs = [
-        d
-        for d in Path(cfg.run.out).glob(f"*_{name}")
-        if d.name[stamp:] == name and ((d / "ckpt_last.pt").is_file() or (d / "ckpt_stage0.pt").is_file())
-    ]
-    return str(max(runs, key=lambda d: d.name)) if runs else None
+    found = latest_run_dir(cfg.run.out, run_name(cfg))
+    return None if found is None else str(found)
 
 
 def resumed_config(
