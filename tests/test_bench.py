@@ -323,7 +323,8 @@ def test_plot_writes_pngs(bench_dir: Path, tmp_path: Path) -> None:
         pytest.skip("needs the accuracy runs of test_bench_accuracy_resumes")
     assert main(["plot", str(bench_dir), "--out", str(tmp_path)]) == 0
     names = {p.name for p in tmp_path.glob("*.png")}
-    expected = {"accuracy_vs_epoch", "aux_accuracy_by_depth", "accuracy_vs_memory", "throughput", "memory_vs_k"}
+    expected = {"accuracy_vs_epoch", "aux_accuracy_by_depth", "accuracy_vs_memory", "accuracy_vs_time"}
+    expected |= {"throughput", "memory_vs_k"}
     assert names == {f"{n}.png" for n in expected}
     for p in tmp_path.glob("*.png"):
         data = p.read_bytes()
@@ -457,3 +458,41 @@ def test_a_study_written_by_an_earlier_version_continues(tmp_path: Path) -> None
     changed = to_dict(load_config(DEMO, ["optim.lr=0.2"]))
     with pytest.raises(ValueError, match="optim.lr"):
         load_results(tmp_path, changed)
+
+
+def test_plot_reads_compare_folders_skips_empty_runs_and_keeps_labels_and_colours(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The committed demo (a ``compare`` folder) gives accuracy vs memory and vs time; a run folder without
+    metrics is skipped with a note; two runs with one label get their folder names; a method keeps its colour in
+    every figure; memory and time axes start at 0, epoch axes have whole-number ticks."""
+    import shutil
+
+    from locallearn.bench import plot as plot_module
+
+    demo = tmp_path / "demo"
+    shutil.copytree("benchmarks/demo_fmnist", demo, ignore=shutil.ignore_patterns("*_2026-*"))
+    e2e = next((demo / "runs").glob("*_e2e_k1_seed0"))
+    shutil.copytree(e2e, demo / "runs" / f"{e2e.name}_1")  # the same run twice
+    (tmp_path / "failed_run").mkdir()
+    seen: dict[str, tuple[list[str], list[str], tuple[float, float], list[float]]] = {}
+    original = plot_module.legend
+
+    def legend(ax) -> None:
+        handles, labels = ax.get_legend_handles_labels()
+        colours = [getattr(h, "get_color", lambda: None)() for h in handles]
+        seen[ax.get_title()] = (labels, colours, ax.get_xlim(), list(ax.get_xticks()))
+        original(ax)
+
+    monkeypatch.setattr(plot_module, "legend", legend)
+    written = {p.name for p in plot_module.plot([demo, tmp_path / "failed_run"], tmp_path / "figs")}
+    assert {"accuracy_vs_memory.png", "accuracy_vs_time.png", "accuracy_vs_epoch.png"} <= written
+    assert "plot: skipping" in capsys.readouterr().err
+    labels, colours, _, ticks = seen["Test accuracy of the final head"]
+    assert len(labels) == len(set(labels)) == 5 and sum(label.startswith("e2e K=1 seed 0 (") for label in labels) == 2
+    assert all(t == int(t) for t in ticks)
+    by_method = dict(zip((label.split(" K=")[0] for label in labels), colours))
+    assert len(set(by_method.values())) == 4
+    for title in ("Test accuracy vs training memory", "Test accuracy vs training time"):
+        assert seen[title][2][0] == 0  # the axis starts at 0
+    assert plot_module.method_colours(["e2e K=1", "dgl K=4", "dgl K=8"]) == {"e2e": "C0", "dgl": "C1"}

@@ -10,8 +10,15 @@ Inputs may be run directories (``metrics.jsonl``), bench folders or their ``resu
   optimizer state) when every point has one, since the saved-tensor meter cannot see recomputation (checkpointing,
   recomputed aux chains look free to it); otherwise the saved-tensor meter's peak (activations only, the same on
   any device);
+* ``accuracy_vs_time.png``: the test metric vs training seconds (evaluation excluded);
 * ``throughput.png``: images/s per (method, K), ratio to E2E on each bar;
 * ``memory_vs_k.png``: peak activation memory vs K per method, E2E as a line.
+
+A ``compare`` folder (``compare.json``) counts as a bench: its rows give accuracy vs memory, vs time and
+throughput, its ``runs/`` the curves. A folder with neither a ``metrics.jsonl`` nor results (a run that failed
+before its first epoch) is skipped with a one-line note. Every figure gives a method the same colour (by its name
+without K), axes of epochs, depth and K have integer ticks, memory and time axes start at 0, markers are hollow so
+that points on top of each other stay visible, and two runs with the same label get their folder name added.
 
 The metric is the task's headline (``Task.headline``): accuracy in %, PSNR in dB or mAP@[.5:.95], read from the
 records (``test_<name>`` with its ``aux_<name>`` list; a bench's ``metric``). The file names keep "accuracy" for
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +105,8 @@ def run_metric(records: list[dict[str, Any]]) -> str | None:
 
 def inputs_metric(runs: dict[Path, list[dict[str, Any]]], benches: list[tuple[Path, dict[str, Any]]]) -> str:
     """The one headline every evaluated run and bench with accuracy runs shares (``acc`` when there are none)."""
-    found = {m for m in map(run_metric, runs.values()) if m} | {task_metric(r) for _, r in benches if r["runs"]}
+    found = {m for m in map(run_metric, runs.values()) if m}
+    found |= {r["metric"] if "table_rows" in r else task_metric(r) for _, r in benches if r.get("runs", True)}
     if len(found) > 1:
         raise ValueError(
             f"the inputs mix tasks with different metrics ({', '.join(sorted(found))}); plot each task separately"
@@ -105,8 +114,34 @@ def inputs_metric(runs: dict[Path, list[dict[str, Any]]], benches: list[tuple[Pa
     return found.pop() if found else "acc"
 
 
+def compare_rows(compare: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ``compare.json``'s rows in :func:`~.report.table_rows`' shape (one seed: std 0, no total step peak)."""
+    metric = f"test_{compare.get('metric', 'acc')}"
+    e2e = next((r for r in compare["rows"] if r["method"] == "e2e"), None)
+    rows = []
+    for r in compare["rows"]:
+        name, *addons = r["method"].split(":")[0].split("+")
+        value = r.get(metric)
+        rows.append(
+            {
+                "label": r["method"],
+                "method": name,
+                "addons": addons,
+                "k": r["k"],
+                "peak_act_mib": r.get("peak_act_mib"),
+                "total_peak_mib": None,
+                "images_per_s": r.get("imgs_per_s"),
+                "speed_ratio": r["imgs_per_s"] / e2e["imgs_per_s"] if e2e and r.get("imgs_per_s") else None,
+                "accuracy": None if value is None else {"mean": value, "std": 0.0, "n": 1},
+                "train_s": r.get("train_s"),
+            }
+        )
+    return rows
+
+
 def collect(inputs: list[str | Path]) -> tuple[dict[Path, list[dict[str, Any]]], list[tuple[Path, dict[str, Any]]]]:
-    """(run dir → metrics records, [(results.json path, results)]) found under ``inputs``."""
+    """(run dir → metrics records, [(results.json or compare.json path, results)]) found under ``inputs``; a
+    compare's results hold its rows already in table form (``table_rows``)."""
     runs: dict[Path, list[dict[str, Any]]] = {}
     benches: list[tuple[Path, dict[str, Any]]] = []
 
@@ -117,8 +152,13 @@ def collect(inputs: list[str | Path]) -> tuple[dict[Path, list[dict[str, Any]]],
         if not item.exists():
             raise FileNotFoundError(f"{item}: no such file or directory")
         results = item if item.is_file() else item / "results.json"
+        compared = item if item.is_file() else item / "compare.json"
         found = False
-        if results.is_file():
+        if compared.is_file() and compared.name == "compare.json":
+            data = json.loads(compared.read_text())
+            benches.append((compared, {"metric": data.get("metric", "acc"), "table_rows": compare_rows(data)}))
+            item, found = compared.parent, True
+        elif results.is_file():
             if results.name != "results.json":
                 raise ValueError(f"{item}: expected a run directory, a bench folder or its results.json")
             benches.append((results, json.loads(results.read_text())))
@@ -130,7 +170,10 @@ def collect(inputs: list[str | Path]) -> tuple[dict[Path, list[dict[str, Any]]],
             add_run(sub.parent)
             found = True
         if not found:
-            raise FileNotFoundError(f"{item}: no metrics.jsonl or results.json here or one level down")
+            print(
+                f"plot: skipping {item}: no metrics.jsonl or results here (a run that ended before its first epoch?)",
+                file=sys.stderr,
+            )
     return runs, benches
 
 
@@ -170,49 +213,61 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
     axis = name + (f" ({unit})" if unit else "")
     test, aux = f"test_{metric}", f"aux_{metric}"
 
-    rows = [(path, r) for path, res in benches for r in table_rows(res)]
+    rows = [(path, r) for path, res in benches for r in res.get("table_rows") or table_rows(res)]
     row_order = {f"{r['label']} K={r['k']}": i for i, (_, r) in enumerate(rows)}  # runs in their table's order
     named = sorted(
-        ((_run_label(d, recs), [r for r in recs if test in r]) for d, recs in runs.items()),
+        ((_run_label(d, recs), [r for r in recs if test in r], d) for d, recs in runs.items()),
         key=lambda item: (row_order.get(item[0][0], len(row_order)), item[0]),
     )
-    colour = {who: f"C{i % 10}" for i, who in enumerate(dict.fromkeys(who for (who, _), _ in named))}
+    methods = [r["label"] for _, r in rows] + [who for (who, _), _, _ in named]
+    colour = method_colours(methods)
+    twice = {key for key in ((w, s) for (w, s), _, _ in named) if sum(k == key for k, _, _ in named) > 1}
 
-    def line(who: str, seed: int) -> dict[str, Any]:  # one colour per method, one line style per seed
-        return {"color": colour[who], "linestyle": ("-", "--", ":", "-.")[seed % 4], "label": f"{who} seed {seed}"}
+    def line(who: str, seed: int, run_dir: Path) -> dict[str, Any]:  # a colour per method, a line style per seed
+        label = f"{who} seed {seed}" + (f" ({run_dir.name})" if (who, seed) in twice else "")
+        return {"color": colour[method_of(who)], "linestyle": ("-", "--", ":", "-.")[seed % 4], "label": label}
 
-    if any(evals for _, evals in named):
+    if any(evals for _, evals, _ in named):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (who, seed), evals in named:
+        for (who, seed), evals, run_dir in named:
             if evals:
                 values = [shown_value(metric, r[test]) for r in evals]
-                ax.plot([r["epoch"] for r in evals], values, marker="o", **line(who, seed))
+                ax.plot([r["epoch"] for r in evals], values, **HOLLOW, **line(who, seed, run_dir))
         ax.set(xlabel="epoch", ylabel=f"test {axis}", title=f"Test {name} of the final head")
-        ax.legend(fontsize=7)
+        integer_ticks(ax.xaxis)
+        legend(ax)
         ax.grid(alpha=0.3)
         save(fig, "accuracy_vs_epoch.png")
 
-    with_aux = [(run, ev[-1]) for run, ev in named if ev and any(a is not None for a in ev[-1][aux])]
+    with_aux = [(run, ev[-1], d) for run, ev, d in named if ev and any(a is not None for a in ev[-1][aux])]
     if with_aux:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (who, seed), last in with_aux:
+        for (who, seed), last, run_dir in with_aux:
             values = [*last[aux], last[test]]
             pts = [(i + 1, shown_value(metric, v)) for i, v in enumerate(values) if v is not None]
-            style = line(who, seed)  # the epoch says which runs were still training
-            ax.plot(*zip(*pts), marker="o", **{**style, "label": f"{style['label']}, epoch {last['epoch']}"})
+            style = line(who, seed, run_dir)  # the epoch says which runs were still training
+            ax.plot(*zip(*pts), **HOLLOW, **{**style, "label": f"{style['label']}, epoch {last['epoch']}"})
         ax.set(xlabel="module (depth)", ylabel=axis, title=f"Aux {name} by depth after each run's last epoch")
-        ax.legend(fontsize=7)
+        integer_ticks(ax.xaxis)
+        legend(ax)
         ax.grid(alpha=0.3)
         save(fig, "aux_accuracy_by_depth.png")
 
     tag = len(benches) > 1
     pts = [(p, r) for p, r in rows if r["accuracy"] and r["peak_act_mib"] is not None]
-    x_of, x_label = memory_axis([r for _, r in pts])
-    if pts:
+    memory_key, memory_label = memory_axis([r for _, r in pts])
+    for x_of, x_label, title, filename in (
+        (memory_key, memory_label, "training memory", "accuracy_vs_memory.png"),
+        ("train_s", "training seconds (evaluation excluded)", "training time", "accuracy_vs_time.png"),
+    ):
+        shown = [(p, r) for p, r in pts if r.get(x_of) is not None]
+        if not shown:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        kinds = {"E2E": ("*", 11), "base method": ("o", 7), "with add-ons": ("^", 7)}
-        seen: set[str] = set()
-        for _, r in pts:
+        kinds = {"E2E": ("*", 12), "base method": ("o", 8), "with add-ons": ("^", 8)}
+        for kind, (marker, size) in kinds.items():  # the legend: marker = kind, colour = method
+            ax.plot([], [], marker, markersize=size, mfc="none", color="0.3", label=kind)
+        for _, r in shown:
             mean, std = (shown_value(metric, r["accuracy"][key]) for key in ("mean", "std"))
             kind = "E2E" if r["method"] == "e2e" else ("with add-ons" if r["addons"] else "base method")
             marker, size = kinds[kind]
@@ -223,27 +278,28 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
                 fmt=marker,
                 markersize=size,
                 capsize=3,
-                color=f"C{list(kinds).index(kind)}",
-                label=None if kind in seen else kind,
+                mfc="none",
+                mew=1.5,
+                color=colour[method_of(r["label"])],
             )
-            seen.add(kind)
-        place_labels(ax, [(r[x_of], shown_value(metric, r["accuracy"]["mean"]), _name(p, r, tag)) for p, r in pts])
-        frontier = pareto_front([(r[x_of], shown_value(metric, r["accuracy"]["mean"])) for _, r in pts])
-        ax.step(*zip(*frontier), where="post", color="0.6", lw=1, ls="--", label="frontier (less memory, higher)")
-        ax.legend(fontsize=7)
-        ax.set(
-            xlabel=x_label,
-            ylabel=f"test {axis}",
-            title=f"Test {name} vs training memory",
-        )
+        place_labels(ax, [(r[x_of], shown_value(metric, r["accuracy"]["mean"]), _name(p, r, tag)) for p, r in shown])
+        frontier = pareto_front([(r[x_of], shown_value(metric, r["accuracy"]["mean"])) for _, r in shown])
+        ax.step(*zip(*frontier), where="post", color="0.6", lw=1, ls="--", label="frontier (less, higher)")
+        ax.set(xlabel=x_label, ylabel=f"test {axis}", title=f"Test {name} vs {title}")
+        ax.set_xlim(left=0, right=1.15 * max(r[x_of] for _, r in shown))
+        legend(ax)
         ax.grid(alpha=0.3)
-        save(fig, "accuracy_vs_memory.png")
+        save(fig, filename)
 
     timed = [(p, r) for p, r in rows if r["images_per_s"] is not None]
     if timed:
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(timed)), 4.5))
         names = [_name(p, r, tag) for p, r in timed]
-        bars = ax.bar(range(len(timed)), [r["images_per_s"] for _, r in timed])
+        bars = ax.bar(
+            range(len(timed)),
+            [r["images_per_s"] for _, r in timed],
+            color=[colour[method_of(r["label"])] for _, r in timed],
+        )
         for bar, (_, r) in zip(bars, timed):
             if r["speed_ratio"] is not None:
                 ax.annotate(
@@ -269,7 +325,7 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
     if by_method:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, series in by_method.items():
-            ax.plot(*zip(*sorted(series)), marker="o", label=label)
+            ax.plot(*zip(*sorted(series)), **HOLLOW, color=colour[method_of(label.split(": ")[-1])], label=label)
         for label, mib in e2e_lines:
             ax.axhline(mib, linestyle="--", color="gray", label=label)
         ax.set(xlabel="K (local modules)", ylabel="peak activation memory (MiB)", title="Activation memory vs K")
@@ -277,13 +333,42 @@ def plot(inputs: list[str | Path], out_dir: str | Path) -> list[Path]:
         ks = sorted({k for series in by_method.values() for k, _ in series})
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
-        ax.legend(fontsize=7)
+        ax.set_ylim(bottom=0)
+        legend(ax)
         ax.grid(alpha=0.3)
         save(fig, "memory_vs_k.png")
 
     if not written:
         raise ValueError("nothing to plot: the inputs hold no evaluated epochs and no bench rows")
     return written
+
+
+HOLLOW = {"marker": "o", "markersize": 6, "mfc": "none", "mew": 1.5}  # overlapping points stay visible
+
+
+def legend(ax: Any) -> None:
+    """The legend inside the axes, or beside them when it has more than 8 entries (it would hide the data)."""
+    if len(ax.get_legend_handles_labels()[1]) > 8:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
+
+
+def integer_ticks(axis: Any) -> None:
+    """Ticks on whole numbers only (epochs, modules)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def method_of(label: str) -> str:
+    """A row or run label without its K: ``dgl+mlaan K=4`` → ``dgl+mlaan`` (one colour per method)."""
+    return label.split(" K=")[0]
+
+
+def method_colours(labels: list[str]) -> dict[str, str]:
+    """Every method (label without K) its own colour, in order of first appearance, the same in every figure."""
+    return {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(method_of(label) for label in labels))}
 
 
 def _name(path: Path, r: dict[str, Any], tag: bool) -> str:
