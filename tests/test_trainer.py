@@ -61,9 +61,13 @@ def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
     assert resumed["test_acc"] == reference["test_acc"]
 
 
-def test_ctrl_c_on_the_command_line_prints_the_real_resume_command(synthetic_root: Path, tmp_path: Path) -> None:
-    """A real ``locallearn train`` process gets SIGINT mid-run: exit 130, one line with the real run folder;
-    ``--resume`` says where it continues and a longer ``run.epochs`` is noted; a finished run says so, exit 0."""
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_a_signal_on_the_command_line_prints_the_real_resume_command(
+    synthetic_root: Path, tmp_path: Path, how: str
+) -> None:
+    """A real ``locallearn train`` process gets SIGINT (Ctrl-C) or SIGTERM (a batch system) mid-run: exit 130, one
+    line with the real run folder; ``--resume`` says where it continues and a different ``run.epochs`` is noted; a
+    finished run says so, exit 0."""
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "locallearn", "train", "-c", "configs/smoke/fmnist_dgl_k3.yaml"]
     cmd += [*base(synthetic_root, out), "run.epochs=500"]
@@ -72,14 +76,14 @@ def test_ctrl_c_on_the_command_line_prints_the_real_resume_command(synthetic_roo
         deadline = time.time() + 120
         while not list(out.glob("*/metrics.jsonl")) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, how))
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     (run_dir,) = list(out.iterdir())
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("locallearn: interrupted by SIGINT at epoch ") and last.endswith(
+    assert last.startswith(f"locallearn: interrupted by {how} at epoch ") and last.endswith(
         f"continue with: locallearn train --resume {run_dir}"
     ), last
     step = load_checkpoint(run_dir / "ckpt_last.pt")["step"]

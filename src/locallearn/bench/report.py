@@ -340,13 +340,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     if detail:
         lines += [
             "",
-            "Memory detail (MiB; parameters, gradients and optimizer state include the aux nets; step peak = "
-            "every allocation of one training step above its start (CUDA max_memory_allocated, CPU profiler memory "
-            "events), so it adds gradients, aux nets and temporaries to the saved activations; total = step peak + "
-            "parameters, gradients, optimizer state and frozen EMA copies; estimate = the same predicted on the meta "
-            "device by locallearn plan, which does not see buffers no op returns such as convolution workspaces; "
-            "peak RSS is the whole process, a coarse cross-check; CUDA peaks are above the baseline after data "
-            "load):",
+            'Memory detail (MiB; every column: docs/benchmarks.md, "Memory detail"):',
             "",
             "| method | K | module ends | activations | params | grads | optimizer state | step peak (allocator) | "
             "total step peak | estimate (meta) | peak RSS | CUDA alloc | CUDA reserved |",

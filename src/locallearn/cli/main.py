@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # a run that saved its state at the current step and names the command to continue
         print(f"locallearn: {e}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if str(e):  # a multi-process run names its folder and last checkpoint
+            print(f"locallearn: {e}", file=sys.stderr)
+            return 130
         hint = {
             "train": " before training started or in a multi-process run: rerun with --resume RUN_DIR from its last "
             "checkpoint (see the run folder printed at the start)",

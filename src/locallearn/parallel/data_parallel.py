@@ -36,6 +36,7 @@ from ..train.build import build_engine, build_loaders, run_name
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.config import ConfigError, TrainCfg
 from ..train.engine import LocalEngine, StepResult
+from ..train.rundir import new_run_dir
 from ..train.runtime import Reduced
 from ..train.trainer import Trainer
 from .launch import agreed, agreed_config, agreed_run_dir, name_ranks, rank_device, run_torchrun, spawn
@@ -187,5 +188,6 @@ def fit_dp(cfg: TrainCfg, resume: str | None = None) -> dict[str, Any] | None:
     if "RANK" not in os.environ:
         if not cfg.ppll.procs:
             raise ConfigError("parallel=dp needs torchrun (--nproc-per-node W) or ppll.procs=W to spawn locally")
-        return spawn(run_dp, cfg, cfg.ppll.procs, resume, resume is not None)
+        out_dir = resume or str(new_run_dir(cfg.run.out, run_name(cfg)))  # (named in a failure's line)
+        return spawn(run_dp, cfg, cfg.ppll.procs, out_dir, resume is not None)
     return run_torchrun(run_dp, cfg, resume)

@@ -248,9 +248,15 @@ def rank_failure(e: ProcessException, out_dir: str | None) -> str:
         how = f"exited with code {e.exit_code}"
     else:  # ProcessRaisedException: the rank printed its own one-line error already; keep its last line
         how = "failed: " + (str(getattr(e, "msg", e)).strip().splitlines() or ["?"])[-1]
-    line = f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped"
+    return f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped" + resume_hint(out_dir)
+
+
+def resume_hint(out_dir: str | None) -> str:
+    """``; last checkpoint X (saved HH:MM:SS); continue with: locallearn train --resume OUT``, or how to start
+    again when nothing was saved yet."""
     if out_dir is None:
-        return line
+        return ""
+    line = ""
     checkpoints = sorted(Path(out_dir).glob("ckpt_stage*.pt")) + sorted(Path(out_dir).glob("ckpt_last.pt"))
     if checkpoints:
         newest = max(checkpoints, key=lambda p: p.stat().st_mtime)
@@ -278,6 +284,8 @@ def spawn(
         while not context.join(timeout=1.0):
             if deadline is not None and time.perf_counter() > deadline:
                 raise TimeoutError(f"{world} spawned ranks still running after {timeout:.0f} s")
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("interrupted; the ranks were stopped" + resume_hint(out_dir)) from None
     except ProcessException as e:
         while not queue.empty():
             kind, value = queue.get()
