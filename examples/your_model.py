@@ -4,7 +4,7 @@ squeeze-and-excitation, a long skip from the stem to the head, and a dict output
 * from the command line (the builder is imported as ``package.module:function``)::
 
     PYTHONPATH=. locallearn train -c configs/fmnist/demo.yaml model.name=examples.your_model:mobilenet \\
-        method.name=dgl 'method.cuts=[blocks.1,blocks.3]' method.k=null method.addons=[man]
+        method.name=dgl 'split.cuts=[blocks.1,blocks.3]' split.k=null method.addons=[man]
 
 * or from Python, wrapping the model as it is (this file's ``main``: DGL K=3 + MAN on real Fashion-MNIST)::
 

@@ -16,7 +16,7 @@ from locallearn.methods.bridge import Bridged, MomentumBridge, leap_chain
 from locallearn.methods.options import ADDON_PRESETS
 from locallearn.methods.pff import PatchFusion, patches
 from locallearn.models.units import main_tensor
-from locallearn.train.config import OptimCfg, load_config
+from locallearn.train.config import OptimCfg, SplitCfg, load_config
 from locallearn.train.engine import LocalEngine
 
 from .test_engine import make_batch, make_engine
@@ -50,10 +50,14 @@ def test_bridge_gradients_reach_learnable_copies_never_ema(base: str, addons: li
 def test_man_copies_next_module_first_unit_and_lam_leaps() -> None:
     engine = make_engine(MethodCfg(name="dgl", addons=["man"]), 3)  # resnet8 units: stem, l1.0, l2.0, l3.0, head
     assert engine.method.aux[0].independent.bridge.sources == [engine.ends[0]]
-    cfg = MethodCfg(name="dgl", addons=["lam"], k=15, split="man", lam_depth=4)
+    cfg = MethodCfg(name="dgl", addons=["lam"], lam_depth=4)
     torch.manual_seed(0)
     r32 = LocalEngine(
-        create_model("resnet32", num_classes=4, in_channels=1, width=4), cfg, ClassificationTask(4), OptimCfg()
+        create_model("resnet32", num_classes=4, in_channels=1, width=4),
+        cfg,
+        ClassificationTask(4),
+        OptimCfg(),
+        split=SplitCfg(k=15, preset="man"),
     )
     names = [[r32.backbone.infos[i].name for i in leap_chain(r32.method, k)] for k in (0, 6, 10, 13)]
     assert names[0] == ["layer2.0", "layer3.0", "layer3.2", "layer3.4"]  # split in stage 1 (spec §5.3)
@@ -294,7 +298,7 @@ def test_every_addon_preset_builds_and_trains(path: Path) -> None:
     torch.manual_seed(0)
     backbone = create_model(cfg.model.name, num_classes=10, in_channels=3, width=cfg.model.width)
     engine = LocalEngine(backbone, cfg.method, ClassificationTask(10), cfg.optim)
-    assert engine.k == cfg.method.k
+    assert engine.k == cfg.split.k
     raw = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     result = engine.train_step(
         Batch(raw.float().div(255).contiguous(memory_format=torch.channels_last), torch.arange(4), raw)

@@ -11,6 +11,7 @@ import torch
 from locallearn import Batch, ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
 from locallearn.local.aux_nets import DGLHead, InfoProHead, TokenHead
 from locallearn.models import list_models
+from locallearn.train.config import SplitCfg
 
 from .test_engine import assert_gradient_isolation
 
@@ -42,8 +43,8 @@ def make_batch(size: int, n: int = 8, channels: int = 3, seed: int = 0) -> Batch
 def make_engine(name: str, cfg: MethodCfg, k: int, **method_kw) -> tuple[LocalEngine, int]:
     torch.manual_seed(0)
     backbone, size = tiny(name)
-    method = MethodCfg(**{**cfg.__dict__, "k": k, **method_kw})
-    return LocalEngine(backbone, method, ClassificationTask(CLASSES), OptimCfg(lr=0.01)), size
+    method = MethodCfg(**{**cfg.__dict__, **method_kw})
+    return LocalEngine(backbone, method, ClassificationTask(CLASSES), OptimCfg(lr=0.01), split=k), size
 
 
 def test_registered_without_clashing_with_cifar_resnets() -> None:
@@ -146,9 +147,9 @@ def test_vit_k4_split_is_four_groups_of_three_blocks() -> None:
     torch.manual_seed(0)
     backbone = create_model("vit_tiny", num_classes=CLASSES, width=32, heads=2, patch_size=8, image_size=32)
     task, optim = ClassificationTask(CLASSES), OptimCfg()
-    engine = LocalEngine(backbone, MethodCfg(name="dgl", k=4, balance="params"), task, optim)
+    engine = LocalEngine(backbone, MethodCfg(name="dgl"), task, optim, split=SplitCfg(k=4, balance="params"))
     assert engine.ends == [4, 7, 10, 14]
-    assert LocalEngine(backbone, MethodCfg(name="dgl", k=4), task, optim).ends != [4, 7, 10, 14]
+    assert LocalEngine(backbone, MethodCfg(name="dgl"), task, optim, split=SplitCfg(k=4)).ends != [4, 7, 10, 14]
 
 
 def test_infopro_on_tokens_needs_zero_reconstruction_weight() -> None:
@@ -166,7 +167,7 @@ def test_model_patch_size_builds_a_vit_for_the_dataset_images() -> None:
     from locallearn.train.config import ConfigError, load_config
 
     def engine(*overrides: str) -> LocalEngine:
-        cfg = load_config(None, ["model.name=vit_tiny", "model.width=64", "method.name=dgl", "method.k=2", *overrides])
+        cfg = load_config(None, ["model.name=vit_tiny", "model.width=64", "method.name=dgl", "split.k=2", *overrides])
         spec = dataset_spec(cfg.data.name)
         return build_engine(cfg, spec, torch.device("cpu"), torch.zeros(2, spec.channels, spec.size, spec.size))
 

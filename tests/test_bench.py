@@ -19,7 +19,7 @@ from locallearn.bench.report import load_results, save_results
 from locallearn.cli.main import main
 from locallearn.measure import SavedTensorMeter, model_state_bytes, peak_rss_bytes, tensor_bytes, train_flops
 from locallearn.measure.speed import interleaved_throughput
-from locallearn.train.config import load_config, to_dict
+from locallearn.train.config import SplitCfg, load_config, to_dict
 
 from .conftest import tiny_overrides
 from .test_engine import make_batch
@@ -48,9 +48,10 @@ def test_engine_releases_after_each_local_backward() -> None:
     torch.manual_seed(0)
     engine = LocalEngine(
         create_model("resnet8", num_classes=4, in_channels=1, width=4),
-        MethodCfg(name="dgl", k=2),
+        MethodCfg(name="dgl"),
         ClassificationTask(4),
         OptimCfg(),
+        split=SplitCfg(k=2),
     )
     engine.meter = meter = SavedTensorMeter()
     with meter:
@@ -82,9 +83,13 @@ def test_parameter_gradient_and_optimizer_bytes() -> None:
 
 def peak_of(name: str, k: int) -> int:
     torch.manual_seed(0)
-    cfg = MethodCfg(name=name, k=k, split="infopro" if k > 1 else "auto")
+    split = SplitCfg(k=k, preset="infopro" if k > 1 else "auto")
     engine = LocalEngine(
-        create_model("resnet32", num_classes=4, in_channels=1, width=4), cfg, ClassificationTask(4), OptimCfg()
+        create_model("resnet32", num_classes=4, in_channels=1, width=4),
+        MethodCfg(name=name),
+        ClassificationTask(4),
+        OptimCfg(),
+        split=split,
     )
     engine.meter = SavedTensorMeter()
     with engine.meter:
@@ -114,11 +119,11 @@ def test_flops_equal_the_analytic_count() -> None:
 def test_engine_flops_split_backbone_and_aux() -> None:
     torch.manual_seed(0)
     model = create_model("resnet8", num_classes=4, in_channels=1, width=4)
-    e2e = LocalEngine(model, MethodCfg(name="e2e", k=1), ClassificationTask(4), OptimCfg())
+    e2e = LocalEngine(model, MethodCfg(name="e2e"), ClassificationTask(4), OptimCfg(), split=SplitCfg(k=1))
     f = engine_flops(e2e, make_batch(n=4))
     assert f["aux_fwd"] == f["aux_bwd"] == 0 and f["aux_overhead"] == 0
     assert f["bwd"] > f["fwd"] > 0
-    dgl = LocalEngine(model, MethodCfg(name="dgl", k=3), ClassificationTask(4), OptimCfg())
+    dgl = LocalEngine(model, MethodCfg(name="dgl"), ClassificationTask(4), OptimCfg(), split=SplitCfg(k=3))
     g = engine_flops(dgl, make_batch(n=4))
     assert g["fwd"] == f["fwd"] and g["bwd"] < f["bwd"]  # same forward; detached module inputs get no gradient
     assert g["aux_overhead"] > 0 and len(g["per_module"]) == 3
@@ -152,7 +157,7 @@ def test_method_syntax_names_add_on_presets_and_splits() -> None:
     assert (v.label, v.key, v.addons) == ("dgl+man", "dgl+man|k8", ("man",))
     assert v.overrides() == [
         "method.name=dgl",
-        "method.k=8",
+        "split.k=8",
         "method.addons=[]",  # the config's own add-ons never leak into a row: it runs what its label says
         'method.addons=["man"]',
         'method.bridge_combine="sum"',
@@ -310,10 +315,10 @@ def test_two_bench_commands_on_one_folder_keep_each_others_results(tmp_path: Pat
 
 
 def test_a_time_balanced_study_trains_every_method(synthetic_root: Path, tmp_path: Path) -> None:
-    """``method.balance=time`` is measured when each run starts; checking the variants before training must not
+    """``split.balance=time`` is measured when each run starts; checking the variants before training must not
     skip the local methods for it."""
     args = ["-c", DEMO, "--methods", "e2e,dgl", "--k", "2", "--out", str(tmp_path), *fast(synthetic_root, tmp_path)]
-    assert main(["bench", "accuracy", *args, "method.balance=time"]) == 0
+    assert main(["bench", "accuracy", *args, "split.balance=time"]) == 0
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [r["label"] for r in runs] == ["e2e", "dgl"]
 

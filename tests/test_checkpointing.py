@@ -33,8 +33,8 @@ def engine_for(name: str, k: int, extra: dict, checkpoint: int | str) -> LocalEn
     for m in backbone.modules():  # dropout in the units: the recomputation must replay the same masks
         if isinstance(m, nn.ReLU):
             m.register_forward_hook(lambda mod, inp, out: nn.functional.dropout(out, 0.1, mod.training))
-    cfg = MethodCfg(name=name, k=k, checkpoint=checkpoint, **extra)
-    return LocalEngine(backbone, cfg, ClassificationTask(4), OptimCfg(lr=0.05))
+    cfg = MethodCfg(name=name, checkpoint=checkpoint, **extra)
+    return LocalEngine(backbone, cfg, ClassificationTask(4), OptimCfg(lr=0.05), split=k)
 
 
 def state(engine: LocalEngine) -> dict[str, torch.Tensor]:
@@ -90,7 +90,7 @@ def test_ppll_honours_checkpointing_per_stage(synthetic_root: Path, tmp_path: Pa
     from .conftest import tiny_overrides
     from .test_ppll import assert_stages_match
 
-    base = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "method.k=2", "run.threads=1"]
+    base = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "split.k=2", "run.threads=1"]
     base += ["model.width=4", "run.epochs=1", "method.checkpoint=2"]
     sequential = fit(load_config(None, [*base, "method.checkpoint=0"]), quiet=True)
     result = spawn_ppll(load_config(None, [*base, "parallel=ppll"]), 2, timeout=240)
@@ -117,8 +117,8 @@ def test_recomputed_bridges_train_bitwise_like_kept_ones_and_keep_fewer_activati
     for recompute in (False, True):
         torch.manual_seed(0)
         backbone = create_model("resnet20", num_classes=4, in_channels=1, width=4)
-        cfg = MethodCfg(name=name, k=3, aux_recompute=recompute, cascade_recompute=recompute, **extra)
-        engines[recompute] = LocalEngine(backbone, cfg, ClassificationTask(4), OptimCfg(lr=0.05))
+        cfg = MethodCfg(name=name, aux_recompute=recompute, cascade_recompute=recompute, **extra)
+        engines[recompute] = LocalEngine(backbone, cfg, ClassificationTask(4), OptimCfg(lr=0.05), split=3)
     figures = {}
     for step in range(3):
         for recompute, engine in engines.items():

@@ -59,10 +59,10 @@ MANY_OVERRIDES = [
     "model.kwargs.zero_init=true",
     "model.output=logits",
     "method.name=dgl",
-    "method.k=8",
-    "method.split=ends",
-    "method.balance=flops",
-    "method.ends=[2, 5, 9]",
+    "split.k=8",
+    "split.preset=ends",
+    "split.balance=flops",
+    "split.ends=[2, 5, 9]",
     "method.aux=2c1f",
     "method.widen=2",
     "method.feature_dim=64",
@@ -137,7 +137,7 @@ def test_round_trip_defaults():
     cfg = TrainCfg()
     text = dump_config(cfg)
     assert isinstance(text, str)
-    assert set(yaml.safe_load(text)) == {"data", "model", "method", "optim", "run", "parallel", "ppll", "log"}
+    assert set(yaml.safe_load(text)) == {"data", "model", "method", "split", "optim", "run", "parallel", "ppll", "log"}
     assert round_trip(cfg) == cfg
     assert to_dict(round_trip(cfg)) == to_dict(cfg)
 
@@ -170,12 +170,9 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
         kwargs={"depth": 50, "zero_init": True},
         output="logits",
     )
+    assert d["split"] == dict(k=8, preset="ends", balance="flops", ends=[2, 5, 9], cuts=[])
     method_keys = (
         "name",
-        "k",
-        "split",
-        "balance",
-        "ends",
         "aux",
         "widen",
         "feature_dim",
@@ -187,10 +184,6 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
     )
     assert {key: d["method"][key] for key in method_keys} == dict(
         name="dgl",
-        k=8,
-        split="ends",
-        balance="flops",
-        ends=[2, 5, 9],
         aux="2c1f",
         widen=2,
         feature_dim=64,
@@ -227,6 +220,7 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
         precision="bf16",
         compile=True,
         ckpt_every=50,
+        ckpt_minutes=10.0,
         eval_every=2,
         progress=False,
     )
@@ -247,7 +241,7 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
 )
 def test_round_trip_property(lr, k, name, flag, lambdas):
     cfg = TrainCfg()
-    cfg.optim.lr, cfg.method.k, cfg.run.name, cfg.optim.nesterov, cfg.method.lambdas = lr, k, name, flag, lambdas
+    cfg.optim.lr, cfg.split.k, cfg.run.name, cfg.optim.nesterov, cfg.method.lambdas = lr, k, name, flag, lambdas
     back = round_trip(cfg)
     assert back == cfg
     assert type(back.optim.lr) is float
@@ -285,7 +279,7 @@ def test_file_then_overrides(tmp_path):
     path.write_text("optim:\n  lr: 0.3\n  gamma: 0.5\nmethod:\n  name: dgl\n  k: 3\nrun:\n")
     cfg = load_config(path, ["optim.lr=0.2", "method.lambdas=[1, 1, 1, 1]"])
     assert cfg.optim.lr == 0.2 and cfg.optim.gamma == 0.5
-    assert cfg.method.name == "dgl" and cfg.method.k == 3 and cfg.method.lambdas == [1.0] * 4
+    assert cfg.method.name == "dgl" and cfg.split.k == 3 and cfg.method.lambdas == [1.0] * 4
     assert cfg.run == RunCfg()
     assert load_config(tmp_path / "c.yaml", None).optim.lr == 0.3
     empty = tmp_path / "empty.yaml"
@@ -300,9 +294,9 @@ def test_file_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("override", "attr", "expected", "tp"),
     [
-        ("method.k=8", "method.k", 8, int),
-        ("method.k=8.0", "method.k", 8, int),
-        ("method.k=null", "method.k", None, type(None)),
+        ("split.k=8", "split.k", 8, int),
+        ("split.k=8.0", "split.k", 8, int),
+        ("split.k=null", "split.k", None, type(None)),
         ("optim.lr=1e-3", "optim.lr", 0.001, float),
         ("optim.lr=1E-3", "optim.lr", 0.001, float),
         ("optim.lr=2.5e3", "optim.lr", 2500.0, float),
@@ -336,7 +330,7 @@ def test_coercion(override, attr, expected, tp):
 
 def test_parse_override_examples():
     assert parse_override("a.b=1e-3") == (["a", "b"], 0.001)
-    assert parse_override("method.k=8") == (["method", "k"], 8)
+    assert parse_override("split.k=8") == (["split", "k"], 8)
     assert parse_override("optim.nesterov=false") == (["optim", "nesterov"], False)
     assert parse_override("method.lambdas=[1, 2.5]") == (["method", "lambdas"], [1, 2.5])
     assert parse_override("run.threads=null") == (["run", "threads"], None)
@@ -455,7 +449,7 @@ def test_unknown_section_suggests():
     ("override", "key"),
     [
         ("method.loss_mode=foo", "method.loss_mode"),
-        ("method.balance=seconds", "method.balance"),
+        ("split.balance=seconds", "split.balance"),
         ("method.step=middle", "method.step"),
         ("optim.schedule=linear", "optim.schedule"),
         ("run.precision=fp8", "run.precision"),
@@ -478,9 +472,9 @@ def test_literal_message_lists_choices():
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("method.k=abc", "method.k"),
-        ("method.k=1.5", "method.k"),
-        ("method.k=true", "method.k"),
+        ("split.k=abc", "split.k"),
+        ("split.k=1.5", "split.k"),
+        ("split.k=true", "split.k"),
         ("optim.nesterov=3", "optim.nesterov"),
         ("optim.nesterov=null", "optim.nesterov"),
         ("optim.lr=abc", "optim.lr"),
@@ -492,7 +486,7 @@ def test_literal_message_lists_choices():
         ("data.batch_size=true", "data.batch_size"),
         ("model.name=[1, 2]", "model.name"),
         ("model.kwargs=3", "model.kwargs: expected a mapping"),
-        ("method.cuts=layer1", "method.cuts: expected a list"),
+        ("split.cuts=layer1", "split.cuts: expected a list"),
         ("run.name=true", "run.name"),
         ("run.threads=two", "run.threads"),
     ],
@@ -503,7 +497,7 @@ def test_wrong_type(override, key):
     assert_one_line(exc, key)
 
 
-@pytest.mark.parametrize("override", ["optim.lr", "method.k:8", "", "optim..lr=1", ".lr=1", "optim.=1"])
+@pytest.mark.parametrize("override", ["optim.lr", "split.k:8", "", "optim..lr=1", ".lr=1", "optim.=1"])
 def test_malformed_override(override):
     with pytest.raises(ConfigError) as exc:
         load_config(None, [override])
@@ -589,3 +583,24 @@ def test_configs_saved_with_run_amp_still_load() -> None:
 
     assert config_from_dict({"run": {"amp": "none"}}).run.precision == "fp32"
     assert config_from_dict({"run": {"amp": "bf16", "epochs": 2}}).run.precision == "bf16"
+
+
+def test_split_keys_of_the_method_section_map_to_the_split_section(tmp_path, capsys):
+    """Configs written before ``split`` had a section (``method.k``, ``method.split``, ...) load unchanged, with a
+    one-line note per key typed by the user; a saved config (a checkpoint's) is migrated without a note."""
+    from locallearn.train import config as config_module
+
+    config_module._NOTED.clear()
+    (tmp_path / "old.yaml").write_text("method: {name: dgl, k: 3, split: auto, balance: params}\n")
+    cfg = load_config(tmp_path / "old.yaml", ["method.ends=[]", "method.cuts=[]"])
+    assert (cfg.split.k, cfg.split.preset, cfg.split.balance) == (3, "auto", "params")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[0] == 'locallearn: note: method.k is now split.k (the old key still works; docs/configuration.md, "split")'
+    )
+    assert len(err) == 5 and "method.split is now split.preset" in err[1]
+    assert load_config(tmp_path / "old.yaml", ["method.k=5"]).split.k == 5  # an override beats the preset's key
+    assert load_config(tmp_path / "old.yaml", ["split.k=6"]).split.k == 6
+    saved = to_dict(cfg)
+    saved["method"]["k"] = saved["split"].pop("k")
+    assert config_from_dict(saved) == cfg and capsys.readouterr().err == ""

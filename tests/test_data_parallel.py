@@ -54,7 +54,7 @@ def test_mesh_of_stages_and_replicas_matches_one_process(synthetic_root: Path, t
 def test_dp_trains_a_resnet_and_resumes(synthetic_root: Path, tmp_path: Path) -> None:
     """ResNet-8 (BatchNorm: per-rank batch statistics, rank 0's buffers broadcast) on 2 ranks learns; ``locallearn
     train --resume`` continues the run with a longer schedule."""
-    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=2", "run.threads=1"]
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "split.k=2", "run.threads=1"]
     first = fit_dp(load_config(None, base + ["parallel=dp", "ppll.procs=2", "run.epochs=2"]))
     assert main(["train", "--resume", first["run_dir"], "run.epochs=3"]) == 0
     records = read_records(Path(first["run_dir"]) / "metrics.jsonl")
@@ -75,7 +75,7 @@ def _replicas_killed_at_step_6(rank: int, world: int, port: int, body, data: dic
 def test_dp_killed_mid_epoch_records_the_whole_epoch_after_resume(synthetic_root: Path, tmp_path: Path) -> None:
     """Both ranks killed at step 5 of 8, resumed from the step-3 checkpoint: each epoch's record equals the
     uninterrupted run's (bitwise: every rank resumes with its own statistics) and covers all of its samples."""
-    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=2", "run.threads=1"]
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "split.k=2", "run.threads=1"]
     cfg = load_config(None, base + ["parallel=dp", "ppll.procs=2", "run.ckpt_every=3"])
     full = fit_dp(cfg)
     run_dir = tmp_path / "killed"  # the run's folder (as a resumed run's, chosen by the caller)
@@ -96,7 +96,7 @@ def _replica_that_dies(rank: int, world: int, port: int, body, data: dict, out_d
 
 
 def test_a_dead_replica_fails_the_others(synthetic_root: Path, tmp_path: Path, capfd) -> None:
-    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=2", "parallel=dp"]
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "split.k=2", "parallel=dp"]
     codes = run_until_exit(_replica_that_dies, load_config(None, base + ["ppll.timeout=30"]), 2, tmp_path)
     assert codes[1] == 3 and codes[0] not in (None, 0), codes
     err = capfd.readouterr().err

@@ -12,6 +12,7 @@ from locallearn.models import create_model
 from locallearn.models.detector import Tap
 from locallearn.tasks.detection import DetectionTask, assign, giou_loss, nms, sigmoid_focal_loss
 from locallearn.tasks.task import Batch
+from locallearn.train.config import SplitCfg
 
 
 def _pred(points: list[tuple[float, float, int]], num_classes: int = 2) -> torch.Tensor:
@@ -195,7 +196,9 @@ def test_local_detection_methods_isolate_gradients(method: str) -> None:
     data = render_shapes(4, size=64, seed=0)
     task = DetectionTask(data.classes)
     backbone = create_model("fcos_resnet18", num_classes=3, width=8)
-    engine = LocalEngine(backbone, MethodCfg(name=method, k=3, ends=[3, 6, 10], split="ends"), task, OptimCfg())
+    engine = LocalEngine(
+        backbone, MethodCfg(name=method), task, OptimCfg(), split=SplitCfg(k=3, ends=[3, 6, 10], preset="ends")
+    )
     x = torch.tensor(data.images).float().div(255).contiguous(memory_format=torch.channels_last)
     batch = Batch(x, data.targets(), torch.tensor(data.images))
     assert_gradient_isolation(engine, batch)
@@ -228,7 +231,11 @@ def test_no_tapped_activation_outlives_its_forward(method: str) -> None:
     backbone = create_model("fcos_resnet18", num_classes=3, width=8)
     k, ends = (1, [10]) if method == "e2e" else (3, [3, 6, 10])
     engine = LocalEngine(
-        backbone, MethodCfg(name=method, k=k, ends=ends, split="ends"), DetectionTask(data.classes), OptimCfg()
+        backbone,
+        MethodCfg(name=method),
+        DetectionTask(data.classes),
+        OptimCfg(),
+        split=SplitCfg(k=k, ends=ends, preset="ends"),
     )
     x = torch.tensor(data.images).float().div(255)
     batch = Batch(x, data.targets(), torch.tensor(data.images))

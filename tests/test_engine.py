@@ -4,6 +4,7 @@ two optimizer step modes agree."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn import Batch, ClassificationTask, LocalEngine, MethodCfg, OptimCfg, UnitBackbone, create_model
+from locallearn.train.config import SplitCfg
 
 from .conftest import assert_grads_of_isolated_losses
 
@@ -30,11 +32,15 @@ def make_batch(n: int = 16, channels: int = 1, size: int = 16, seed: int = 0) ->
     return Batch(x, y, raw)
 
 
-def make_engine(cfg: MethodCfg, k: int, seed: int = 0, step: str | None = None, **kw) -> LocalEngine:
+def make_engine(
+    cfg: MethodCfg, k: int, seed: int = 0, step: str | None = None, split: SplitCfg | str = "auto", **kw
+) -> LocalEngine:
+    """A ResNet-8 engine with K=k (``split``: a preset name, or a SplitCfg whose k is replaced by ``k``)."""
     torch.manual_seed(seed)
     backbone = create_model("resnet8", num_classes=4, in_channels=1, width=4)
-    method = MethodCfg(**{**cfg.__dict__, "k": k, "step": step or cfg.step})
-    return LocalEngine(backbone, method, ClassificationTask(4), OptimCfg(lr=0.05), **kw)
+    method = MethodCfg(**{**cfg.__dict__, "step": step or cfg.step})
+    split = SplitCfg(k=k, preset=split) if isinstance(split, str) else replace(split, k=k)
+    return LocalEngine(backbone, method, ClassificationTask(4), OptimCfg(lr=0.05), split=split, **kw)
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -129,14 +135,14 @@ def test_any_batch_size_and_user_sequential_model() -> None:
     for name in ("dgl", "infopro"):
         backbone = UnitBackbone.from_sequential(copy.deepcopy(layers), input_shape=(1, 16, 16))
         assert [i.channels for i in backbone.infos] == [8, 16, 16, 4]
-        engine = LocalEngine(backbone, MethodCfg(name=name, k=3), ClassificationTask(4), OptimCfg())
+        engine = LocalEngine(backbone, MethodCfg(name=name), ClassificationTask(4), OptimCfg(), split=SplitCfg(k=3))
         for n in (2, 5):
             engine.train_step(make_batch(n=n))
         assert engine.k == 3
 
 
 def test_bad_method_requests_are_clear_errors() -> None:
-    with pytest.raises(ValueError, match="method.k=1"):
+    with pytest.raises(ValueError, match="split.k=1"):
         make_engine(MethodCfg(name="e2e"), 3)
     with pytest.raises(ValueError, match="more modules than the model has units"):
         make_engine(MethodCfg(name="dgl"), 6)
@@ -145,9 +151,9 @@ def test_bad_method_requests_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="unknown method 'dg'; did you mean 'dgl'"):
         make_engine(MethodCfg(name="dg"), 2)
     with pytest.raises(ValueError, match="unknown split preset"):
-        make_engine(MethodCfg(name="dgl", split="infopr"), 2)
+        make_engine(MethodCfg(name="dgl"), 2, split="infopr")
     with pytest.raises(ValueError, match="only for ResNet"):
-        make_engine(MethodCfg(name="dgl", split="infopro"), 2)  # preset exists for ResNet-32/110, not ResNet-8
+        make_engine(MethodCfg(name="dgl"), 2, split="infopro")  # preset exists for ResNet-32/110, not ResNet-8
     with pytest.raises(ValueError, match="aux config"):
         make_engine(MethodCfg(name="infopro", aux="3c1f"), 2)
     with pytest.raises(ValueError, match="DGL head"):

@@ -25,16 +25,16 @@ from .test_engine import make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
-    "e2e": ["method.name=e2e", "method.k=1"],
-    "dgl": ["method.name=dgl", "method.k=3"],
-    "infopro": ["method.name=infopro", "method.k=3"],
-    "dgl+man": ["method.name=dgl", "method.k=3", "method.addons=[man]", "method.ema_warmup=true"],
-    "infopro+manpp": ["method.name=infopro", "method.k=3", "method.addons=[man]", "method.bridge_combine=scaled"],
-    "dgl+hpff": ["method.name=dgl", "method.k=3", "method.addons=[cascade,pff]", "method.cascade_final=both"],
-    "infopro+mlaan": ["method.name=infopro", "method.k=3", "method.addons=[cascade,lam]", "method.cascade_final=both"],
-    "dgl+ckpt": ["method.name=dgl", "method.k=2", "method.checkpoint=2"],
-    "e2e+ckpt": ["method.name=e2e", "method.k=1", "method.checkpoint=sqrt"],
-    "adamw": ["method.name=infopro", "method.k=3", "optim.name=adamw"],
+    "e2e": ["method.name=e2e", "split.k=1"],
+    "dgl": ["method.name=dgl", "split.k=3"],
+    "infopro": ["method.name=infopro", "split.k=3"],
+    "dgl+man": ["method.name=dgl", "split.k=3", "method.addons=[man]", "method.ema_warmup=true"],
+    "infopro+manpp": ["method.name=infopro", "split.k=3", "method.addons=[man]", "method.bridge_combine=scaled"],
+    "dgl+hpff": ["method.name=dgl", "split.k=3", "method.addons=[cascade,pff]", "method.cascade_final=both"],
+    "infopro+mlaan": ["method.name=infopro", "split.k=3", "method.addons=[cascade,lam]", "method.cascade_final=both"],
+    "dgl+ckpt": ["method.name=dgl", "split.k=2", "method.checkpoint=2"],
+    "e2e+ckpt": ["method.name=e2e", "split.k=1", "method.checkpoint=sqrt"],
+    "adamw": ["method.name=infopro", "split.k=3", "optim.name=adamw"],
 }
 
 

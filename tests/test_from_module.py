@@ -259,22 +259,22 @@ def test_cli_trains_your_own_model_with_an_addon(synthetic_root: Path, tmp_path:
         "model.name=tests.user_models:unet",
         "model.kwargs.width=4",
         "method.name=dgl",
-        "method.cuts=[enc2,dec3]",
+        "split.cuts=[enc2,dec3]",
         "method.addons=[man]",
         "run.max_steps=3",
     ]
-    assert main(["train", "-c", "configs/fmnist/demo.yaml", *args, "method.k=null"]) == 0
+    assert main(["train", "-c", "configs/fmnist/demo.yaml", *args, "split.k=null"]) == 0
     run = next((tmp_path).glob("*unet_dgl+man_k3*"))
     state = load_checkpoint(run / "ckpt_last.pt")
     assert set(state["model"]) == set(user_models.unet(width=4).state_dict())  # the user's own keys
     assert main(["train", "--resume", str(run), "run.max_steps=5"]) == 0  # the saved config rebuilds the model
     assert load_checkpoint(run / "ckpt_last.pt")["step"] == 5
     bench = ["bench", "memory", "-c", "configs/fmnist/demo.yaml", "--methods", "e2e,dgl,dgl+man", "--k", "3"]
-    assert main([*bench, "--out", str(tmp_path / "bench"), *args, "method.k=null"]) == 0
+    assert main([*bench, "--out", str(tmp_path / "bench"), *args, "split.k=null"]) == 0
     rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert {(r["label"], r["k"]) for r in rows} == {("e2e", 1), ("dgl", 3), ("dgl+man", 3)}
-    summary = ["model.name=tests.user_models:resnet50", "method.name=dgl", "method.cuts=[layer2,layer3]"]
-    assert main(["summary", "-c", "configs/fmnist/demo.yaml", *summary, "method.k=null"]) == 0  # on the meta device
+    summary = ["model.name=tests.user_models:resnet50", "method.name=dgl", "split.cuts=[layer2,layer3]"]
+    assert main(["summary", "-c", "configs/fmnist/demo.yaml", *summary, "split.k=null"]) == 0  # on the meta device
 
 
 def test_a_parameter_shared_inside_one_module_trains_as_in_the_original() -> None:
@@ -307,8 +307,8 @@ def test_a_parameter_shared_inside_one_module_trains_as_in_the_original() -> Non
         ("model.name=no_such_package.nets:build", "cannot import 'no_such_package.nets'"),
         ("model.name=tests.user_models:unet model.kwargs.depth=50", "model.kwargs"),
         ("model.name=tests.user_models:unet model.kwargs.num_classes=7", "set the builder's class count"),
-        ("model.name=tests.user_models:unet method.cuts=[enc9]", "did you mean 'enc"),
-        ("method.cuts=[layer1]", "method.cuts names submodules of your own model"),
+        ("model.name=tests.user_models:unet split.cuts=[enc9]", "did you mean 'enc"),
+        ("split.cuts=[layer1]", "split.cuts names submodules of your own model"),
         ("model.name=tests.user_models:vit", "the model fails on an example input of shape [2, 1, 16, 16]"),
     ],
 )
@@ -316,7 +316,7 @@ def test_cli_refusals_are_one_line_exit_2(
     synthetic_root: Path, tmp_path: Path, capsys, override: str, message: str
 ) -> None:
     args = tiny_overrides(synthetic_root, tmp_path) + ["model.kwargs={}", *override.split()]
-    assert main(["train", "-c", "configs/fmnist/demo.yaml", *args, "method.k=null"]) == 2
+    assert main(["train", "-c", "configs/fmnist/demo.yaml", *args, "split.k=null"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
 
@@ -329,8 +329,8 @@ def test_resnet50_from_the_user_learns_real_fashion_mnist(tmp_path: Path) -> Non
             "model.name=tests.user_models:resnet50",
             "model.kwargs.width=8",
             "method.name=dgl",
-            "method.cuts=[layer2]",
-            "method.k=null",
+            "split.cuts=[layer2]",
+            "split.k=null",
             "data.limit_train=6000",
             "data.batch_size=64",
             "data.limit_test=1000",
@@ -354,7 +354,7 @@ def test_ppll_two_ranks_equal_sequential_on_the_unet(synthetic_root: Path, tmp_p
         "model.name=tests.user_models:unet",
         "model.kwargs.width=4",
         "method.name=dgl",
-        "method.cuts=[enc3]",
+        "split.cuts=[enc3]",
         f"method.addons={addons}",
         "run.epochs=1",
         "data.batch_size=120",
@@ -387,7 +387,7 @@ def test_data_parallel_trains_a_user_model(synthetic_root: Path, tmp_path: Path)
             "model.name=tests.user_models:vit",
             "model.kwargs.image=16",
             "method.name=dgl",
-            "method.cuts=[blocks.1]",
+            "split.cuts=[blocks.1]",
             "run.max_steps=4",
             "run.threads=1",
             "parallel=dp",

@@ -203,7 +203,7 @@ def test_training_runs_on_a_class_folder(folders: Path, tmp_path: Path) -> None:
         "model.width=4",
         "model.channels_last=false",
         "method.name=dgl",
-        "method.k=2",
+        "split.k=2",
         "run.epochs=1",
         "run.progress=false",
         f"run.out={tmp_path / 'runs'}",

@@ -19,6 +19,7 @@ from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, cre
 from locallearn.local.aux_nets import Decoder, InfoProHead
 from locallearn.local.split import backbone_layout, preset_split, presets_for
 from locallearn.models.units import UnitBackbone, UnitInfo
+from locallearn.train.config import SplitCfg
 
 from .test_backbones import CLASSES, make_batch
 from .test_engine import assert_gradient_isolation
@@ -48,8 +49,9 @@ AUTO_CASES = [(name, "auto", k) for name in [*RESNETS, VIT] for k in (3, 6)]
 
 def engine_for(model: str, split: str, k: int, **method: object) -> tuple[LocalEngine, int]:
     backbone, size = tiny(model)
-    cfg = MethodCfg(**{"name": "dgl", "k": k, "split": split, **method})
-    return LocalEngine(backbone, cfg, ClassificationTask(CLASSES), OptimCfg(lr=0.01)), size
+    cfg = MethodCfg(**{"name": "dgl", **method})
+    optim = OptimCfg(lr=0.01)
+    return LocalEngine(backbone, cfg, ClassificationTask(CLASSES), optim, split=SplitCfg(k=k, preset=split)), size
 
 
 def test_every_family_has_its_presets() -> None:
@@ -59,7 +61,7 @@ def test_every_family_has_its_presets() -> None:
     assert {("resnet101", "hpff", 8), ("resnet152", "hpff", 4), ("resnet34", "hpff", 4)} <= found  # §4.1
     assert {("resnet34", "mlaan", 16), ("resnet101", "mlaan", 33), (VIT, "manpp", 4)} <= found  # §5.1, §3.1
     assert not [case for case in PRESET_CASES if case[0] == "resnet18"]  # none in the papers: auto only
-    with pytest.raises(ValueError, match=r"exists only for .*presets for ResNet-18: none.*method.split=auto"):
+    with pytest.raises(ValueError, match=r"exists only for .*presets for ResNet-18: none.*split.preset=auto"):
         engine_for("resnet18", "man", 2)
     with pytest.raises(ValueError, match=r"has K in \[2, 4\], not 8"):
         engine_for("resnet101", "man", 8)
@@ -120,9 +122,10 @@ def test_vit_preset_is_four_groups_of_three_blocks() -> None:
     with pytest.raises(ValueError, match=r"exists only for"):  # a 4-block ViT has no preset
         LocalEngine(
             create_model(VIT, width=32, depth=4),
-            MethodCfg(name="dgl", k=4, split="manpp"),
+            MethodCfg(name="dgl"),
             ClassificationTask(CLASSES),
             OptimCfg(),
+            split=SplitCfg(k=4, preset="manpp"),
         )
 
 

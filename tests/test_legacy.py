@@ -13,16 +13,17 @@ from torch import nn
 from locallearn import ClassificationTask, MethodCfg, create_model
 from locallearn.local.losses import reconstruction_loss
 from locallearn.methods.pff import PatchDecoders, patches
-from locallearn.train.config import OptimCfg
+from locallearn.train.config import OptimCfg, SplitCfg
 from locallearn.train.engine import LocalEngine
 
 from .test_engine import make_batch, make_engine
 
 
 def resnet32_engine(cfg: MethodCfg) -> LocalEngine:
+    """ResNet-32 cut as MAN's K=16 (15 modules: the paper's label counts one more)."""
     torch.manual_seed(0)
     backbone = create_model("resnet32", num_classes=4, in_channels=1, width=4)
-    return LocalEngine(backbone, cfg, ClassificationTask(4), OptimCfg())
+    return LocalEngine(backbone, cfg, ClassificationTask(4), OptimCfg(), split=SplitCfg(k=15, preset="man"))
 
 
 def test_unknown_legacy_switch_is_a_clear_error() -> None:
@@ -33,7 +34,7 @@ def test_unknown_legacy_switch_is_a_clear_error() -> None:
 def test_stage_lambda_uses_next_stage_over_paper_label() -> None:
     """MAN CIFAR (spec §3.3, §3.6): r = s'/(K_label - 2); the label K=16 is 15 modules, so r <= 3/14."""
     lambdas = [5.0, 1.0, 0.0, 0.0]
-    cfg = MethodCfg(name="infopro", k=15, split="man", addons=["man"], lambdas=lambdas, loss_mode="softmax")
+    cfg = MethodCfg(name="infopro", addons=["man"], lambdas=lambdas, loss_mode="softmax")
     fixed = resnet32_engine(cfg)
     legacy = resnet32_engine(replace(cfg, legacy=["stage_lambda"]))
     for k in range(14):
@@ -53,7 +54,7 @@ def _ema_tensors(engine: LocalEngine, k: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("legacy", [[], ["last_ema_only"]])
 def test_last_ema_only_moves_only_the_last_splits_ema(legacy: list[str]) -> None:
     """MLAAN CIFAR updates only EMA_Net[-1] (spec §5.3); the default updates every module's EMA."""
-    cfg = MethodCfg(name="dgl", k=4, addons=["cascade", "lam"], legacy=legacy, ema_init="random")
+    cfg = MethodCfg(name="dgl", addons=["cascade", "lam"], legacy=legacy, ema_init="random")
     engine = make_engine(cfg, 4)
     before = [_ema_tensors(engine, k) for k in range(3)]
     engine.train_step(make_batch())
@@ -65,7 +66,7 @@ def test_final_overwrite_keeps_only_the_cascade_ce() -> None:
     """MLAAN CIFAR overwrites CE(x) with CE(y) (spec §5.2); the default (paper intent) sums both."""
     batch = make_batch()
     for legacy, reaches in (([], [1, 2]), (["final_overwrite"], [2])):
-        engine = make_engine(MethodCfg(name="dgl", k=3, addons=["cascade"], cascade_final="both", legacy=legacy), 3)
+        engine = make_engine(MethodCfg(name="dgl", addons=["cascade"], cascade_final="both", legacy=legacy), 3)
         h = torch.randn(len(batch), 4, requires_grad=True)
         assert [item.reach for item in engine.method.local_losses(2, h, batch)] == reaches
 
@@ -81,10 +82,9 @@ def test_triple_bn_momentum_equals_repeated_updates() -> None:
     torch.testing.assert_close(repeated.running_mean, once.running_mean)
     torch.testing.assert_close(repeated.running_var, once.running_var)
 
-    engine = make_engine(MethodCfg(name="dgl", k=4, split="ends", ends=[2, 3, 4, 5], addons=["cascade"]), 4)
-    engine_legacy = make_engine(
-        MethodCfg(name="dgl", k=4, split="ends", ends=[2, 3, 4, 5], addons=["cascade"], legacy=["triple_bn"]), 4
-    )
+    ends = SplitCfg(preset="ends", ends=[2, 3, 4, 5])
+    engine = make_engine(MethodCfg(name="dgl", addons=["cascade"]), 4, split=ends)
+    engine_legacy = make_engine(MethodCfg(name="dgl", addons=["cascade"], legacy=["triple_bn"]), 4, split=ends)
     runs = [1, 2, 3, 3, 2]  # stem once; modules [stem+l1.0] | l2.0 | l3.0 | head: 2, 3, 3, 2 reference forwards
     for unit, plain, n in zip(engine_legacy.backbone.units, engine.backbone.units, runs):
         for bn, ref in zip(unit.modules(), plain.modules()):
@@ -95,7 +95,7 @@ def test_triple_bn_momentum_equals_repeated_updates() -> None:
 def test_ema_before_backward_moves_ema_before_the_local_backward() -> None:
     """MAN++ ViT order (spec §3.6 bug 7): the EMA moves inside the step, before its backward, and the backward
     then uses the moved weights; the default moves it after the backward."""
-    base = MethodCfg(name="dgl", k=3, addons=["man"], bridge_combine="scaled", ema_init="random", ema_decay=0.5)
+    base = MethodCfg(name="dgl", addons=["man"], bridge_combine="scaled", ema_init="random", ema_decay=0.5)
     default, legacy = make_engine(base, 3), make_engine(replace(base, legacy=["ema_before_backward"]), 3)
     ema0 = [p.detach().clone() for p in legacy.method.aux[0].independent.bridge.ema.parameters()]
     live = [p.detach().clone() for p in legacy.modules[1].parameters()]
@@ -116,8 +116,8 @@ def test_man_depth_two_chains_two_learnable_units_with_one_ema() -> None:
     """MAN++ ViT (spec §3.2): y = s·LB0(h) + (2 - s)·EMA0(h), then LB1(y)."""
     torch.manual_seed(0)
     vit = create_model("vit_tiny", num_classes=4, in_channels=3, image_size=16, patch_size=4, depth=6, width=32)
-    cfg = MethodCfg(name="dgl", k=3, addons=["man"], bridge_combine="scaled", man_depth=2)
-    engine = LocalEngine(vit, cfg, ClassificationTask(4), OptimCfg())
+    cfg = MethodCfg(name="dgl", addons=["man"], bridge_combine="scaled", man_depth=2)
+    engine = LocalEngine(vit, cfg, ClassificationTask(4), OptimCfg(), split=3)
     bridge = engine.method.aux[0].independent.bridge
     assert bridge.sources == [engine.ends[0], engine.ends[0] + 1] and len(bridge.ema) == 1
     h = torch.randn(2, 17, 32)
@@ -130,7 +130,7 @@ def test_man_depth_two_chains_two_learnable_units_with_one_ema() -> None:
 @pytest.mark.parametrize("size", [8, 7])
 def test_pff_decoder_mode_patches_only_the_decoder(size: int) -> None:
     """HPFF CIFAR code (spec §4.3): one decoder per patch, BCEs summed, the head on the whole map."""
-    cfg = MethodCfg(name="infopro", k=3, addons=["pff"], pff_mode="decoder", loss_mode="softmax")
+    cfg = MethodCfg(name="infopro", addons=["pff"], pff_mode="decoder", loss_mode="softmax")
     engine = make_engine(cfg, 3)
     objective = engine.method.aux[0].independent
     assert isinstance(objective.decoder, PatchDecoders) and len(objective.decoder.decoders) == 4
@@ -149,4 +149,4 @@ def test_pff_decoder_mode_patches_only_the_decoder(size: int) -> None:
 
 def test_pff_decoder_mode_without_a_decoder_is_an_error() -> None:
     with pytest.raises(ValueError, match="pff_mode=paper"):
-        make_engine(MethodCfg(name="dgl", k=3, addons=["pff"], pff_mode="decoder"), 3)
+        make_engine(MethodCfg(name="dgl", addons=["pff"], pff_mode="decoder"), 3)

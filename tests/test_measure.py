@@ -11,6 +11,7 @@ from torch import nn
 
 from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
 from locallearn.measure import SavedTensorMeter, count_params, forward_flops
+from locallearn.train.config import SplitCfg
 
 from .test_engine import make_batch
 
@@ -45,9 +46,10 @@ def peak_of(name: str, k: int) -> int:
     torch.manual_seed(0)
     engine = LocalEngine(
         create_model("resnet8", num_classes=4, in_channels=1, width=8),
-        MethodCfg(name=name, k=k),
+        MethodCfg(name=name),
         ClassificationTask(4),
         OptimCfg(),
+        split=SplitCfg(k=k),
     )
     engine.meter = SavedTensorMeter()
     with engine.meter:
@@ -90,10 +92,10 @@ def test_train_step_flops_count_recomputation_and_cascade_hops() -> None:
 
     from .test_engine import make_batch
 
-    def engine(**cfg):
+    def engine(k: int, **cfg):
         torch.manual_seed(0)
         backbone = create_model("resnet8", num_classes=4, in_channels=1, width=4)
-        return LocalEngine(backbone, MethodCfg(**cfg), ClassificationTask(4), OptimCfg())
+        return LocalEngine(backbone, MethodCfg(**cfg), ClassificationTask(4), OptimCfg(), split=k)
 
     batch = make_batch()
     plain, ckpt = engine(name="e2e", k=1), engine(name="e2e", k=1, checkpoint=2)  # 5 units: segments [0,2) [2,5)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
-from locallearn.train.config import ConfigError, load_config
+from locallearn.train.config import ConfigError, SplitCfg, load_config
 from locallearn.train.schedule import build_optimizer, lr_at
 
 from .test_backbones import CLASSES, make_batch
@@ -56,7 +56,9 @@ def test_adamw_k1_engine_equals_plain_adamw_bitwise() -> None:
         F.cross_entropy(model(b.input), b.target).backward()
         opt.step()
     torch.manual_seed(0)
-    engine = LocalEngine(create_model("vit_tiny", **kw), MethodCfg(name="dgl", k=1), ClassificationTask(CLASSES), optim)
+    engine = LocalEngine(
+        create_model("vit_tiny", **kw), MethodCfg(name="dgl"), ClassificationTask(CLASSES), optim, split=SplitCfg(k=1)
+    )
     for b in batches:
         engine.train_step(b)
     for (key, a), b in zip(model.state_dict().items(), engine.backbone.state_dict().values()):
@@ -67,7 +69,9 @@ def test_every_module_gets_an_adamw_and_trains() -> None:
     torch.manual_seed(0)
     backbone = create_model("vit_tiny", num_classes=CLASSES, width=32, heads=2, patch_size=8, image_size=32)
     optim = OptimCfg(name="adamw", lr=1e-3, weight_decay=0.05)
-    engine = LocalEngine(backbone, MethodCfg(name="dgl", k=4, split="manpp"), ClassificationTask(CLASSES), optim)
+    engine = LocalEngine(
+        backbone, MethodCfg(name="dgl"), ClassificationTask(CLASSES), optim, split=SplitCfg(k=4, preset="manpp")
+    )
     assert len(engine._optimizers) == 4 and all(isinstance(o, torch.optim.AdamW) for o in engine._optimizers)
     before = [p.detach().clone() for p in engine.module_parameters(3)]
     for seed in range(2):

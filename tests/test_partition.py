@@ -1,4 +1,4 @@
-"""Throughput partitioning (``method.balance: time``): split points from measured unit and aux-net times."""
+"""Throughput partitioning (``split.balance: time``): split points from measured unit and aux-net times."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 
 from locallearn import ClassificationTask, MethodCfg, create_model
 from locallearn.local.split import balanced_split
-from locallearn.train import partition
-from locallearn.train.config import OptimCfg, load_config
+from locallearn.train import split as split_module
+from locallearn.train.config import OptimCfg, SplitCfg, load_config
 from locallearn.train.engine import LocalEngine
-from locallearn.train.partition import (
+from locallearn.train.split import (
     candidate_splits,
     measure_unit_times,
     time_balanced_ends,
-    time_balanced_method,
+    time_balanced_split,
 )
 from locallearn.train.trainer import fit
 
@@ -58,29 +58,29 @@ def test_an_expensive_aux_net_moves_the_split_point() -> None:
         balanced_split([1, 1, 1, 1], 2, end_costs=[0, 0, 0])
 
 
-def _build(method: MethodCfg) -> LocalEngine:
+def _build(split: SplitCfg, method: str = "dgl") -> LocalEngine:
     torch.manual_seed(0)
     backbone = create_model("resnet8", num_classes=4, in_channels=1, width=4)
-    return LocalEngine(backbone, method, ClassificationTask(4), OptimCfg())
+    return LocalEngine(backbone, MethodCfg(name=method), ClassificationTask(4), OptimCfg(), split=split)
 
 
 def test_probe_times_every_unit_and_its_aux_net() -> None:
-    probe = _build(MethodCfg(name="infopro", k=5, split="ends", ends=[1, 2, 3, 4, 5]))
+    probe = _build(SplitCfg(k=5, preset="ends", ends=[1, 2, 3, 4, 5]), "infopro")
     unit_s, aux_s = measure_unit_times(probe, make_batch(n=8), repeats=1)
     assert len(unit_s) == len(aux_s) == 5 and all(t > 0 for t in unit_s + aux_s)
     assert all(p.grad is None for p in probe.backbone.parameters())  # the probe leaves no gradients behind
     with pytest.raises(ValueError, match="one module per unit"):
-        measure_unit_times(_build(MethodCfg(name="dgl", k=2)), make_batch(n=8))
+        measure_unit_times(_build(SplitCfg(k=2)), make_batch(n=8))
 
 
-def test_time_balanced_method_returns_explicit_ends() -> None:
-    method, seconds = time_balanced_method(MethodCfg(name="dgl", k=3, balance="time"), _build, make_batch(n=8), 1)
-    assert method.split == "ends" and len(method.ends) == 3 and method.ends[-1] == 5 and method.k == 3
+def test_time_balanced_split_returns_explicit_ends() -> None:
+    split, seconds = time_balanced_split(SplitCfg(k=3, balance="time"), "dgl", _build, make_batch(n=8), 1)
+    assert split.preset == "ends" and len(split.ends) == 3 and split.ends[-1] == 5 and split.k == 3
     assert len(seconds) == 3 and all(s > 0 for s in seconds)
-    assert _build(method).ends == method.ends
+    assert _build(split).ends == split.ends
     with pytest.raises(ValueError, match="balance=time is measured before the engine is built"):
-        _build(MethodCfg(name="dgl", k=3, balance="time"))
-    assert _build(MethodCfg(name="e2e", balance="time")).ends == [5]  # one module: nothing to measure
+        _build(SplitCfg(k=3, balance="time"))
+    assert _build(SplitCfg(balance="time"), "e2e").ends == [5]  # one module: nothing to measure
 
 
 def test_candidates_are_the_best_split_and_its_near_tied_neighbours() -> None:
@@ -105,24 +105,24 @@ def test_whole_module_timing_settles_a_tie_the_unit_probe_cannot_see(monkeypatch
     10 ms and unit 4 costs 40 ms (forward hooks sleep): [2, 5] is 20 / 60 ms, [3, 5] 30 / 50 ms. Timing the
     candidates' whole modules picks [3, 5] and reports its module times."""
 
-    def sleepy_build(method: MethodCfg) -> LocalEngine:
-        engine = _build(method)
+    def sleepy_build(split: SplitCfg) -> LocalEngine:
+        engine = _build(split)
         for u, unit in enumerate(engine.backbone.units):
             unit.register_forward_pre_hook(lambda *_, s=0.04 if u == 4 else 0.01: time.sleep(s))
         return engine
 
     assert time_balanced_ends([1.0] * 5, [0.0] * 5, 2) == [2, 5]  # what the unit probe alone picks
-    monkeypatch.setattr(partition, "measure_unit_times", lambda probe, batch, repeats: ([1.0] * 5, [0.0] * 5))
-    method, seconds = time_balanced_method(MethodCfg(name="dgl", k=2, balance="time"), sleepy_build, make_batch(n=8))
-    assert method.ends == [3, 5]
+    monkeypatch.setattr(split_module, "measure_unit_times", lambda probe, batch, repeats: ([1.0] * 5, [0.0] * 5))
+    split, seconds = time_balanced_split(SplitCfg(k=2, balance="time"), "dgl", sleepy_build, make_batch(n=8))
+    assert split.ends == [3, 5]
     assert 0.03 <= seconds[0] < 0.045 and 0.05 <= seconds[1] < 0.065, seconds
 
 
 def test_fit_records_the_measured_split_so_resume_reuses_it(synthetic_root: Path, tmp_path: Path) -> None:
-    overrides = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "method.k=2", "method.balance=time"]
+    overrides = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "split.k=2", "split.balance=time"]
     cfg = load_config("configs/fmnist/demo.yaml", [*overrides, "run.epochs=1", "data.limit_train=128"])
     result = fit(cfg, quiet=True)
     saved = yaml.safe_load((Path(result["run_dir"]) / "config.yaml").read_text())
-    assert saved["method"]["split"] == "ends" and len(saved["method"]["ends"]) == 2
+    assert saved["split"]["preset"] == "ends" and len(saved["split"]["ends"]) == 2
     resumed = fit(resume=result["run_dir"], overrides=["run.epochs=2"], quiet=True)
     assert resumed["epoch"] == 2

@@ -238,7 +238,7 @@ def test_bench_pipeline_writes_every_row(synthetic_root: Path, tmp_path: Path) -
     args = ["bench", "pipeline", "-c", DEMO, "--k", "2", "--steps", "2", "--warmup", "1", "--repeats", "1"]
     args += ["--micro", "2", "--simulate", "2", "--timeout", "200", "--out", str(out)]
     over = tiny_overrides(synthetic_root, tmp_path) + ["model.width=4", "method.name=dgl", "run.device=cpu"]
-    assert main([*args, *over, "method.balance=time"]) == 0
+    assert main([*args, *over, "split.balance=time"]) == 0
     results = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in results["rows"]]
     assert labels == [
@@ -314,11 +314,11 @@ def test_pipeline_stage_sends_contiguous_tensors_both_ways(channels_last: bool) 
 
 @pytest.mark.timeout(300)
 def test_bench_pipeline_simulates_time_balanced_splits_per_k(synthetic_root: Path, tmp_path: Path) -> None:
-    """``method.balance=time`` is measured (not refused) and re-split for every simulated K, and each simulation
+    """``split.balance=time`` is measured (not refused) and re-split for every simulated K, and each simulation
     records the split its stages were timed on."""
     out = tmp_path / "bench"
     args = ["bench", "pipeline", "-c", DEMO, "--k", "2", "--simulate", "3", "--simulate-only", "--micro", "2"]
-    over = ["model.width=4", "method.name=dgl", "method.balance=time", "run.device=cpu"]
+    over = ["model.width=4", "method.name=dgl", "split.balance=time", "run.device=cpu"]
     assert main([*args, "--out", str(out), *tiny_overrides(synthetic_root, tmp_path), *over]) == 0
     sim = json.loads((out / "results.json").read_text())["simulation"]
     assert sorted(sim) == ["2", "3"]

@@ -35,7 +35,7 @@ def measured_peak(cfg) -> int:
     return _state_bytes(engine, range(engine.k)) + step.peak
 
 
-@pytest.mark.parametrize("method", [["method.name=e2e", "method.k=1"], ["method.name=infopro", "method.k=2"]])
+@pytest.mark.parametrize("method", [["method.name=e2e", "split.k=1"], ["method.name=infopro", "split.k=2"]])
 def test_predicted_peak_is_within_5_percent_of_the_measured_one(method: list[str]) -> None:
     cfg = load_config(DEMO, ["data.batch_size=64", *method])
     predicted, measured = predicted_peaks(cfg)[0], measured_peak(cfg)

@@ -30,7 +30,7 @@ def ppll_base(root: Path, out: Path, method: str, k: int) -> list[str]:
     """Two epochs of 5 steps (512 = 4·120 + 32: a ragged last batch), tiny ResNet-8."""
     return tiny_overrides(root, out) + [
         f"method.name={method}",
-        f"method.k={k}",
+        f"split.k={k}",
         "run.epochs=2",
         "data.batch_size=120",
         "run.threads=1",
@@ -90,8 +90,8 @@ def test_ppll_resume_continues_bitwise(synthetic_root: Path, tmp_path: Path, cap
     sequential = load_checkpoint(Path(fit(load_config(None, base), quiet=True)["run_dir"]) / "ckpt_last.pt")
     assert load_checkpoint(Path(first["run_dir"]) / "ckpt_stage1.pt")["step"] == sequential["step"] == 10
     assert_stages_match(sequential, first["run_dir"], 2)
-    assert main(["train", "--resume", first["run_dir"], "method.k=3"]) == 2  # the split may not change on resume
-    assert "method.k differ from the run's config" in capsys.readouterr().err
+    assert main(["train", "--resume", first["run_dir"], "split.k=3"]) == 2  # the split may not change on resume
+    assert "split.k differ from the run's config" in capsys.readouterr().err
 
 
 def exit_at_call(owner: Any, name: str, call: int, code: int) -> None:
@@ -143,13 +143,13 @@ def test_ppll_killed_mid_epoch_records_the_whole_epoch_after_resume(synthetic_ro
 
 
 def test_time_balanced_split_is_measured_once_and_shared(synthetic_root: Path, tmp_path: Path) -> None:
-    """``method.balance=time``: rank 0 measures, every rank builds the broadcast split, and the saved config holds
+    """``split.balance=time``: rank 0 measures, every rank builds the broadcast split, and the saved config holds
     explicit ends (a resume does not measure again)."""
     base = ppll_base(synthetic_root, tmp_path, "dgl", 2)
-    result = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=2", "method.balance=time"]))
+    result = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=2", "split.balance=time"]))
     ends = [load_checkpoint(Path(result["run_dir"]) / f"ckpt_stage{s}.pt")["ends"] for s in range(2)]
     saved = load_config(Path(result["run_dir"]) / "config.yaml")
-    assert ends[0] == ends[1] == result["ends"] == saved.method.ends and saved.method.split == "ends"
+    assert ends[0] == ends[1] == result["ends"] == saved.split.ends and saved.split.preset == "ends"
 
 
 @pytest.mark.parametrize(
@@ -309,7 +309,7 @@ def test_pinned_ranks_run_on_cores_of_their_own(synthetic_root: Path, tmp_path: 
 def test_a_dead_stage_makes_every_other_rank_exit_nonzero(synthetic_root: Path, tmp_path: Path, capfd) -> None:
     """Rank 1 dies right after joining; ranks 0 and 2 must each exit non-zero on their own (not be killed by the
     launcher) within a bounded time, naming the stage that died: no silent hang."""
-    overrides = ["method.name=dgl", "method.k=3", "parallel=ppll", "ppll.timeout=30"]
+    overrides = ["method.name=dgl", "split.k=3", "parallel=ppll", "ppll.timeout=30"]
     cfg = load_config(None, tiny_overrides(synthetic_root, tmp_path) + overrides)
     codes = run_until_exit(_stage_that_dies, cfg, 3, tmp_path)
     assert codes[1] == 3 and codes[0] not in (None, 0) and codes[2] not in (None, 0), codes

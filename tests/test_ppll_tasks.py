@@ -34,7 +34,7 @@ def sr_base(out: Path, method: str) -> list[str]:
     HR pixels in batches of 4 (4 steps, the last one ragged), evaluated on one test photograph."""
     return [
         f"method.name={method}",
-        "method.k=2",
+        "split.k=2",
         "model.name=edsr4",
         "model.width=8",
         "data.patch_size=16",
@@ -53,8 +53,8 @@ def detection_base(out: Path, ends: list[int]) -> list[str]:
     """FCOS on ResNet-18 of width 8, DGL split at ``ends``: 2 steps of 8 rendered shapes images, 8 test images."""
     return [
         "model.width=8",
-        "method.split=ends",
-        f"method.ends=[{','.join(map(str, ends))}]",
+        "split.preset=ends",
+        f"split.ends=[{','.join(map(str, ends))}]",
         "data.limit_train=16",
         "data.limit_test=8",
         "data.batch_size=8",

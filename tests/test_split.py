@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from locallearn import MethodCfg, create_model
+from locallearn import create_model
 from locallearn.local.split import balanced_split, module_sizes, preset_split, validate_ends
-from locallearn.train.engine import resolve_split
+from locallearn.train.config import SplitCfg
+from locallearn.train.split import resolve_split
 
 
 def names(model: str, ends: list[int]) -> list[str]:
@@ -109,7 +110,7 @@ IMAGENET_TABLES = {  # spec §2.1 (InfoPro* K=2), §3.1 (MAN K=4, MAN++ ViT), §
 def test_imagenet_and_vit_presets_match_spec_tables(key: tuple[str, str, int]) -> None:
     model, preset, k = key
     backbone = create_model(model, width=32 if model.startswith("vit") else 4)  # thin: only the unit names matter
-    ends = resolve_split(backbone, MethodCfg(name="dgl", k=k, split=preset))
+    ends = resolve_split(backbone, SplitCfg(k=k, preset=preset), "dgl")
     infos = backbone.infos
     assert [f"{infos[s].name}..{infos[e - 1].name}" for s, e in zip([0, *ends[:-1]], ends)] == IMAGENET_TABLES[key]
 
@@ -166,7 +167,7 @@ def test_measured_balance_moves_cuts_and_leaves_the_model_alone(balance: str) ->
     model = create_model("resnet20", width=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sample = torch.randn(4, 3, 32, 32)
-    ends = resolve_split(model, MethodCfg(name="dgl", k=4, balance=balance), sample)
+    ends = resolve_split(model, SplitCfg(k=4, balance=balance), "dgl", sample)
     assert len(ends) == 4 and ends[-1] == len(model)
-    assert ends != resolve_split(model, MethodCfg(name="dgl", k=4, balance="units"))
+    assert ends != resolve_split(model, SplitCfg(k=4, balance="units"), "dgl")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats untouched

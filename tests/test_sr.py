@@ -35,8 +35,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sr"
 def sr_engine(method: MethodCfg, k: int, scale: int = 2, blocks: int = 4, width: int = 8, **kw) -> LocalEngine:
     torch.manual_seed(0)
     backbone = create_model(f"edsr{blocks}", scale=scale, width=width)
-    cfg = MethodCfg(**{**method.__dict__, "k": k})
-    return LocalEngine(backbone, cfg, SuperResolutionTask(scale), OptimCfg(name="adamw", lr=1e-3, weight_decay=0), **kw)
+    optim = OptimCfg(name="adamw", lr=1e-3, weight_decay=0)
+    return LocalEngine(backbone, method, SuperResolutionTask(scale), optim, split=k, **kw)
 
 
 def sr_batch(n: int = 4, size: int = 8, scale: int = 2, seed: int = 0) -> Batch:

@@ -130,7 +130,7 @@ def sr_run(root: Path, out: Path, *extra: str) -> list[str]:
         "model.name=edsr4",
         "model.width=4",
         "method.name=glcan",
-        "method.k=2",
+        "split.k=2",
         "optim.name=adamw",
         "optim.lr=0.001",
         "run.epochs=1",

@@ -26,7 +26,7 @@ needs_plot = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, 
 EXPECTED_CELL = {"acc": lambda v: f"{100 * v:.2f}%", "psnr": lambda v: f"{v:.2f}", "map": lambda v: f"{v:.3f}"}
 FAST = ["run.max_steps=1", "run.progress=false"]
 TASKS = {
-    "acc": ("smoke/fmnist_dgl_k3.yaml", ["method.k=2"]),
+    "acc": ("smoke/fmnist_dgl_k3.yaml", ["split.k=2"]),
     "psnr": ("sr/edsr_x2_dgl_k2.yaml", ["data.limit_test=1", "data.batch_size=2", "model.width=4"]),
     "map": (
         "detection/shapes_fcos_dgl_k2.yaml",

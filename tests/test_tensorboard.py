@@ -37,7 +37,7 @@ def assert_events_match_jsonl(run_dir: Path) -> dict[str, list[tuple[int, float]
 
 
 def test_single_process_run_writes_the_jsonl_scalars_as_events(synthetic_root: Path, tmp_path: Path) -> None:
-    overrides = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "method.k=3", "log.tensorboard=true"]
+    overrides = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "split.k=3", "log.tensorboard=true"]
     result = fit(load_config("configs/smoke/fmnist_dgl_k3.yaml", overrides), quiet=True)
     events = assert_events_match_jsonl(Path(result["run_dir"]))
     for tag in ("lr", "test_acc", "imgs_per_s", "peak_act_bytes", "train_loss/module_0", "train_loss/module_2"):
@@ -46,7 +46,7 @@ def test_single_process_run_writes_the_jsonl_scalars_as_events(synthetic_root: P
 
 
 def test_ppll_run_writes_events_from_rank_zero(synthetic_root: Path, tmp_path: Path) -> None:
-    overrides = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "method.k=2", "run.threads=1"]
+    overrides = [*tiny_overrides(synthetic_root, tmp_path), "method.name=dgl", "split.k=2", "run.threads=1"]
     cfg = load_config(None, [*overrides, "parallel=ppll", "log.tensorboard=true", "model.width=4"])
     result = spawn_ppll(cfg, 2, timeout=240)
     events = assert_events_match_jsonl(Path(result["run_dir"]))

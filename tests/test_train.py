@@ -23,7 +23,7 @@ def test_tiny_run_learns(synthetic_root: Path, tmp_path: Path, method: str, k: i
     extra = ["method.loss_mode=softmax"] if method == "infopro" else []
     cfg = load_config(
         None,
-        tiny_overrides(synthetic_root, tmp_path) + [f"method.name={method}", f"method.k={k}", "run.epochs=4", *extra],
+        tiny_overrides(synthetic_root, tmp_path) + [f"method.name={method}", f"split.k={k}", "run.epochs=4", *extra],
     )
     result = fit(cfg, quiet=True)
     records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -35,7 +35,7 @@ def test_tiny_run_learns(synthetic_root: Path, tmp_path: Path, method: str, k: i
 
 def test_resume_mid_epoch_is_bitwise_exact(synthetic_root: Path, tmp_path: Path) -> None:
     """2 epochs straight == 3 steps, stop, resume from the checkpoint (weights_only load), finish."""
-    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=infopro", "method.k=3"]
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=infopro", "split.k=3"]
     full = fit(load_config(None, base), quiet=True)
     part = fit(load_config(None, base + ["run.max_steps=3"]), quiet=True)
     assert load_checkpoint(Path(part["run_dir"]) / "ckpt_last.pt")["step"] == 3
@@ -59,7 +59,7 @@ def test_a_run_killed_mid_epoch_records_the_whole_epoch_after_resume(
     from locallearn.train.engine import LocalEngine
     from locallearn.train.rundir import training_seconds
 
-    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=3", "run.ckpt_every=3"]
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "split.k=3", "run.ckpt_every=3"]
     full = fit(load_config(None, base), quiet=True)
     real_step, calls = LocalEngine.train_step, []
 
@@ -104,22 +104,22 @@ def test_training_seconds_counts_every_step_at_its_measured_speed() -> None:
 
 def test_resume_rejects_a_changed_method(synthetic_root: Path, tmp_path: Path) -> None:
     run = fit(load_config(None, tiny_overrides(synthetic_root, tmp_path) + ["run.max_steps=1"]), quiet=True)
-    with pytest.raises(ValueError, match="method.k differ"):
-        fit(resume=run["run_dir"], overrides=["method.k=2"], quiet=True)
+    with pytest.raises(ValueError, match="split.k differ"):
+        fit(resume=run["run_dir"], overrides=["split.k=2"], quiet=True)
 
 
 def test_cli_train_eval_summary_compare(synthetic_root: Path, tmp_path: Path, capsys) -> None:
-    args = tiny_overrides(synthetic_root, tmp_path) + ["run.max_steps=2", "method.name=dgl", "method.k=2"]
+    args = tiny_overrides(synthetic_root, tmp_path) + ["run.max_steps=2", "method.name=dgl", "split.k=2"]
     assert main(["train", "-c", "configs/smoke/fmnist_dgl_k3.yaml", *args]) == 0
     run_dir = next(tmp_path.glob("*_resnet8_dgl_k2"))
     for name in ("config.yaml", "env.json", "metrics.jsonl", "ckpt_last.pt"):
         assert (run_dir / name).is_file(), name
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["method"]["k"] == 2 and saved["data"]["limit_train"] is None  # the overrides win over the preset
+    assert saved["split"]["k"] == 2 and saved["data"]["limit_train"] is None  # the overrides win over the preset
     assert main(["eval", str(run_dir)]) == 0
     assert "test_acc" in capsys.readouterr().out
     assert (
-        main(["summary", "-c", "configs/fmnist/demo.yaml", "model.name=resnet14", "method.k=4", "data.batch_size=8"])
+        main(["summary", "-c", "configs/fmnist/demo.yaml", "model.name=resnet14", "split.k=4", "data.batch_size=8"])
         == 0
     )
     out = capsys.readouterr().out
@@ -134,8 +134,8 @@ def test_cli_train_eval_summary_compare(synthetic_root: Path, tmp_path: Path, ca
     "argv,message",
     [
         (["train", "-c", "configs/fmnist/demo.yaml", "optim.lrr=0.1"], "did you mean 'optim.lr'"),
-        (["train", "-c", "configs/fmnist/demo.yaml", "method.k=99"], "more modules than the model has units"),
-        (["train", "-c", "configs/fmnist/demo.yaml", "method.split=infopro"], "only for ResNet"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "split.k=99"], "more modules than the model has units"),
+        (["train", "-c", "configs/fmnist/demo.yaml", "split.preset=infopro"], "only for ResNet"),
         (["train", "-c", "configs/fmnist/demo.yaml", "method.name=infopr"], "did you mean 'infopro'"),
         (["train", "-c", "configs/fmnist/demo.yaml", "data.root=/nonexistent"], "dataset-fashion-mnist"),
         (["train", "-c", "missing.yaml"], "not found"),
@@ -195,7 +195,7 @@ def test_compare_skips_finished_methods_and_continues_an_interrupted_one(
     and the table equals the uninterrupted comparison's (accuracy and memory)."""
     from locallearn.bench import runs as runs_mod
 
-    args = [*tiny_overrides(synthetic_root, tmp_path), "data.limit_train=256", "run.epochs=2", "method.k=2"]
+    args = [*tiny_overrides(synthetic_root, tmp_path), "data.limit_train=256", "run.epochs=2", "split.k=2"]
     full, split = tmp_path / "full", tmp_path / "split"
     cmd = ["compare", "-c", "configs/smoke/fmnist_dgl_k3.yaml", "--methods", "e2e,dgl+man"]
     assert main([*cmd, "--out", str(full), *args]) == 0
@@ -260,7 +260,7 @@ def test_readme_python_example_runs() -> None:
 
 
 def test_resume_keeps_the_measured_peak(synthetic_root: Path, tmp_path: Path) -> None:
-    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "method.k=3"]
+    base = tiny_overrides(synthetic_root, tmp_path) + ["method.name=dgl", "split.k=3"]
     part = fit(load_config(None, base + ["run.max_steps=3"]), quiet=True)
     resumed = fit(resume=part["run_dir"], overrides=["run.max_steps=null"], quiet=True)
     assert resumed["peak_act_bytes"] == part["peak_act_bytes"] > 0

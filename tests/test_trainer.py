@@ -25,7 +25,7 @@ from .conftest import tiny_overrides
 
 def base(root: Path, out: Path) -> list[str]:
     """DGL K=2, two epochs of 8 steps (512 samples, batch 64)."""
-    return [*tiny_overrides(root, out), "method.name=dgl", "method.k=2", "run.threads=1", "model.width=4"]
+    return [*tiny_overrides(root, out), "method.name=dgl", "split.k=2", "run.threads=1", "model.width=4"]
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
@@ -154,7 +154,7 @@ def unet_run(root: Path, out: Path) -> list[str]:
         "model.name=tests.user_models:unet",
         "model.kwargs.width=4",
         "method.name=dgl",
-        "method.cuts=[enc3]",
+        "split.cuts=[enc3]",
         "run.epochs=2",
         "data.batch_size=120",
         "run.threads=1",
@@ -222,9 +222,10 @@ def test_labels_beyond_the_class_count_are_one_line() -> None:
 
     engine = LocalEngine(
         create_model("resnet8", num_classes=5, in_channels=1, width=4),
-        MethodCfg(name="dgl", k=2),
+        MethodCfg(name="dgl"),
         ClassificationTask(5),
         OptimCfg(),
+        split=2,
     )
     batch = Batch(torch.randn(8, 1, 16, 16), torch.arange(8))
     with pytest.raises(ValueError, match=r"labels run from 0 to 7 but ClassificationTask\(5\) has classes 0..4; use "):
@@ -232,7 +233,7 @@ def test_labels_beyond_the_class_count_are_one_line() -> None:
 
 
 def test_aux_nets_larger_than_the_backbone_draw_a_warning(synthetic_root: Path, tmp_path: Path, capsys) -> None:
-    cfg = load_config(None, [*base(synthetic_root, tmp_path), "method.k=4", "method.addons=[man]", "run.max_steps=1"])
+    cfg = load_config(None, [*base(synthetic_root, tmp_path), "split.k=4", "method.addons=[man]", "run.max_steps=1"])
     fit(cfg, quiet=True)
     err = capsys.readouterr().err
     assert "locallearn: warning: the aux nets hold " in err and "× the backbone's parameters" in err, err

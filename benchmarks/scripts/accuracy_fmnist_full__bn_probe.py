@@ -13,9 +13,9 @@ import sys
 import torch
 from torch import nn
 
+from locallearn.train.build import build_engine, build_loaders, resolve_device
 from locallearn.train.checkpoint import load_checkpoint
 from locallearn.train.config import config_from_dict
-from locallearn.train.build import build_engine, build_loaders, resolve_device
 from locallearn.train.trainer import checkpoint_path
 
 

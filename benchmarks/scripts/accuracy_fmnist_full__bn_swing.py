@@ -18,8 +18,8 @@ import torch
 
 from locallearn.bench.variants import Variant, parse_method, variant_config
 from locallearn.tasks.task import Batch
-from locallearn.train.config import load_config
 from locallearn.train.build import build_engine, build_loaders, resolve_device
+from locallearn.train.config import load_config
 from locallearn.train.schedule import lr_at
 
 STUDY = "configs/fmnist/resnet32_k8_study.yaml"

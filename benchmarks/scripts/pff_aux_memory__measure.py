@@ -8,6 +8,7 @@ import torch
 from locallearn import Batch, ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
 from locallearn.measure import SavedTensorMeter
 from locallearn.methods.pff import patches
+from locallearn.train.config import SplitCfg
 
 torch.set_num_threads(1)
 raw = torch.randint(0, 256, (128, 1, 28, 28), dtype=torch.uint8)
@@ -28,10 +29,10 @@ for base in ("dgl", "infopro"):
         torch.manual_seed(0)
         eng = LocalEngine(
             create_model("resnet32", num_classes=10, in_channels=1),
-            MethodCfg(name=base, k=16, split="infopro", **extra),
+            MethodCfg(name=base, **extra),
             ClassificationTask(10),
             OptimCfg(),
-        )
+        split=SplitCfg(k=16, preset="infopro"))
         h = batch.input
         outs = []
         with torch.no_grad():

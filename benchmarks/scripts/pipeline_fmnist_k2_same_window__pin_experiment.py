@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from locallearn.bench.bench import bench_batches
 from locallearn.bench.variants import Variant, variant_config
 from locallearn.data.datasets import dataset_spec
-from locallearn.train.config import load_config
 from locallearn.train.build import build_engine
+from locallearn.train.config import load_config
 
 OVERRIDES = ["model.name=resnet32", "method.name=dgl", "data.batch_size=64", "run.device=cpu"]
 

@@ -13,11 +13,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from locallearn.tasks.task import Batch
 from locallearn.parallel import pipeline_baselines as pb
 from locallearn.parallel.ppll import stage_step
-from locallearn.train.config import load_config
+from locallearn.tasks.task import Batch
 from locallearn.train.build import build_loaders
+from locallearn.train.config import load_config
 
 
 class _NoLink:
@@ -47,8 +47,8 @@ pb.RUNNERS["halves"] = _halves  # also in the spawned ranks, which import this f
 
 def main() -> None:
     model, ends, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    overrides = [f"model.name={model}", "method.name=dgl", "method.split=ends", f"method.ends={ends}"]
-    cfg = load_config("configs/fmnist/demo.yaml", [*overrides, "data.batch_size=64", "run.device=cpu", "method.k=2"])
+    overrides = [f"model.name={model}", "method.name=dgl", "split.preset=ends", f"split.ends={ends}"]
+    cfg = load_config("configs/fmnist/demo.yaml", [*overrides, "data.batch_size=64", "run.device=cpu", "split.k=2"])
     torch.set_num_threads(1)
     train, _, _ = build_loaders(cfg, torch.device("cpu"))
     batches = []

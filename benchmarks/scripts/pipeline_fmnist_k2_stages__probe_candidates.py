@@ -1,4 +1,4 @@
-"""Repeat ``method.balance=time`` on one model, DGL, K=2: the per-unit probe's pick and predicted ms per module,
+"""Repeat ``split.balance=time`` on one model, DGL, K=2: the per-unit probe's pick and predicted ms per module,
 then every candidate split timed as whole modules (``locallearn.train.partition``), and the pick of that timing.
 
 Run from the repository root:
@@ -14,8 +14,8 @@ import torch
 
 from locallearn.tasks.task import Batch
 from locallearn.train import partition
-from locallearn.train.config import load_config
 from locallearn.train.build import build_engine, build_loaders
+from locallearn.train.config import load_config
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     trials = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     extra = ["model.width=192", "model.patch_size=4", "data.batch_size=32"] if model == "vit_tiny" else []
     extra = extra or ["data.batch_size=64"]
-    overrides = [f"model.name={model}", "method.name=dgl", "method.k=2", "run.device=cpu", *extra]
+    overrides = [f"model.name={model}", "method.name=dgl", "split.k=2", "run.device=cpu", *extra]
     cfg = load_config("configs/fmnist/demo.yaml", overrides)
     device = torch.device("cpu")
     train, _, spec = build_loaders(cfg, device)

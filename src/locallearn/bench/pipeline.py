@@ -205,7 +205,7 @@ def ratios(rows: list[dict[str, Any]], k: int, threads: int) -> tuple[list[str],
 
 
 def split_for(cfg: TrainCfg, batches: list[Batch], threads: int) -> TrainCfg:
-    """``method.balance: time`` resolved to explicit ends, measured on the first batch with ``threads`` threads (the
+    """``split.balance: time`` resolved to explicit ends, measured on the first batch with ``threads`` threads (the
     threads of one process of the multi-process runs); other configs unchanged."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -59,7 +59,7 @@ def plan_runs(base: TrainCfg, variants: list[Variant], seeds: list[int], runs_di
         for seed in seeds:
             cfg = variant_config(base, v, [f"run.seed={seed}", f"run.out={runs_dir}", f"run.name={run_name(v, seed)}"])
             # A time-balanced split is measured when the run starts (fit); any balance checks that K fits.
-            probe = cfg if cfg.method.balance != "time" else replace(cfg, method=replace(cfg.method, balance="units"))
+            probe = cfg if cfg.split.balance != "time" else replace(cfg, split=replace(cfg.split, balance="units"))
             try:
                 build_engine(probe, dataset_spec(cfg.data.name), torch.device("cpu"), _probe(cfg))
             except ValueError as e:

@@ -42,16 +42,16 @@ class Variant:
         if self.method == "e2e":  # one module is the whole network whatever the split says
             return [
                 "method.name=e2e",
-                "method.k=1",
-                "method.split=auto",
-                "method.ends=[]",
-                "method.cuts=[]",
+                "split.k=1",
+                "split.preset=auto",
+                "split.ends=[]",
+                "split.cuts=[]",
                 "method.addons=[]",
                 *presets,
             ]
         return (
-            [f"method.name={self.method}", f"method.k={self.k}", "method.addons=[]"]
-            + ([f"method.split={self.split}"] if self.split else [])
+            [f"method.name={self.method}", f"split.k={self.k}", "method.addons=[]"]
+            + ([f"split.preset={self.split}"] if self.split else [])
             + presets
         )
 

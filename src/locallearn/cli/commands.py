@@ -15,7 +15,7 @@ from ..bench.runs import plan_runs, run_record, train_runs
 from ..bench.variants import Variant, parse_method
 from ..data.datasets import dataset_spec, list_datasets
 from ..local.split import list_presets
-from ..methods.base import list_methods, resolve_k
+from ..methods.base import list_methods
 from ..methods.options import ADDON_PRESETS, ADDONS
 from ..models.registry import list_models
 from ..parallel.ppll import load_stages, read_stage_checkpoints, stage_file
@@ -25,6 +25,7 @@ from ..train.checkpoint import load_checkpoint, save_tensors
 from ..train.config import ConfigError, apply_overrides, changed_keys, config_from_dict, load_config, to_dict
 from ..train.estimate import ModuleEstimate, estimate_step, meta_batch
 from ..train.rundir import environment, make_dir, new_run_dir
+from ..train.split import resolve_k
 
 MiB = 2**20
 EVAL_OVERRIDABLE = ("data.", "run.device", "run.threads")
@@ -95,7 +96,7 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Train each method on the same data, seeds and backbone init; print and save one table.
 
-    ``e2e`` always runs with K=1; the others use the preset's ``method.k``. A method may name add-on presets
+    ``e2e`` always runs with K=1; the others use the preset's ``split.k``. A method may name add-on presets
     (``dgl+man``, ``infopro+hpff``, ``dgl+mlaan``). Memory is the saved-tensor meter's
     peak (activations autograd keeps for backward), so it is exact and comparable on any device.
 
@@ -111,7 +112,7 @@ def compare(
     if workers < 1:
         raise ConfigError(f"--jobs must be >= 1, got {workers}")
     base = load_config(config, overrides)
-    k = resolve_k(base.method)
+    k = resolve_k(base.split, base.method.name)
     variants = []
     for token in methods:
         name, addons, split = parse_method(token)
@@ -194,7 +195,7 @@ def summary(config: str | None, overrides: list[str]) -> str:
     files, no real storage, seconds for any preset."""
     cfg = load_config(config, overrides)
     spec = dataset_spec(cfg.data.name)
-    if cfg.method.balance == "time" and cfg.method.split == "auto":  # measured seconds need real tensors
+    if cfg.split.balance == "time" and cfg.split.preset == "auto":  # measured seconds need real tensors
         device = resolve_device(cfg.run.device)
         shape = meta_batch(cfg).input.shape
         sample = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)

@@ -1,6 +1,6 @@
 """``locallearn`` command line: train, eval, compare, summary, list, bench, plot.
 
-    locallearn train -c configs/fmnist/demo.yaml method.name=dgl method.k=4
+    locallearn train -c configs/fmnist/demo.yaml method.name=dgl split.k=4
     locallearn train --resume runs/<run>
     locallearn eval runs/<run>
     locallearn compare -c configs/fmnist/demo.yaml --methods e2e,dgl,infopro
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run directory (or checkpoint) to continue from; 'auto' with -c: the newest run of the same run name "
         "in run.out if it has a checkpoint, else a new run",
     )
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.k=8 optim.lr=0.05")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. split.k=8 optim.lr=0.05")
 
     e = sub.add_parser("eval", help="evaluate a run directory or checkpoint on its test set")
     e.add_argument("run", help="run directory or ckpt_last.pt")

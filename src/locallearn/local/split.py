@@ -206,7 +206,7 @@ def preset_split(preset: str, layout: int | Layout | None, k: int) -> list[int]:
         else:
             available = ", ".join(f"{name} (K {ks})" for name, ks in presets_for(layout).items()) or "none"
             this = f"presets for {layout_name(layout)}: {available}"
-        raise ValueError(f"split preset {preset!r} exists only for {where} ({this}); use method.split=auto")
+        raise ValueError(f"split preset {preset!r} exists only for {where} ({this}); use split.preset=auto")
     units = sum(layout) + 2
     if k == 1:
         return [units]
@@ -214,13 +214,13 @@ def preset_split(preset: str, layout: int | Layout | None, k: int) -> list[int]:
     if alias is not None:
         warnings.warn(
             f"split {preset!r}: the paper's label K={k} is {alias} gradient-isolated modules; training "
-            f"{alias} (set method.k={alias} to silence this)",
+            f"{alias} (set split.k={alias} to silence this)",
             stacklevel=2,
         )
         k = alias
     if k not in by_layout[layout]:
         raise ValueError(
-            f"split preset {preset!r} has K in {sorted(by_layout[layout])}, not {k}; use method.split=auto for other K"
+            f"split preset {preset!r} has K in {sorted(by_layout[layout])}, not {k}; use split.preset=auto for other K"
         )
     starts = [1 + sum(layout[:s]) for s in range(len(layout))]  # unit index of block 0 of each stage
     ends = [(0 if s == 0 else starts[s - 1] + j) + 1 for s, j in by_layout[layout][k]]
@@ -229,9 +229,9 @@ def preset_split(preset: str, layout: int | Layout | None, k: int) -> list[int]:
 
 def check_k(k: int, num_units: int) -> None:
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"method.k must be an integer >= 1 (the number of local modules), got {k!r}")
+        raise ValueError(f"split.k must be an integer >= 1 (the number of local modules), got {k!r}")
     if k > num_units:
-        raise ValueError(f"method.k={k} is more modules than the model has units ({num_units}); use k <= {num_units}")
+        raise ValueError(f"split.k={k} is more modules than the model has units ({num_units}); use k <= {num_units}")
 
 
 def balanced_split(costs: Sequence[float], k: int, end_costs: Sequence[float] | None = None) -> list[int]:

@@ -1,6 +1,6 @@
 """Per-unit and per-module costs: parameters, FLOPs (``torch.utils.flop_counter``) and saved-activation bytes.
 
-Used to balance automatic splits (``method.balance``) and by ``locallearn summary``.
+Used to balance automatic splits (``split.balance``) and by ``locallearn summary``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 cascade) compose with the bases through ``method.addons``."""
 
 from . import dgl, e2e, glcan, infopro  # noqa: F401  (registration)
-from .base import LocalMethod, build_method, list_methods, method_class, register_method, resolve_k
+from .base import LocalMethod, build_method, list_methods, method_class, register_method
 from .objective import LocalLoss, Objective
 from .options import ADDON_PRESETS, ADDONS, MethodCfg, MethodContext
 
@@ -18,5 +18,4 @@ __all__ = [
     "list_methods",
     "method_class",
     "register_method",
-    "resolve_k",
 ]

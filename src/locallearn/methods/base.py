@@ -188,12 +188,5 @@ def method_class(name: str) -> type[LocalMethod]:
     return _METHODS[name]
 
 
-def resolve_k(cfg: MethodCfg) -> int:
-    """The module count a config asks for: ``method.k``, else len(``method.cuts``) + 1, else the method's default."""
-    if cfg.k is not None:
-        return cfg.k
-    return len(cfg.cuts) + 1 if cfg.cuts else method_class(cfg.name).default_k
-
-
 def build_method(cfg: MethodCfg, ctx: MethodContext) -> LocalMethod:
     return method_class(cfg.name)(ctx, cfg)

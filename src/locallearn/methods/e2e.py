@@ -12,7 +12,7 @@ class E2E(LocalMethod):
 
     def __init__(self, ctx: MethodContext, cfg: MethodCfg) -> None:
         if ctx.num_modules != 1:
-            raise ValueError(f"e2e trains the whole network as one module; set method.k=1 (got {ctx.num_modules})")
+            raise ValueError(f"e2e trains the whole network as one module; set split.k=1 (got {ctx.num_modules})")
         if cfg.addons:
             raise ValueError("e2e has no aux nets, so method.addons must be empty")
         super().__init__(ctx, cfg)

@@ -69,12 +69,12 @@ class InfoProObjective(Objective):
         return None if self.contrast or self.head is None else self.head(h)
 
 
-def legacy_stage_ratio(ctx: MethodContext, cfg: MethodCfg, k: int) -> float:
+def legacy_stage_ratio(ctx: MethodContext, k: int) -> float:
     """MAN/MAN++ CIFAR's λ ratio (docs/methods.md, "Legacy switches"): r = s'/(K - 2), s' the stage (1..3) of
     the first unit of module k+1 and K the paper's label (MAN's K=16 is 15 modules, so r <= 3/14 and λ barely
     moves)."""
     blocks = sum(info.stage == 1 for info in ctx.unit_infos)
-    labels = {m: label for label, m in PAPER_K_ALIASES.get(cfg.split, {}).get(blocks, {}).items()}
+    labels = {m: label for label, m in PAPER_K_ALIASES.get(ctx.split_preset, {}).get(blocks, {}).items()}
     k_label = labels.get(ctx.num_modules, ctx.num_modules)
     return ctx.unit_infos[ctx.ends[k]].stage / (k_label - 2) if k_label > 2 else 0.0
 
@@ -91,7 +91,7 @@ class InfoPro(LocalMethod):
             )
         if len(cfg.lambdas) != 4:
             raise ValueError(f"method.lambdas must be [ixx_1, ixy_1, ixx_2, ixy_2], got {cfg.lambdas}")
-        ratio = legacy_stage_ratio(ctx, cfg, k) if "stage_lambda" in cfg.legacy else None
+        ratio = legacy_stage_ratio(ctx, k) if "stage_lambda" in cfg.legacy else None
         lam_x, lam_y = infopro_lambdas(k, ctx.num_modules, *cfg.lambdas, ratio=ratio)
         if independent:  # beside a cascade: HPFF's independent aux net is the head alone (HPFF's code)
             lam_x, lam_y = 0.0, 1.0

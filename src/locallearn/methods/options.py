@@ -39,19 +39,11 @@ ADDON_PRESETS: dict[str, dict[str, object]] = {
 
 @dataclass
 class MethodCfg:
-    """Method, split and add-on options (names follow the papers; docs/configuration.md, ``method``).
+    """Method and add-on options (names follow the papers; docs/configuration.md, ``method``). Where the
+    network is cut (K, presets, balance, ends, cuts) is the split's own config, ``SplitCfg``.
 
     Attributes:
         name: registered base method (``e2e``, ``dgl``, ``infopro``).
-        k: number of gradient-isolated local modules (the true count); None = the method's default (e2e 1, else 4).
-        split: ``auto`` (balanced by ``balance``), a paper preset (``infopro``, ``infopro_star``, ``man``, ...) or
-            ``ends`` (use the explicit ``ends`` list).
-        balance: cost an automatic split balances: ``units``, ``params``, ``flops``, ``activations`` or ``time``
-            (measured forward + backward seconds per unit *and* of the aux net at each split point, for pipeline
-            throughput; resolved to explicit ``ends`` once, by ``locallearn train``/``summary``).
-        ends: explicit exclusive end unit index of each module (with ``split: ends``).
-        cuts: your own model (``model.name: package.module:function``): the submodules after which the local
-            modules end, fully qualified (``[layer1, layer2.3]``); K = len(cuts) + 1.
         aux: InfoPro aux head config (``--aux_net_config``), e.g. ``1c2f``.
         widen: ``--aux_net_widen``. feature_dim: ``--aux_net_feature_dim``.
         loss_mode: InfoPro ``--local_loss_mode``: ``contrast`` (SupCon) or ``softmax`` (CE).
@@ -111,11 +103,6 @@ class MethodCfg:
     """
 
     name: str = "infopro"
-    k: int | None = None
-    split: str = "auto"
-    balance: Literal["units", "params", "flops", "activations", "time"] = "units"
-    ends: list[int] = field(default_factory=list)
-    cuts: list[str] = field(default_factory=list)
     aux: str = "1c2f"
     widen: int = 1
     feature_dim: int = 128
@@ -152,7 +139,8 @@ class MethodCfg:
 @dataclass
 class MethodContext:
     """What a method may know about the network: one :class:`UnitInfo` per module (its last unit), the
-    backbone's units and infos (bridges copy later units), and where the modules end."""
+    backbone's units and infos (bridges copy later units), where the modules end, and the split preset that put
+    them there (a paper's K label for a legacy schedule)."""
 
     module_infos: list[UnitInfo]
     num_stages: int
@@ -161,6 +149,7 @@ class MethodContext:
     units: list[nn.Module] = field(default_factory=list)
     unit_infos: list[UnitInfo] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
+    split_preset: str = "auto"
 
     @property
     def num_modules(self) -> int:

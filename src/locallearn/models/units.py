@@ -95,7 +95,7 @@ class UnitBackbone(nn.Module):
         self.in_channels = in_channels
         self.num_stages = num_stages
         # Set by from_module: the module ends its ``cuts`` ask for, or the ``k`` it was given (the engine uses
-        # them when method.k / method.ends say nothing else).
+        # them when split.k / split.ends say nothing else).
         self.planned_ends: list[int] | None = None
         self.planned_k: int | None = None
 
@@ -158,7 +158,7 @@ class UnitBackbone(nn.Module):
         """Wrap any ``nn.Module``: its forward is captured with torch.fx and cut into units (:mod:`.capture`).
 
         ``cuts``: fully qualified submodule names (``["layer1", "layer2.3"]``); the local modules end after each,
-        so K = len(cuts) + 1. Without cuts, ``k`` (or ``method.k``) modules are balanced over automatic cut points
+        so K = len(cuts) + 1. Without cuts, ``k`` (or ``split.k``) modules are balanced over automatic cut points
         (after each block) like a zoo backbone's split. ``output``: the key, attribute or index of the prediction
         in a dict / tuple / dataclass output (default ``.logits``, else the first tensor). ``leaf_modules``:
         submodules fx must not trace into (data-dependent control flow); they stay inside one unit.

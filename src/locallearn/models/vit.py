@@ -11,7 +11,7 @@ patch 16, image 224, MLP ratio 4, qkv bias, no dropout or drop-path, as in MAN++
 grid differs from ``image_size``'s gets the position embedding bilinearly resized.
 
 MAN++'s K=4 split (4 groups of 3 blocks, the patch embedding in group 1, the head in group 4) is
-``method.split: auto`` with ``method.balance: params`` (or ``split: ends`` with ``ends: [4, 7, 10, 14]``);
+``split.preset: auto`` with ``split.balance: params`` (or ``split.preset: ends`` with ``split.ends: [4, 7, 10, 14]``);
 ``balance: units`` gives [3, 6, 10, 14] (3, 3, 4, 4 units) instead.
 """
 

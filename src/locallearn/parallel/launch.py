@@ -12,7 +12,7 @@ Every process group gets ``ppll.timeout`` seconds, so a collective or receive wh
 rank with a non-zero exit instead of waiting for ever. A :class:`ConfigError` raised by a spawned rank reaches
 the parent as the same one-line ConfigError.
 
-Agreement (:func:`agreed_config`): ``method.balance: time`` is measured **once, on rank 0**, on one global batch,
+Agreement (:func:`agreed_config`): ``split.balance: time`` is measured **once, on rank 0**, on one global batch,
 and the resulting ends are broadcast, so every rank builds the same split (timings differ from process to
 process, and a split measured per rank could differ); the run's saved config holds the explicit ends, so a
 resumed run does not measure again. Rank 0 measures while the others wait in the broadcast, so the measurement
@@ -97,12 +97,12 @@ def agreed(value: Any, device: torch.device) -> Any:
 
 
 def agreed_config(cfg: TrainCfg, spec: Any, device: torch.device, loader: Any) -> TrainCfg:
-    """``method.balance: time``: rank 0 measures and broadcasts the split (module doc); other configs unchanged."""
-    if cfg.method.balance != "time" or cfg.method.split != "auto":
+    """``split.balance: time``: rank 0 measures and broadcasts the split (module doc); other configs unchanged."""
+    if cfg.split.balance != "time" or cfg.split.preset != "auto":
         return cfg
-    method = [resolve_time_balance(cfg, spec, device, loader, quiet=False).method if dist.get_rank() == 0 else None]
-    _broadcast(method, device)
-    return replace(cfg, method=method[0])
+    split = [resolve_time_balance(cfg, spec, device, loader, quiet=False).split if dist.get_rank() == 0 else None]
+    _broadcast(split, device)
+    return replace(cfg, split=split[0])
 
 
 def agreed_run_dir(cfg: TrainCfg, out_dir: str | None, name: str, device: torch.device) -> Path:

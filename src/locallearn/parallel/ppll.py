@@ -48,7 +48,7 @@ Evaluation, for any task: each stage scores its aux head (the last stage: the fi
 set and rank 0 logs the sequential engine's keys (``test_<metric>``, ``test_loss``, ``aux_<headline>``;
 :mod:`.stage_eval`).
 
-Balance: ``method.balance: time`` is measured once on rank 0 and broadcast (:func:`~.launch.agreed_config`). Timing:
+Balance: ``split.balance: time`` is measured once on rank 0 and broadcast (:func:`~.launch.agreed_config`). Timing:
 :class:`~.link.Link` counts the seconds a rank sits blocked, so each stage reports a busy fraction, compute / wall
 (docs/pipeline.md, "Measurement rules"). :func:`bench_step` runs the same stage step on fixed batches for
 ``locallearn bench pipeline``.

@@ -2,8 +2,9 @@
 
 from .allocator import allocator_setting, tune_cpu_allocator
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, DataCfg, ModelCfg, OptimCfg, RunCfg, TrainCfg, load_config
-from .engine import LocalEngine, StepResult, resolve_split
+from .config import ConfigError, DataCfg, ModelCfg, OptimCfg, RunCfg, SplitCfg, TrainCfg, load_config
+from .engine import LocalEngine, StepResult
+from .split import resolve_split
 from .trainer import Trainer, fit
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ModelCfg",
     "OptimCfg",
     "RunCfg",
+    "SplitCfg",
     "StepResult",
     "TrainCfg",
     "Trainer",

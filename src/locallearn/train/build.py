@@ -19,16 +19,14 @@ from torch import nn
 from ..data.datasets import dataset_spec, load_split
 from ..data.loader import ResidentLoader
 from ..data.sr import sr_loaders
-from ..methods.base import resolve_k
-from ..methods.options import MethodCfg
 from ..models.capture import CaptureError
 from ..models.registry import create_model, import_builder, is_import_path
 from ..models.units import UnitBackbone
 from ..tasks.detection import DetectionTask
 from ..tasks.task import Batch, ClassificationTask, SuperResolutionTask, Task
-from .config import ConfigError, TrainCfg
+from .config import ConfigError, SplitCfg, TrainCfg
 from .engine import LocalEngine
-from .partition import time_balanced_method
+from .split import resolve_k, time_balanced_split
 
 
 def stream_seed(seed: int, stream: str) -> int:
@@ -131,10 +129,10 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
         if is_import_path(cfg.model.name):
             backbone = user_backbone(cfg, task, sample)
         else:
-            if cfg.method.cuts:
+            if cfg.split.cuts:
                 raise ConfigError(
-                    "method.cuts names submodules of your own model (model.name=package.module:function); for "
-                    f"{cfg.model.name} use method.split or method.ends"
+                    "split.cuts names submodules of your own model (model.name=package.module:function); for "
+                    f"{cfg.model.name} use split.preset or split.ends"
                 )
             try:
                 backbone = create_model(
@@ -149,6 +147,7 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
         cfg.method,
         task,
         cfg.optim,
+        split=cfg.split,
         aux_seed=stream_seed(cfg.run.seed, "aux"),
         device=device,
         sample=sample,
@@ -172,7 +171,7 @@ def dataset_kwargs(builder: Any, task: Task, cfg: TrainCfg) -> dict[str, int]:
 
 def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbone:
     """``model.name: package.module:function``: build the user's model with ``model.kwargs`` and capture it
-    (``UnitBackbone.from_module``, cut at ``method.cuts``); a builder may also return a UnitBackbone itself."""
+    (``UnitBackbone.from_module``, cut at ``split.cuts``); a builder may also return a UnitBackbone itself."""
     name = cfg.model.name
     try:
         builder = import_builder(name)
@@ -186,7 +185,7 @@ def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbo
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name={name} returned {type(model).__name__}, not an nn.Module")
     try:
-        backbone = UnitBackbone.from_module(model, sample[:2], cuts=cfg.method.cuts or None, output=cfg.model.output)
+        backbone = UnitBackbone.from_module(model, sample[:2], cuts=cfg.split.cuts or None, output=cfg.model.output)
     except CaptureError as e:
         raise ConfigError(f"model.name={name}: {e}") from None
     width = backbone.infos[-1].channels
@@ -200,21 +199,21 @@ def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbo
 
 
 def resolve_time_balance(cfg: TrainCfg, spec: Any, device: torch.device, loader: Any, quiet: bool = True) -> TrainCfg:
-    """``method.balance: time`` with ``split: auto``: measure per-unit and aux-net times once on a real batch and
-    record the split as explicit ends, so the saved config, a resumed run and every pipeline rank use the same
-    split (:mod:`.partition`). Other configs are returned unchanged."""
-    if cfg.method.balance != "time" or cfg.method.split != "auto" or resolve_k(cfg.method) == 1:
+    """``split.balance: time`` with ``split.preset: auto``: measure per-unit and aux-net times once on a real batch
+    and record the split as explicit ends, so the saved config, a resumed run and every pipeline rank use the same
+    split (:func:`.split.time_balanced_split`). Other configs are returned unchanged."""
+    if cfg.split.balance != "time" or cfg.split.preset != "auto" or resolve_k(cfg.split, cfg.method.name) == 1:
         return cfg  # (one module: nothing to balance)
     batch = Batch(*next(iter(loader)))
 
-    def build(method: MethodCfg) -> LocalEngine:
-        return build_engine(replace(cfg, method=method), spec, device, batch.input)
+    def build(split: SplitCfg) -> LocalEngine:
+        return build_engine(replace(cfg, split=split), spec, device, batch.input)
 
-    method, seconds = time_balanced_method(cfg.method, build, batch)
+    split, seconds = time_balanced_split(cfg.split, cfg.method.name, build, batch)
     if not quiet:
         ms = ", ".join(f"{1000 * s:.1f}" for s in seconds)
-        print(f"method.balance=time: ends {method.ends}, measured ms per module (fwd+bwd+aux) [{ms}]", flush=True)
-    return replace(cfg, method=method)
+        print(f"split.balance=time: ends {split.ends}, measured ms per module (fwd+bwd+aux) [{ms}]", flush=True)
+    return replace(cfg, split=split)
 
 
 def run_name(cfg: TrainCfg) -> str:
@@ -225,4 +224,4 @@ def run_name(cfg: TrainCfg) -> str:
     method = "+".join([cfg.method.name, *cfg.method.addons])
     model = cfg.model.name.rpartition(":")[2]  # your own model: the builder's name
     runtime = "" if cfg.parallel == "none" else f"_{cfg.parallel}"
-    return f"{model}_{method}_k{resolve_k(cfg.method)}{runtime}"
+    return f"{model}_{method}_k{resolve_k(cfg.split, cfg.method.name)}{runtime}"

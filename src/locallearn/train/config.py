@@ -1,6 +1,6 @@
 """Typed run configuration: nested dataclasses ⇄ YAML, with dotted ``key=value`` overrides (docs/configuration.md).
 
-Values are coerced to the field's type (``method.k=8`` → int, ``optim.lr=1e-3`` → float, bools, lists), Literal
+Values are coerced to the field's type (``split.k=8`` → int, ``optim.lr=1e-3`` → float, bools, lists), Literal
 fields are checked, and unknown keys are rejected with a ``difflib`` suggestion. No ``exec``/``eval``: values are
 parsed with ``yaml.safe_load``.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class DataCfg:
 @dataclass
 class ModelCfg:
     """``name``: registered backbone, or your own model as ``package.module:function`` (imported with importlib;
-    the function returns an ``nn.Module``, wrapped with ``UnitBackbone.from_module`` and cut at ``method.cuts``);
+    the function returns an ``nn.Module``, wrapped with ``UnitBackbone.from_module`` and cut at ``split.cuts``);
     ``kwargs``: keyword arguments of the builder (``model.kwargs.depth=50``); ``output``: the key or index of the
     prediction when your model returns a dict / tuple / dataclass (default: ``.logits``, else the first tensor);
     ``width``: its base width (a ViT's embedding dim); ``patch_size``: a ViT's
@@ -169,6 +170,31 @@ class LogCfg:
 
 
 @dataclass
+class SplitCfg:
+    """How the network is cut into local modules (docs/configuration.md, ``split``; decided by
+    :mod:`locallearn.train.split`).
+
+    Attributes:
+        k: number of gradient-isolated local modules (the true count); None = len(``cuts``) + 1 with cuts, else the
+            method's default (e2e 1, else 4).
+        preset: ``auto`` (balanced by ``balance``), a paper preset (``infopro``, ``infopro_star``, ``man``, ...) or
+            ``ends`` (the explicit ``ends`` list).
+        balance: the cost an automatic split balances: ``units``, ``params``, ``flops``, ``activations`` or ``time``
+            (measured forward + backward seconds per unit *and* of the aux net at each split point, for pipeline
+            throughput; resolved to explicit ``ends`` once, when a run starts).
+        ends: explicit exclusive end unit index of each module (with ``preset: ends``).
+        cuts: your own model (``model.name: package.module:function``): the submodules after which the local
+            modules end, fully qualified (``[layer1, layer2.3]``).
+    """
+
+    k: int | None = None
+    preset: str = "auto"
+    balance: Literal["units", "params", "flops", "activations", "time"] = "units"
+    ends: list[int] = field(default_factory=list)
+    cuts: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainCfg:
     """``parallel``: ``none`` (one process, the sequential engine), ``ppll`` (one process per module) or ``dp``
     (data-parallel local learning: every process runs all modules on a shard of each batch)."""
@@ -176,6 +202,7 @@ class TrainCfg:
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     method: MethodCfg = field(default_factory=MethodCfg)
+    split: SplitCfg = field(default_factory=SplitCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     run: RunCfg = field(default_factory=RunCfg)
     parallel: Literal["none", "ppll", "dp"] = "none"
@@ -183,14 +210,43 @@ class TrainCfg:
     log: LogCfg = field(default_factory=LogCfg)
 
 
-def _migrated(data: dict[str, Any]) -> dict[str, Any]:
-    """Configs saved by earlier versions (checkpoints, run directories): ``run.amp: none|bf16|fp16`` is now
-    ``run.precision: fp32|bf16|fp16``."""
-    run = data.get("run") if isinstance(data, dict) else None
+# Split keys that lived under ``method`` before the split had a section of its own: method.<old> → split.<new>.
+MOVED_TO_SPLIT = {"k": "k", "split": "preset", "balance": "balance", "ends": "ends", "cuts": "cuts"}
+_NOTED: set[str] = set()
+
+
+def moved_key(path: list[str], note: bool = True) -> list[str]:
+    """A dotted key as it is named now (``method.k`` → ``split.k``), with a one-line note the first time."""
+    if len(path) == 2 and path[0] == "method" and path[1] in MOVED_TO_SPLIT:
+        new = ["split", MOVED_TO_SPLIT[path[1]]]
+        if note and path[1] not in _NOTED:
+            _NOTED.add(path[1])
+            print(
+                f"locallearn: note: method.{path[1]} is now {'.'.join(new)} (the old key still works; "
+                'docs/configuration.md, "split")',
+                file=sys.stderr,
+            )
+        return new
+    return path
+
+
+def _migrated(data: dict[str, Any], note: bool = False) -> dict[str, Any]:
+    """Configs of earlier versions (presets, checkpoints, run directories): ``run.amp: none|bf16|fp16`` is now
+    ``run.precision: fp32|bf16|fp16``; ``method.k/split/balance/ends/cuts`` are now ``split.k/preset/balance/ends/
+    cuts`` (a ``split`` section's own keys win)."""
+    if not isinstance(data, dict):
+        return data
+    run = data.get("run")
     if isinstance(run, dict) and "amp" in run and "precision" not in run:
         amp = run["amp"]
         run = {k: v for k, v in run.items() if k != "amp"} | {"precision": "fp32" if amp == "none" else amp}
         data = {**data, "run": run}
+    method = data.get("method")
+    if isinstance(method, dict) and any(key in method for key in MOVED_TO_SPLIT):
+        moved = {moved_key(["method", key], note)[1]: method[key] for key in MOVED_TO_SPLIT if key in method}
+        split = data.get("split") if isinstance(data.get("split"), dict) else {}
+        kept = {key: value for key, value in method.items() if key not in MOVED_TO_SPLIT}
+        data = {**data, "method": kept, "split": {**moved, **split}}
     return data
 
 
@@ -282,7 +338,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"a.b=1e-3"`` → (["a", "b"], 0.001). The value is YAML (numbers, true/false, [lists], null)."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value, e.g. method.k=8")
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. split.k=8")
     key, _, text = item.partition("=")
     path = key.strip().split(".")
     if not all(path):
@@ -300,6 +356,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Set dotted keys in a nested dict (unknown keys are caught later by :func:`_build`)."""
     for item in overrides:
         path, value = parse_override(item)
+        path = moved_key(path)
+        if path[0] == "split" and isinstance(data.get("method"), dict):  # a saved config of an earlier version
+            data.update(_migrated(data))
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -323,7 +382,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections (data, model, method, optim, run)")
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return config_from_dict(apply_overrides(_migrated(data, note=True), overrides or []))
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainCfg:
@@ -346,7 +405,7 @@ DOMAINS: dict[str, tuple[str, str]] = {
     "data.repeat": (">= 1", "patches per training image per epoch"),
     "model.width": (">= 1", "the backbone's base width"),
     "model.patch_size": (">= 1", "a ViT's patch side"),
-    "method.k": (">= 1", "local modules"),
+    "split.k": (">= 1", "local modules"),
     "method.widen": (">= 1", "aux-net width multiplier"),
     "method.feature_dim": (">= 1", "aux projection size"),
     "method.temperature": ("> 0", "SupCon temperature"),
@@ -421,7 +480,7 @@ def check_domains(cfg: TrainCfg) -> None:
 
 
 def changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> set[str]:
-    """Dotted keys whose values differ between two nested config dicts (``method.k``, ``run.epochs``, ...)."""
+    """Dotted keys whose values differ between two nested config dicts (``split.k``, ``run.epochs``, ...)."""
     out = set()
     for key in set(a) | set(b):
         va, vb = a.get(key), b.get(key)

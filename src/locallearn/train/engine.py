@@ -9,7 +9,7 @@ The engine is the only place that calls ``backward``/``step``. It wraps any :cla
 made from the user's own ``nn.Sequential``::
 
     backbone = UnitBackbone.from_sequential(my_layers, input_shape=(3, 32, 32))
-    engine = LocalEngine(backbone, MethodCfg(name="dgl", k=3), ClassificationTask(10), OptimCfg(lr=0.05))
+    engine = LocalEngine(backbone, MethodCfg(name="dgl"), ClassificationTask(10), OptimCfg(lr=0.05), split=3)
     for x, y in my_batches:
         engine.train_step(Batch(x, y))
 """
@@ -18,68 +18,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..local.checkpointing import CheckpointedSequential, recomputed, segment_count
-from ..local.split import backbone_layout, balanced_split, check_k, preset_split, validate_ends
 from ..measure.memory import SavedTensorMeter
-from ..measure.profile import unit_costs
-from ..methods.base import LocalMethod, build_method, method_class, resolve_k
+from ..methods.base import LocalMethod, build_method, method_class
 from ..methods.options import MethodCfg, MethodContext
-from ..models.units import ModuleBackbone, UnitBackbone, backward_carry, carry_tensors, detach_carry, grad_leaves
+from ..models.units import UnitBackbone, backward_carry, carry_tensors, detach_carry, grad_leaves
 from ..tasks.task import Batch, Task
-from .config import OptimCfg
+from .config import OptimCfg, SplitCfg
 from .schedule import build_optimizer
-
-
-def resolve_split(backbone: UnitBackbone, cfg: MethodCfg, sample: torch.Tensor | None = None) -> list[int]:
-    """Exclusive end unit index of each local module, from ``method.split`` (see :mod:`locallearn.local.split`),
-    ``method.cuts`` (submodule names of a captured model) or the cuts / k a captured backbone was built with."""
-    n = len(backbone)
-    if cfg.cuts:
-        if not isinstance(backbone, ModuleBackbone):
-            raise ValueError(
-                "method.cuts names submodules of your own model (model.name=package.module:function, or "
-                "UnitBackbone.from_module); for a zoo backbone use method.split or method.ends"
-            )
-        return _agree(backbone.ends_after(cfg.cuts), cfg, "method.cuts")
-    if backbone.planned_ends is not None and cfg.split == "auto" and not cfg.ends:
-        return _agree(list(backbone.planned_ends), cfg, "the backbone's cuts")
-    if backbone.planned_k is not None:
-        if cfg.k is not None and cfg.k != backbone.planned_k:
-            raise ValueError(
-                f"method.k={cfg.k} but the backbone was wrapped with k={backbone.planned_k}; make them agree"
-            )
-        cfg = replace(cfg, k=backbone.planned_k)
-    k = resolve_k(cfg)
-    check_k(k, n)
-    if cfg.split == "ends":
-        return _agree(validate_ends(cfg.ends, n), cfg, "method.ends")
-    if cfg.ends:
-        raise ValueError("method.ends is only used with method.split=ends")
-    if cfg.split == "auto":
-        if k == 1:  # one module (E2E): nothing to balance, whatever method.balance says
-            return [n]
-        if cfg.balance == "time":
-            raise ValueError(
-                "method.balance=time is measured before the engine is built (locallearn train/summary do it); in "
-                "Python use locallearn.train.partition.time_balanced_method, or pass method.split=ends"
-            )
-        if cfg.balance in ("flops", "activations") and sample is None:
-            raise ValueError(f"method.balance={cfg.balance} needs a sample input to measure the units")
-        return balanced_split(unit_costs(list(backbone.units), sample, cfg.balance), k)
-    # Presets are looked up by the backbone's layout (blocks per stage): CIFAR/ImageNet ResNets, ViT.
-    return preset_split(cfg.split, backbone_layout(backbone.infos), k)
-
-
-def _agree(ends: list[int], cfg: MethodCfg, source: str) -> list[int]:
-    if cfg.k is not None and len(ends) != cfg.k:
-        raise ValueError(f"{source} make {len(ends)} modules but method.k={cfg.k}; set method.k={len(ends)} (or null)")
-    return ends
+from .split import resolve_split
 
 
 @dataclass
@@ -124,9 +77,11 @@ class LocalEngine:
 
     Args:
         backbone: the network as ordered units (already initialised: the caller owns the backbone RNG stream).
-        method_cfg: method, K and split.
+        method_cfg: the method and its add-ons.
         task: the task (loss of the last module and of task-head aux nets, metrics; :mod:`~locallearn.tasks.task`).
         optim: optimiser settings.
+        split: where the modules end (:class:`~locallearn.train.config.SplitCfg`, or just K; None = the backbone's
+            cuts or the method's default K, balanced by units; :mod:`locallearn.train.split`).
         aux_seed: seeds aux-net initialisation on its own stream, so the method never shifts the backbone's
             or the data's randomness.
         sample: one input batch (for FLOPs/activation-balanced splits).
@@ -140,6 +95,7 @@ class LocalEngine:
         task: Task,
         optim: OptimCfg,
         *,
+        split: SplitCfg | int | None = None,
         aux_seed: int = 1,
         device: str | torch.device = "cpu",
         sample: torch.Tensor | None = None,
@@ -149,7 +105,8 @@ class LocalEngine:
     ) -> None:
         self.device = torch.device(device)
         self.backbone, self.task = backbone, task
-        self.ends = resolve_split(backbone, method_cfg, sample)
+        split = SplitCfg(k=split) if isinstance(split, int) else split or SplitCfg()
+        self.ends = resolve_split(backbone, split, method_cfg.name, sample)
         backbone.configure_split(self.ends)
         starts = [0, *self.ends[:-1]]
         segments = [segment_count(method_cfg.checkpoint, e - s) for s, e in zip(starts, self.ends)]
@@ -165,6 +122,7 @@ class LocalEngine:
             list(backbone.units),
             list(backbone.infos),
             list(self.ends),
+            split.preset,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aux_seed)

@@ -26,11 +26,11 @@ import torch
 
 from ..local.split import backbone_layout, presets_for
 from ..measure.memory import LiveBytes
-from ..methods.base import resolve_k
 from ..models.units import detach_carry
 from .config import ConfigError, TrainCfg
 from .engine import LocalEngine
 from .estimate import meta_batch, meta_engine
+from .split import resolve_k
 
 AUTO_KS = (2, 3, 4, 6, 8, 12, 16)
 UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -104,12 +104,13 @@ def candidate_ks(cfg: TrainCfg, devices: int) -> list[int]:
         return [devices]
     if cfg.method.name == "e2e":
         return [1]
-    if cfg.method.split not in ("auto", "ends"):
+    if cfg.split.preset not in ("auto", "ends"):
         engine = meta_engine(cfg, meta_batch(replace(cfg, data=replace(cfg.data, batch_size=1))))
-        return presets_for(backbone_layout(engine.backbone.infos)).get(cfg.method.split, [resolve_k(cfg.method)])
+        layout = backbone_layout(engine.backbone.infos)
+        return presets_for(layout).get(cfg.split.preset, [resolve_k(cfg.split, cfg.method.name)])
     units = len(
         meta_engine(
-            replace(cfg, method=replace(cfg.method, k=1, ends=[], split="auto")),
+            replace(cfg, split=replace(cfg.split, k=1, ends=[], preset="auto")),
             meta_batch(replace(cfg, data=replace(cfg.data, batch_size=1))),
         ).backbone
     )
@@ -145,8 +146,8 @@ def plan(
         raise ConfigError(f"--devices must be >= 1, got {devices}")
     candidates = []
     for k in candidate_ks(cfg, devices):
-        method = replace(cfg.method, k=k, ends=[]) if cfg.method.split != "ends" else cfg.method
-        base = replace(cfg, method=method, parallel="ppll" if devices > 1 else "none")
+        split = replace(cfg.split, k=k, ends=[]) if cfg.split.preset != "ends" else cfg.split
+        base = replace(cfg, split=split, parallel="ppll" if devices > 1 else "none")
         fits = largest_fitting(base, budget, max_batch)
         ends = meta_engine(base, meta_batch(replace(base, data=replace(base.data, batch_size=2)))).ends
         candidates.append(Candidate(k, list(ends), _peak(base, cfg.data.batch_size), fits, _peak(base, fits or 2)))

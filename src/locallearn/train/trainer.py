@@ -7,7 +7,7 @@ bar, the console and the logs (metrics.jsonl, TensorBoard). The :class:`~localle
 drives owns only where steps run (docs/architecture.md, "Trainer and runtimes"). :func:`fit` is the public
 entry: build the run from its config (:mod:`.build`), then run the trainer in one process.
 
-    locallearn train -c configs/fmnist/demo.yaml method.name=dgl method.k=4
+    locallearn train -c configs/fmnist/demo.yaml method.name=dgl split.k=4
     locallearn train --resume runs/2026-11-23_101500_resnet14_dgl_k4
 
 Multi-process runs (``parallel: ppll | dp``) go through :func:`locallearn.parallel.fit_parallel`, which runs the

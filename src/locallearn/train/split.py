@@ -1,4 +1,13 @@
-"""Split points from measured time (``method.balance: time``; docs/methods.md, "Splits balanced by measured time").
+"""The split, decided in one place: how many local modules (K), and where each ends.
+
+``split`` (:class:`~locallearn.train.config.SplitCfg`) names it: ``k``; ``preset``: ``auto`` (balanced by
+``balance``: equal ``units``, ``params``, ``flops``, saved ``activations``, or measured ``time``), a paper preset
+(``infopro``, ``infopro_star``, ``man``, ...; tables and the balancing algorithm in :mod:`locallearn.local.split`)
+or ``ends`` (explicit); ``cuts``: submodules of a captured model after which modules end. :func:`resolve_split`
+turns a config into module ends and validates them; :func:`time_balanced_split` measures the ``time`` balance
+once, before the run's engine is built (docs/configuration.md, ``split``; docs/methods.md, "Splits").
+
+Balanced by measured time (docs/methods.md, "Splits balanced by measured time").
 
 In a pipeline the slowest stage sets the pace, and a stage's time is its units' forward + backward *plus its aux
 net*, which parameter or FLOP counts of the backbone do not see (InfoPro's decoder on a 32×32 map costs more than
@@ -29,15 +38,72 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 
-from ..local.split import balanced_split, check_k
-from ..methods.base import resolve_k
-from ..methods.options import MethodCfg
-from ..models.units import backward_carry, carry_tensors, detach_carry
+from ..local.split import backbone_layout, balanced_split, check_k, preset_split, validate_ends
+from ..measure.profile import unit_costs
+from ..methods.base import method_class
+from ..models.units import ModuleBackbone, UnitBackbone, backward_carry, carry_tensors, detach_carry
 from ..tasks.task import Batch
-from .engine import LocalEngine
+from .config import SplitCfg
+
+
+def resolve_k(split: SplitCfg, method: str) -> int:
+    """The module count a config asks for: ``split.k``, else len(``split.cuts``) + 1, else the method's default."""
+    if split.k is not None:
+        return split.k
+    return len(split.cuts) + 1 if split.cuts else method_class(method).default_k
+
+
+def resolve_split(
+    backbone: UnitBackbone, split: SplitCfg, method: str, sample: torch.Tensor | None = None
+) -> list[int]:
+    """Exclusive end unit index of each local module, from ``split.preset`` (a paper preset, ``auto`` balanced by
+    ``split.balance``, or ``ends``), ``split.cuts`` (submodules of a captured model) or the cuts / k a captured
+    backbone was built with; ``method`` gives the default K."""
+    n = len(backbone)
+    if split.cuts:
+        if not isinstance(backbone, ModuleBackbone):
+            raise ValueError(
+                "split.cuts names submodules of your own model (model.name=package.module:function, or "
+                "UnitBackbone.from_module); for a zoo backbone use split.preset or split.ends"
+            )
+        return _agree(backbone.ends_after(split.cuts), split, "split.cuts")
+    if backbone.planned_ends is not None and split.preset == "auto" and not split.ends:
+        return _agree(list(backbone.planned_ends), split, "the backbone's cuts")
+    if backbone.planned_k is not None:
+        if split.k is not None and split.k != backbone.planned_k:
+            raise ValueError(
+                f"split.k={split.k} but the backbone was wrapped with k={backbone.planned_k}; make them agree"
+            )
+        split = replace(split, k=backbone.planned_k)
+    k = resolve_k(split, method)
+    check_k(k, n)
+    if split.preset == "ends":
+        return _agree(validate_ends(split.ends, n), split, "split.ends")
+    if split.ends:
+        raise ValueError("split.ends is only used with split.preset=ends")
+    if split.preset == "auto":
+        if k == 1:  # one module (E2E): nothing to balance, whatever split.balance says
+            return [n]
+        if split.balance == "time":
+            raise ValueError(
+                "split.balance=time is measured before the engine is built (locallearn train/summary do it); in "
+                "Python use locallearn.train.split.time_balanced_split, or pass split.preset=ends"
+            )
+        if split.balance in ("flops", "activations") and sample is None:
+            raise ValueError(f"split.balance={split.balance} needs a sample input to measure the units")
+        return balanced_split(unit_costs(list(backbone.units), sample, split.balance), k)
+    # Presets are looked up by the backbone's layout (blocks per stage): CIFAR/ImageNet ResNets, ViT.
+    return preset_split(split.preset, backbone_layout(backbone.infos), k)
+
+
+def _agree(ends: list[int], split: SplitCfg, source: str) -> list[int]:
+    if split.k is not None and len(ends) != split.k:
+        raise ValueError(f"{source} make {len(ends)} modules but split.k={split.k}; set split.k={len(ends)} (or null)")
+    return ends
 
 
 def _sync(device: torch.device) -> None:
@@ -53,7 +119,7 @@ def _seconds(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def measure_unit_times(probe: LocalEngine, batch: Batch, repeats: int = 3) -> tuple[list[float], list[float]]:
+def measure_unit_times(probe: Any, batch: Batch, repeats: int = 3) -> tuple[list[float], list[float]]:
     """(unit seconds, aux seconds) per unit of ``probe``, an engine with one module per unit.
 
     Rounds are interleaved: each round times every unit and aux net once, in order, and a unit's time is its
@@ -125,7 +191,7 @@ def candidate_splits(
     return [ends, *(moved for _, moved in scored)][:limit]
 
 
-def _module_seconds(engine: LocalEngine, batch: Batch) -> list[float]:
+def _module_seconds(engine: Any, batch: Batch) -> list[float]:
     """One pass of ``engine``'s modules on ``batch``, each timed as a training step runs it (forward, local
     losses, backward; no optimizer step, gradients dropped)."""
     times, h = [], batch.input
@@ -148,7 +214,7 @@ def _module_seconds(engine: LocalEngine, batch: Batch) -> list[float]:
     return times
 
 
-def time_candidate_splits(engines: list[LocalEngine], batch: Batch, repeats: int = 3) -> list[list[float]]:
+def time_candidate_splits(engines: list[Any], batch: Batch, repeats: int = 3) -> list[list[float]]:
     """Seconds per module of each engine (one per candidate split), medians over ``repeats`` rounds after a
     warm-up round. Every round times every candidate, odd rounds in reverse order, so drift and position slow
     every candidate alike."""
@@ -165,21 +231,21 @@ def time_candidate_splits(engines: list[LocalEngine], batch: Batch, repeats: int
     return [[statistics.median(t[m] for t in timed) for m in range(len(timed[0]))] for timed in rounds]
 
 
-def time_balanced_method(
-    cfg: MethodCfg, build: Callable[[MethodCfg], LocalEngine], batch: Batch, repeats: int = 3
-) -> tuple[MethodCfg, list[float]]:
-    """``cfg`` with ``balance: time`` resolved to explicit ends (so a resumed run, or every pipeline rank, uses the
-    same split without measuring again), and the timed seconds per module of that split. ``build`` makes an
-    engine for a method config (the caller's backbone and task). The per-unit probe proposes the candidates, the
-    whole-module timing picks one (module doc)."""
-    probe_k = len(build(replace(cfg, k=1, split="auto", balance="units", ends=[])).backbone)
-    k = resolve_k(cfg)
+def time_balanced_split(
+    split: SplitCfg, method: str, build: Callable[[SplitCfg], Any], batch: Batch, repeats: int = 3
+) -> tuple[SplitCfg, list[float]]:
+    """``split`` with ``balance: time`` resolved to explicit ends (so a resumed run, or every pipeline rank, uses
+    the same split without measuring again), and the timed seconds per module of that split. ``build`` makes an
+    engine for a split (the caller's backbone, method and task). The per-unit probe proposes the candidates, the
+    whole-module timing picks one (see "Balanced by measured time" above)."""
+    probe_k = len(build(replace(split, k=1, preset="auto", balance="units", ends=[])).backbone)
+    k = resolve_k(split, method)
     check_k(k, probe_k)
-    probe = build(replace(cfg, k=probe_k, split="ends", ends=list(range(1, probe_k + 1))))
+    probe = build(replace(split, k=probe_k, preset="ends", ends=list(range(1, probe_k + 1))))
     unit_s, aux_s = measure_unit_times(probe, batch, repeats)
     del probe
     candidates = candidate_splits(unit_s, aux_s, time_balanced_ends(unit_s, aux_s, k))
-    methods = [replace(cfg, k=k, split="ends", ends=ends) for ends in candidates]
-    timed = time_candidate_splits([build(method) for method in methods], batch, 2 * repeats)
-    best = min(range(len(methods)), key=lambda i: max(timed[i]))
-    return methods[best], timed[best]
+    splits = [replace(split, k=k, preset="ends", ends=ends) for ends in candidates]
+    timed = time_candidate_splits([build(s) for s in splits], batch, 2 * repeats)
+    best = min(range(len(splits)), key=lambda i: max(timed[i]))
+    return splits[best], timed[best]
