@@ -1,4 +1,5 @@
-"""Add-ons (spec methods.md §3–5, §10.1): momentum bridge (MAN/MAN++), LAM, cascades (HiLo/MLM), patch fusion."""
+"""Add-ons (docs/methods.md, "Add-ons: MAN, MAN++, HPFF, MLAAN on any base"): momentum bridge (MAN/MAN++),
+LAM, cascades (HiLo/MLM), patch fusion."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_man_copies_next_module_first_unit_and_lam_leaps() -> None:
         split=SplitCfg(k=15, preset="man"),
     )
     names = [[r32.backbone.infos[i].name for i in leap_chain(r32.method, k)] for k in (0, 6, 10, 13)]
-    assert names[0] == ["layer2.0", "layer3.0", "layer3.2", "layer3.4"]  # split in stage 1 (spec §5.3)
+    assert names[0] == ["layer2.0", "layer3.0", "layer3.2", "layer3.4"]  # split in stage 1 (configAuxPlus_new.py)
     assert names[1] == ["layer3.0", "layer3.2", "layer3.3", "layer3.4"]  # split in stage 2
     assert names[2] == ["layer3.1", "layer3.2", "layer3.3", "layer3.4"]
     assert names[3] == ["layer3.4"]
@@ -297,7 +298,7 @@ def test_every_addon_preset_builds_and_trains(path: Path) -> None:
     cfg = load_config(path, ["model.width=4"])
     torch.manual_seed(0)
     backbone = create_model(cfg.model.name, num_classes=10, in_channels=3, width=cfg.model.width)
-    engine = LocalEngine(backbone, cfg.method, ClassificationTask(10), cfg.optim)
+    engine = LocalEngine(backbone, cfg.method, ClassificationTask(10), cfg.optim, split=cfg.split)
     assert engine.k == cfg.split.k
     raw = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     result = engine.train_step(

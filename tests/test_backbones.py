@@ -1,5 +1,5 @@
 """ImageNet ResNets and ViTs as ordered units: shapes per unit, aux heads at every split point, gradient isolation
-of DGL and InfoPro at K=2/4, the ViT K=4 split of spec §3.1, and a few training steps (all tiny, on CPU)."""
+of DGL and InfoPro at K=2/4, MAN++'s ViT K=4 split, and a few training steps (all tiny, on CPU)."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_a_few_training_steps_have_finite_losses(name: str) -> None:
 
 
 def test_vit_k4_split_is_four_groups_of_three_blocks() -> None:
-    """Spec §3.1: patch embed + blocks 0-2 | 3-5 | 6-8 | 9-11 + head. ``balance: params`` gives it; ``units``
+    """MAN++'s split: patch embed + blocks 0-2 | 3-5 | 6-8 | 9-11 + head. ``balance: params`` gives it; ``units``
     (14 equal costs) does not."""
     torch.manual_seed(0)
     backbone = create_model("vit_tiny", num_classes=CLASSES, width=32, heads=2, patch_size=8, image_size=32)

@@ -1,5 +1,5 @@
-"""locallearn.data.cifar: CIFAR-10/100 binary and python layouts, written here byte by byte from the format spec
-(methods.md §9, the archive page), read back through the registry; and the restricted unpickler."""
+"""locallearn.data.cifar: CIFAR-10/100 binary and python layouts, written here byte by byte from the format
+(docs/data.md, "File formats"; the archive page), read back through the registry; and the restricted unpickler."""
 
 from __future__ import annotations
 

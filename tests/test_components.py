@@ -1,4 +1,6 @@
-"""Backbones, aux nets, losses and schedules against the spec (methods.md §0–2) and hand-written references."""
+"""Backbones, aux nets, losses and schedules against hand-written references and the reference code as described in
+(docs/methods.md, "Datasets, backbones and presets of the papers"), (docs/methods.md, "Aux nets and local losses")
+and (docs/configuration.md, "The papers' optimizer recipes")."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def test_cifar_resnet_units_and_shapes(depth: int) -> None:
             assert x.shape[1] == info.channels and x.shape[-1] == 32 // info.reduction
             sizes.append(x.shape[-1])
         assert model.units[-1](x).shape == (2, 7)
-    assert sorted(set(sizes)) == [8, 16, 32]  # stages at 32, 16, 8 (spec §0.1)
+    assert sorted(set(sizes)) == [8, 16, 32]  # stages at 32, 16, 8 (InfoPro's networks/resnet.py)
 
 
 def test_cifar_resnet_init_and_bad_depth() -> None:

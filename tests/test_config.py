@@ -596,7 +596,8 @@ def test_split_keys_of_the_method_section_map_to_the_split_section(tmp_path, cap
     assert (cfg.split.k, cfg.split.preset, cfg.split.balance) == (3, "auto", "params")
     err = capsys.readouterr().err.strip().splitlines()
     assert (
-        err[0] == 'locallearn: note: method.k is now split.k (the old key still works; docs/configuration.md, "split")'
+        err[0]
+        == "locallearn: note: method.k is now split.k (the old key still works; docs/configuration.md, section `split`)"
     )
     assert len(err) == 5 and "method.split is now split.preset" in err[1]
     assert load_config(tmp_path / "old.yaml", ["method.k=5"]).split.k == 5  # an override beats the preset's key

@@ -34,7 +34,7 @@ SETTINGS = settings(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# IDX helpers: written independently from the spec (magic 00 00 08 ndim, big-endian uint32 dims, uint8 data)
+# IDX helpers: written independently from the IDX format (magic 00 00 08 ndim, big-endian uint32 dims, uint8 data)
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:

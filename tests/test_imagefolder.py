@@ -1,6 +1,7 @@
 """Class-folder datasets (``imagenet``, ``imagefolder``): tiny JPEG/PNG folders written here. Shapes, labels and the
-class count from the folders; the spec §0.4 transforms; reproducible augmentation for a seed (any worker count,
-resumable); one-line errors naming the bad folder or file; and a short training run through ``fit``."""
+class count from the folders; InfoPro's ImageNet transforms (docs/data.md, "Datasets and their recipes");
+reproducible augmentation for a seed (any worker count, resumable); one-line errors naming the bad folder or file;
+and a short training run through ``fit``."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""Split presets on ImageNet ResNets and ViTs (spec §2.1, §3.1, §4.1, §5.1), and aux nets at every split point.
+"""Split presets on ImageNet ResNets and ViTs (docs/methods.md, "Where the paper presets come from"), and aux nets
+at every split point.
 
 Every ImageNet ResNet (18..152) and the 12-block ViT at every preset K it has, plus a few automatic K: the modules
 chain to the right output shape, each local loss reaches only its module (gradient isolation), and a few training
-steps give finite losses. The ImageNet aux pair of spec §2.2 (``method.aux: imagenet``: progressive decoder and
-2048-wide head) is checked at every preset split point with K <= 8. Tiny networks: ResNets of width 4 on 64 px
-inputs (maps from 16×16 down to 2×2), ViTs of width 32 with 8 px patches on 32 px inputs."""
+steps give finite losses. The ImageNet aux pair (``method.aux: imagenet``: progressive decoder and 2048-wide head;
+docs/methods.md, "Aux nets and local losses") is checked at every preset split point with K <= 8. Tiny networks:
+ResNets of width 4 on 64 px inputs (maps from 16×16 down to 2×2), ViTs of width 32 with 8 px patches on 32 px
+inputs."""
 
 from __future__ import annotations
 
@@ -56,10 +58,10 @@ def engine_for(model: str, split: str, k: int, **method: object) -> tuple[LocalE
 
 def test_every_family_has_its_presets() -> None:
     found = {(name, preset, k) for name, preset, k in PRESET_CASES}
-    assert {("resnet101", "infopro_star", 2), ("resnet152", "infopro_star", 2)} <= found  # spec §2.1
-    assert {("resnet101", "man", 4), ("resnet152", "man", 4), ("resnet101", "man", 2)} <= found  # §3.1
-    assert {("resnet101", "hpff", 8), ("resnet152", "hpff", 4), ("resnet34", "hpff", 4)} <= found  # §4.1
-    assert {("resnet34", "mlaan", 16), ("resnet101", "mlaan", 33), (VIT, "manpp", 4)} <= found  # §5.1, §3.1
+    assert {("resnet101", "infopro_star", 2), ("resnet152", "infopro_star", 2)} <= found  # InfoPro*
+    assert {("resnet101", "man", 4), ("resnet152", "man", 4), ("resnet101", "man", 2)} <= found  # MAN, MAN++
+    assert {("resnet101", "hpff", 8), ("resnet152", "hpff", 4), ("resnet34", "hpff", 4)} <= found  # HPFF
+    assert {("resnet34", "mlaan", 16), ("resnet101", "mlaan", 33), (VIT, "manpp", 4)} <= found  # MLAAN, MAN++ ViT
     assert not [case for case in PRESET_CASES if case[0] == "resnet18"]  # none in the papers: auto only
     with pytest.raises(ValueError, match=r"exists only for .*presets for ResNet-18: none.*split.preset=auto"):
         engine_for("resnet18", "man", 2)
@@ -95,7 +97,7 @@ IMAGENET_AUX_CASES = [case for case in PRESET_CASES if case[2] <= 8 and not case
 
 @pytest.mark.parametrize("case", IMAGENET_AUX_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_imagenet_aux_pair_fits_every_preset_point(case: tuple[str, str, int]) -> None:
-    """InfoPro with the ImageNet decoder and head (spec §2.2) at each split: the reference only handles a
+    """InfoPro with the ImageNet decoder and head at each split: the reference only handles a
     512-channel 28×28 map (ResNet-101/152 layer2); here stem..layer4 widths and 16×16..2×2 maps all work."""
     name, split, k = case
     engine, size = engine_for(
@@ -132,7 +134,8 @@ def test_vit_preset_is_four_groups_of_three_blocks() -> None:
 def test_imagenet_aux_pair_on_the_reference_map_is_the_reference_architecture() -> None:
     """On ResNet-101's layer2 output (512 channels, 28×28 of a 224 image) the decoder is 1×1 512→128, 3×3 →32,
     3×3 →12, each followed by a ×2 upsampling (56, 112, 224), then 3×3 →3 and a sigmoid; the head is 1×1 →128,
-    3×3/2 →256, 3×3/2 →512, 1×1 →2048, GAP, Linear 2048→classes (spec §2.2). Wider inputs start the head at 256."""
+    3×3/2 →256, 3×3/2 →512, 1×1 →2048, GAP, Linear 2048→classes, as in InfoPro's ``Experiments on ImageNet``.
+    Wider inputs start the head at 256."""
     info = UnitInfo("layer2.0", 512, 2, 8)
     decoder = Decoder(info, 3, kind="imagenet")
     convs = [(s[0].in_channels, s[0].out_channels, s[0].kernel_size[0]) for s in decoder.stages]

@@ -1,5 +1,6 @@
-"""Reference-bug switches (``method.legacy``, spec methods.md §10.4), MAN++ ViT's two-unit bridge and HPFF's
-decoder-only patch fusion: each reproduces the reference's behaviour exactly and only when asked."""
+"""Reference-bug switches (``method.legacy``; docs/methods.md, "Legacy switches: reference-code behaviour"), MAN++
+ViT's two-unit bridge and HPFF's decoder-only patch fusion: each reproduces the reference's behaviour exactly and
+only when asked."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_unknown_legacy_switch_is_a_clear_error() -> None:
 
 
 def test_stage_lambda_uses_next_stage_over_paper_label() -> None:
-    """MAN CIFAR (spec §3.3, §3.6): r = s'/(K_label - 2); the label K=16 is 15 modules, so r <= 3/14."""
+    """MAN's CIFAR code: r = s'/(K_label - 2); the label K=16 is 15 modules, so r <= 3/14."""
     lambdas = [5.0, 1.0, 0.0, 0.0]
     cfg = MethodCfg(name="infopro", addons=["man"], lambdas=lambdas, loss_mode="softmax")
     fixed = resnet32_engine(cfg)
@@ -53,7 +54,7 @@ def _ema_tensors(engine: LocalEngine, k: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("legacy", [[], ["last_ema_only"]])
 def test_last_ema_only_moves_only_the_last_splits_ema(legacy: list[str]) -> None:
-    """MLAAN CIFAR updates only EMA_Net[-1] (spec §5.3); the default updates every module's EMA."""
+    """MLAAN CIFAR updates only EMA_Net[-1] (MLAAN's ``resnetMLAAN.py``); the default updates every module's EMA."""
     cfg = MethodCfg(name="dgl", addons=["cascade", "lam"], legacy=legacy, ema_init="random")
     engine = make_engine(cfg, 4)
     before = [_ema_tensors(engine, k) for k in range(3)]
@@ -63,7 +64,7 @@ def test_last_ema_only_moves_only_the_last_splits_ema(legacy: list[str]) -> None
 
 
 def test_final_overwrite_keeps_only_the_cascade_ce() -> None:
-    """MLAAN CIFAR overwrites CE(x) with CE(y) (spec §5.2); the default (paper intent) sums both."""
+    """MLAAN CIFAR overwrites CE(x) with CE(y) (MLAAN's ``resnetMLAAN.py``); the default (paper intent) sums both."""
     batch = make_batch()
     for legacy, reaches in (([], [1, 2]), (["final_overwrite"], [2])):
         engine = make_engine(MethodCfg(name="dgl", addons=["cascade"], cascade_final="both", legacy=legacy), 3)
@@ -72,7 +73,8 @@ def test_final_overwrite_keeps_only_the_cascade_ce() -> None:
 
 
 def test_triple_bn_momentum_equals_repeated_updates() -> None:
-    """n train-mode forwards on the same input with momentum m == one with 1 - (1 - m)^n (spec §4.2 item 6)."""
+    """n train-mode forwards on the same input with momentum m == one with 1 - (1 - m)^n, the ``triple_bn`` rule
+    (docs/methods.md, "Legacy switches: reference-code behaviour")."""
     x = torch.randn(8, 3, 5, 5)
     repeated, once = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
     for _ in range(3):
@@ -93,8 +95,8 @@ def test_triple_bn_momentum_equals_repeated_updates() -> None:
 
 
 def test_ema_before_backward_moves_ema_before_the_local_backward() -> None:
-    """MAN++ ViT order (spec §3.6 bug 7): the EMA moves inside the step, before its backward, and the backward
-    then uses the moved weights; the default moves it after the backward."""
+    """MAN++ ViT order (MAN++'s ``vit_man.py``, ``_ema_update``): the EMA moves inside the step, before its
+    backward, and the backward then uses the moved weights; the default moves it after the backward."""
     base = MethodCfg(name="dgl", addons=["man"], bridge_combine="scaled", ema_init="random", ema_decay=0.5)
     default, legacy = make_engine(base, 3), make_engine(replace(base, legacy=["ema_before_backward"]), 3)
     ema0 = [p.detach().clone() for p in legacy.method.aux[0].independent.bridge.ema.parameters()]
@@ -113,7 +115,7 @@ def test_ema_before_backward_moves_ema_before_the_local_backward() -> None:
 
 
 def test_man_depth_two_chains_two_learnable_units_with_one_ema() -> None:
-    """MAN++ ViT (spec §3.2): y = s·LB0(h) + (2 - s)·EMA0(h), then LB1(y)."""
+    """MAN++ ViT (MAN++'s ``vit_man.py``): y = s·LB0(h) + (2 - s)·EMA0(h), then LB1(y)."""
     torch.manual_seed(0)
     vit = create_model("vit_tiny", num_classes=4, in_channels=3, image_size=16, patch_size=4, depth=6, width=32)
     cfg = MethodCfg(name="dgl", addons=["man"], bridge_combine="scaled", man_depth=2)
@@ -129,7 +131,7 @@ def test_man_depth_two_chains_two_learnable_units_with_one_ema() -> None:
 
 @pytest.mark.parametrize("size", [8, 7])
 def test_pff_decoder_mode_patches_only_the_decoder(size: int) -> None:
-    """HPFF CIFAR code (spec §4.3): one decoder per patch, BCEs summed, the head on the whole map."""
+    """HPFF's CIFAR ``network/auxiliary_net.py``: one decoder per patch, BCEs summed, the head on the whole map."""
     cfg = MethodCfg(name="infopro", addons=["pff"], pff_mode="decoder", loss_mode="softmax")
     engine = make_engine(cfg, 3)
     objective = engine.method.aux[0].independent

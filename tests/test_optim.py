@@ -1,5 +1,6 @@
-"""``optim.name``: SGD (spec §0.4) and AdamW (MAN++'s ViT recipe, spec §3.4) through one ``build_optimizer``, used
-by the engine for every module; and the ImageNet scripts' per-epoch cosine that starts at lr0 (``first_epoch``)."""
+"""``optim.name``: SGD (the ResNet recipes) and AdamW (MAN++'s ViT recipe) through one ``build_optimizer``, used
+by the engine for every module; and the ImageNet scripts' per-epoch cosine that starts at lr0 (``first_epoch``).
+Recipes: (docs/configuration.md, "The papers' optimizer recipes")."""
 
 from __future__ import annotations
 
@@ -83,8 +84,8 @@ def test_every_module_gets_an_adamw_and_trains() -> None:
 
 
 def test_imagenet_cosine_starts_at_lr0_per_epoch() -> None:
-    """The ImageNet scripts set lr = ½·lr0·(1 + cos(π·epoch/E)) with epoch from 0 (spec §0.4); InfoPro's CIFAR
-    scripts count from 1 (``first_epoch: 1``, the default, unchanged)."""
+    """The ImageNet scripts set lr = ½·lr0·(1 + cos(π·epoch/E)) with epoch from 0; InfoPro's CIFAR scripts count
+    from 1 (``first_epoch: 1``, the default, unchanged) (docs/configuration.md, "The papers' optimizer recipes")."""
     imagenet = OptimCfg(lr=0.4, per_step=False, first_epoch=0)
     assert [lr_at(imagenet, e, 5, 100, 90) for e in (0, 45)] == pytest.approx([0.4, 0.2])
     assert lr_at(imagenet, 89, 0, 100, 90) == pytest.approx(0.2 * (1 + math.cos(math.pi * 89 / 90)))

@@ -1,5 +1,6 @@
 """Classic pipeline baselines (GPipe, 1F1B) and DDP against single-process E2E, the throughput simulator's formulas
-(pipeline.md §4), the steady-state bookkeeping, and ``locallearn bench pipeline`` end to end on tiny settings."""
+(docs/pipeline.md, "The simulator"), the steady-state bookkeeping, and ``locallearn bench pipeline`` end to end on
+tiny settings."""
 
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ def test_simulator_formulas_on_hand_computed_stage_times() -> None:
 
 @pytest.mark.parametrize("k,m,speedup", [(2, 4, 1.60), (2, 8, 1.78), (4, 4, 2.29), (4, 8, 2.91), (4, 16, 3.37)])
 def test_balanced_pipeline_reproduces_the_bubble_formula(k: int, m: int, speedup: float) -> None:
-    """Balanced stages, free transfers and optimizer: step (M+K−1)·T, speed-up K·M/(M+K−1) (pipeline.md §4)."""
+    """Balanced stages, free transfers and optimizer: step (M+K−1)·T, speed-up K·M/(M+K−1), as in
+    (docs/pipeline.md, "The simulator")."""
     t = 0.01
     free = {1: [0.0] * (k - 1), m: [0.0] * (k - 1)}
     c = StageCosts(8, [t] * k, {1: [m * t] * k, m: [t / 2] * k}, {1: [0.0] * k, m: [t / 2] * k}, [0.0] * k, free)

@@ -1,5 +1,6 @@
-"""Splits: the InfoPro presets match spec methods.md §2.1 table by table; automatic splits are contiguous,
-cover every unit, and are balanced (property-based)."""
+"""Splits: the InfoPro presets match InfoPro's ``networks/configs.py`` table by table; automatic splits are
+contiguous, cover every unit, and are balanced (property-based). Where each paper preset comes from:
+(docs/methods.md, "Where the paper presets come from")."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from locallearn.train.split import resolve_split
 
 
 def names(model: str, ends: list[int]) -> list[str]:
-    """Each module as 'first..last' unit names, to compare with the spec's tables."""
+    """Each module as 'first..last' unit names, to compare with the reference split tables."""
     infos = create_model(model).infos
     return [f"{infos[s].name}..{infos[e - 1].name}" for s, e in zip([0, *ends[:-1]], ends)]
 
 
-SPEC_TABLES = {  # spec §2.1, with the head (GAP+FC) in the last module
+SPEC_TABLES = {  # InfoPro's networks/configs.py, with the head (GAP+FC) in the last module
     ("resnet32", "infopro", 2): ["stem..layer2.1", "layer2.2..head"],
     ("resnet32", "infopro", 3): ["stem..layer1.4", "layer2.0..layer2.4", "layer3.0..head"],
     ("resnet32", "infopro", 4): ["stem..layer1.2", "layer1.3..layer2.1", "layer2.2..layer3.0", "layer3.1..head"],
@@ -88,7 +89,7 @@ def test_presets_match_spec_tables(key: tuple[str, str, int]) -> None:
     assert names(model, ends) == SPEC_TABLES[key]
 
 
-IMAGENET_TABLES = {  # spec §2.1 (InfoPro* K=2), §3.1 (MAN K=4, MAN++ ViT), §4.1 (HPFF), the head in the last module
+IMAGENET_TABLES = {  # InfoPro*, MAN, MAN++ ViT, HPFF (docs/methods.md, "Where the paper presets come from"); head last
     ("resnet101", "infopro_star", 2): ["stem..layer2.0", "layer2.1..head"],
     ("resnet152", "infopro_star", 2): ["stem..layer2.5", "layer2.6..head"],
     ("resnet101", "man", 2): ["stem..layer2.0", "layer2.1..head"],

@@ -1,6 +1,6 @@
-"""Super-resolution (spec methods.md §6): EDSR as units, PSNR/SSIM against scikit-image, the SR folder readers
-and loaders with their errors, GLCAN and the DGL-style baseline (gradient isolation, every option), a tiny run
-that learns, and the SR path through ``fit``/``eval``."""
+"""Super-resolution (docs/methods.md, "Super-resolution and GLCAN"; docs/glcan.md): EDSR as units, PSNR/SSIM
+against scikit-image, the SR folder readers and loaders with their errors, GLCAN and the DGL-style baseline
+(gradient isolation, every option), a tiny run that learns, and the SR path through ``fit``/``eval``."""
 
 from __future__ import annotations
 

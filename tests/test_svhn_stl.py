@@ -1,5 +1,5 @@
-"""locallearn.data.svhn / stl10: tiny files in the exact on-disk formats (spec methods.md §9), read back through the
-registry, and corrupt/truncated variants that must give a one-line DataError naming the file."""
+"""locallearn.data.svhn / stl10: tiny files in the exact on-disk formats (docs/data.md, "File formats"), read back
+through the registry, and corrupt/truncated variants that must give a one-line DataError naming the file."""
 
 from __future__ import annotations
 

@@ -223,7 +223,7 @@ def moved_key(path: list[str], note: bool = True) -> list[str]:
             _NOTED.add(path[1])
             print(
                 f"locallearn: note: method.{path[1]} is now {'.'.join(new)} (the old key still works; "
-                'docs/configuration.md, "split")',
+                "docs/configuration.md, section `split`)",
                 file=sys.stderr,
             )
         return new
