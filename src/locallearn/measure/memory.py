@@ -61,7 +61,10 @@ class SavedTensorMeter:
         self.peak = 0
 
     def __enter__(self) -> SavedTensorMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        # Under torch.compile the hook is not traced: it mutates Python state (the set, a weakref.finalize per
+        # storage) that dynamo would otherwise guard on, and the guard fails on the frame that made it. Run
+        # eagerly, it sees the tensors the compiled graph saves for its backward, as it sees an eager graph's.
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(self._pack), lambda t: t)
         self._hooks.__enter__()
         return self
 
