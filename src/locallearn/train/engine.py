@@ -134,11 +134,11 @@ class LocalEngine:
             part.to(device=self.device, memory_format=memory_format)
         if compile:  # in place, per module and per aux objective, so checkpoint keys stay clean (no ``_orig_mod.``)
             for module in self.modules:
-                module.compile()
+                module.compile(dynamic=False)
             for aux in self.method.aux:
                 for objective in (aux.independent, aux.cascade) if aux is not None else ():
                     if objective is not None:
-                        objective.outputs = torch.compile(objective.outputs)
+                        objective.outputs = torch.compile(objective.outputs, dynamic=False)
         self._optimizers = [build_optimizer(self.module_parameters(k), optim) for k in range(self.k)]
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"run.precision must be fp32, bf16 or fp16, got {precision!r}")
