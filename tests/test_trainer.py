@@ -252,3 +252,42 @@ def test_version_list_and_table_formats(capsys) -> None:
     assert "  fmnist/: demo," in out  # the presets of configs/
     assert (seconds(0.43), seconds(9.96), seconds(107.4)) == ("0.4", "10.0", "107")
     assert load_text([0.5234375, 1.0, 2.125]) == "0.52 / 1.00 / 2.12" and load_text(None) == "?"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("parallel", ["ppll", "dp"])
+def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(
+    synthetic_root: Path, tmp_path: Path, parallel: str
+) -> None:
+    """Ctrl-C reaches the launcher and every spawned rank: they agree on one step, each saves its part there, and
+    the command ends with exit 130 and the real resume command; the resumed run continues from that step."""
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "locallearn", "train", "-c", "configs/smoke/fmnist_dgl_k3.yaml"]
+    cmd += [*base(synthetic_root, out), "run.epochs=500", f"parallel={parallel}", "ppll.procs=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not list(out.glob("*/metrics.jsonl")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the launcher and both ranks
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert last.startswith("locallearn: interrupted by SIGINT at epoch ") and last.endswith(
+        f"continue with: locallearn train --resume {run_dir}"
+    ), last
+    files = ["ckpt_stage0.pt", "ckpt_stage1.pt"] if parallel == "ppll" else ["ckpt_last.pt"]
+    steps = {load_checkpoint(run_dir / name)["step"] for name in files}
+    assert len(steps) == 1 and f", step {steps.pop()}; " in last
+    epoch = load_checkpoint(run_dir / files[0])["epoch"]
+    done = subprocess.run(
+        [sys.executable, "-m", "locallearn", "train", "--resume", str(run_dir), f"run.epochs={epoch + 1}"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0 and f"continuing {run_dir} at epoch {epoch + 1}" in done.stdout, done.stderr[-2000:]

@@ -39,7 +39,7 @@ from ..train.engine import LocalEngine, StepResult
 from ..train.rundir import new_run_dir
 from ..train.runtime import Reduced
 from ..train.trainer import Trainer
-from .launch import agreed, agreed_config, agreed_run_dir, name_ranks, rank_device, run_torchrun, spawn
+from .launch import StopAgreement, agreed, agreed_config, agreed_run_dir, name_ranks, rank_device, run_torchrun, spawn
 from .link import StageError, short_error
 
 
@@ -108,6 +108,7 @@ class ReplicaRuntime:
         self.writes, self.label = self.rank == 0, f"[dp × {self.world}] "
         self.run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg), device)
         self.parts = [engine.backbone, engine.method]
+        self.stopping = StopAgreement(margin=2)  # every step's all-reduce keeps replicas within one step
 
     def batches(self, epoch: int, start: int) -> Iterable[Any]:
         return self.train_loader.batches(epoch, start)
@@ -127,6 +128,9 @@ class ReplicaRuntime:
 
     def agree(self, value: float) -> float:
         return agreed(value, self.engine.device)
+
+    def stop_step(self, step: int, received: str | None) -> tuple[int, str] | None:
+        return self.stopping.target(step, received)
 
     def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
         """Loss: the mean over replicas of each shard's mean; the train stat: a sum over every sample."""

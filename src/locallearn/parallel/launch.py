@@ -177,6 +177,33 @@ def name_ranks(describe: Callable[[int], str]) -> None:
         beat.describe = describe
 
 
+STOP_KEY, STOP_STEP_KEY = "locallearn/stop", "locallearn/stop_step"
+
+
+class StopAgreement:
+    """A multi-process run stops on SIGINT/SIGTERM at one global step that every rank reaches, so the per-rank
+    checkpoints form one state (docs/pipeline.md, "Checkpoints, resume and failure handling").
+
+    A rank that gets the signal (or the parent of spawned ranks) sets a flag in the rendezvous store; every rank
+    looks at the flag after each step (one store round trip). The first rank to see it fixes the stop step as its
+    own step + ``margin`` with an atomic compare-and-set; ``margin`` exceeds how far ranks can drift apart (a
+    pipeline stage runs at most its send window ahead of the next), so every rank sees the flag before that step
+    and trains on to it without waiting for anyone: no rank blocks on a peer that has stopped."""
+
+    def __init__(self, margin: int) -> None:
+        self.store = dist.distributed_c10d._get_default_store()
+        self.margin = margin
+
+    def target(self, step: int, received: str | None) -> tuple[int, str] | None:
+        """(stop step, what asked for it) once a stop was asked for anywhere, else None."""
+        if received is not None:
+            self.store.set(STOP_KEY, received)
+        if not self.store.check([STOP_KEY]):
+            return None
+        agreed = self.store.compare_set(STOP_STEP_KEY, "", str(step + self.margin))
+        return int(agreed), self.store.get(STOP_KEY).decode()
+
+
 def run_body(body: Body, cfg: TrainCfg, out_dir: str | None, resume: bool) -> dict[str, Any] | None:
     """Run ``body`` in this rank with a heartbeat; any failure but a ConfigError becomes one :class:`StageError`
     line naming this rank, the error, and the ranks that died or hang."""
@@ -227,6 +254,9 @@ def _spawned(
         result = run_body(body, cfg, out_dir, resume)
         if rank == 0 and queue is not None:
             queue.put(("result", result))
+    except KeyboardInterrupt as e:  # a stop every rank agreed on, with its checkpoint written: not a failure
+        if rank == 0 and queue is not None and str(e):
+            queue.put(("interrupted", str(e)))
     except ConfigError as e:
         if queue is not None:
             queue.put(("error", str(e)))
@@ -281,7 +311,17 @@ def spawn(
     context = mp.start_processes(_spawned, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = None if timeout is None else time.perf_counter() + timeout
     try:
-        while not context.join(timeout=1.0):
+        while True:
+            try:
+                if context.join(timeout=1.0):
+                    break
+            except KeyboardInterrupt:  # Ctrl-C: every rank stops at one step and checkpoints; a second one kills
+                if store.check([STOP_KEY]):
+                    raise
+                store.set(STOP_KEY, "SIGINT")
+                print("locallearn: stopping every rank at one step to save it (Ctrl-C again to kill)", file=sys.stderr)
+                timeout = cfg.ppll.timeout
+                deadline = time.perf_counter() + timeout
             if deadline is not None and time.perf_counter() > deadline:
                 raise TimeoutError(f"{world} spawned ranks still running after {timeout:.0f} s")
     except KeyboardInterrupt:
@@ -300,4 +340,6 @@ def spawn(
         kind, value = queue.get()
         if kind == "result":
             return value
+        if kind == "interrupted":
+            raise KeyboardInterrupt(value)
     raise RuntimeError("the spawned ranks ended without a result from rank 0")

@@ -74,7 +74,17 @@ from ..train.runtime import Reduced
 from ..train.trainer import Trainer
 from .cross_stage import CrossStage, check_supported
 from .data_parallel import GradAverager, broadcast_buffers, shard
-from .launch import agreed, agreed_config, agreed_run_dir, name_ranks, new_group, rank_device, run_torchrun, spawn
+from .launch import (
+    StopAgreement,
+    agreed,
+    agreed_config,
+    agreed_run_dir,
+    name_ranks,
+    new_group,
+    rank_device,
+    run_torchrun,
+    spawn,
+)
 from .link import TRAIN, Link, StageError
 from .stage_eval import gather_evaluation, stage_evaluate
 
@@ -201,6 +211,8 @@ class StageRuntime:
         self.reads_data = self.k == 0 or not self.send_labels
         self.run_dir = agreed_run_dir(cfg, out_dir, run_name(cfg), device)
         self.idle_mark = 0.0
+        # A stage runs at most its send window ahead of the next: the spread of steps across the pipeline.
+        self.stopping = StopAgreement(margin=(cfg.ppll.window + 1) * k + 2)
 
     def batches(self, epoch: int, start: int) -> Iterable[Any]:
         if self.reads_data:
@@ -244,6 +256,9 @@ class StageRuntime:
 
     def agree(self, value: float) -> float:
         return agreed(value, self.engine.device)
+
+    def stop_step(self, step: int, received: str | None) -> tuple[int, str] | None:
+        return self.stopping.target(step, received)
 
     def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
         """Per stage: mean loss, train seconds, idle seconds (replica 0) and the train_stat sum (all replicas);

@@ -64,6 +64,10 @@ class Runtime(Protocol):
     def agree(self, value: float) -> float:
         """Collective: rank 0's ``value`` on every rank (a decision taken from one rank's timing)."""
 
+    def stop_step(self, step: int, received: str | None) -> tuple[int, str] | None:
+        """After ``step``: the step at which the run stops to checkpoint, and why (``SIGINT``), once a signal
+        arrived here (``received``) or anywhere in the run; None while none did."""
+
     def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
         """Collective: this rank's figures and seconds become the run's."""
 
@@ -112,6 +116,9 @@ class LocalRuntime:
 
     def agree(self, value: float) -> float:
         return value
+
+    def stop_step(self, step: int, received: str | None) -> tuple[int, str] | None:
+        return None if received is None else (step, received)
 
     def reduce(self, figures: torch.Tensor, seconds: float) -> Reduced:
         values = figures.tolist()

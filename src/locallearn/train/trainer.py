@@ -80,6 +80,7 @@ class Trainer:
         self.log_every = cfg.log.every  # None until the first steps' speed sets it
         self.mark = (self.step, time.perf_counter(), self.figures.clone())  # where the step record starts
         self.last_save = time.perf_counter()
+        self.stop_at: tuple[int, str] | None = None  # (step, signal) at which a signal stops the run
         if runtime.writes:
             if not resume:
                 (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -178,7 +179,7 @@ class Trainer:
             result |= next(iter(self.log.read()[-1:]), {})  # a finished run returns its last record
             self.warn_large_aux()
         started, first_step, stop = time.perf_counter(), self.step, False
-        with StopSignals(enabled=runtime.solo) as signals:
+        with StopSignals() as signals:
             while self.epoch < cfg.run.epochs and not stop:
                 reset_cuda_peak(engine.device)
                 start = time.perf_counter() - self.carried["seconds"]
@@ -205,9 +206,10 @@ class Trainer:
                     self.in_epoch, self.step, done = self.in_epoch + 1, self.step + 1, done + 1
                     if measuring:
                         self.peak_act = max(self.peak_act, meter.peak)
-                    if signals.received:
-                        self.save_mid_epoch(start, done)
-                        raise Interrupted(signals.received, self.run_dir, self.epoch + 1, self.step)
+                    self.stop_at = self.stop_at or runtime.stop_step(self.step, signals.received)
+                    if self.stop_at is not None and self.step >= self.stop_at[0]:
+                        self.save_mid_epoch(start, done)  # every rank reaches the agreed step, saves, and stops
+                        raise Interrupted(self.stop_at[1], self.run_dir, self.epoch + 1, self.step)
                     if self.log_every is None and self.step - first_step == CADENCE_STEPS:
                         self.log_every = self.agreed_cadence(time.perf_counter() - started)
                     if self.log_every and self.step % self.log_every == 0:
