@@ -115,7 +115,9 @@ def test_whole_module_timing_settles_a_tie_the_unit_probe_cannot_see(monkeypatch
     monkeypatch.setattr(split_module, "measure_unit_times", lambda probe, batch, repeats: ([1.0] * 5, [0.0] * 5))
     split, seconds = time_balanced_split(SplitCfg(k=2, balance="time"), "dgl", sleepy_build, make_batch(n=8))
     assert split.ends == [3, 5]
-    assert 0.03 <= seconds[0] < 0.045 and 0.05 <= seconds[1] < 0.065, seconds
+    assert 0.03 <= seconds[0] < 0.06 and 0.05 <= seconds[1] < 0.085 and seconds[0] < seconds[1], (
+        seconds
+    )  # (sleeps: load only adds)
 
 
 def test_fit_records_the_measured_split_so_resume_reuses_it(synthetic_root: Path, tmp_path: Path) -> None:

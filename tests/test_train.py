@@ -234,7 +234,7 @@ def test_untrusted_checkpoint_is_refused(tmp_path: Path) -> None:
 
     path = tmp_path / "evil.pt"
     torch.save({"version": 1, "x": Evil()}, path, pickle_module=pickle)
-    with pytest.raises(ValueError, match="not a loadable locallearn checkpoint"):
+    with pytest.raises(ValueError, match="not a locallearn checkpoint"):
         load_checkpoint(path)
 
 
