@@ -159,7 +159,7 @@ def test_plot_refuses_runs_of_different_tasks(tmp_path: Path, capsys) -> None:
 
 def test_progress_line_leaves_out_a_training_metric_the_task_does_not_have() -> None:
     """Detection logs train_map as NaN (no per-batch mAP); the progress line must not print ``train_map nan``."""
-    from locallearn.train.trainer import format_row as _row
+    from locallearn.train.rundir import format_row as _row
 
     record = {"epoch": 1, "step": 10, "lr": 0.1, "train_loss": [1.0, 0.5], "imgs_per_s": 50.0, "epoch_time_s": 2.0}
     assert "train_map" not in _row({**record, "train_map": float("nan"), "test_map": 0.2}, "map")

@@ -1,5 +1,6 @@
-"""Run directories: ``config.yaml``, ``env.json``, ``metrics.jsonl`` (one JSON object per epoch, the source of
-truth for plots) and ``ckpt_last.pt`` (docs/configuration.md, "What a run writes")."""
+"""What a run writes and prints: its directory (``config.yaml``, ``env.json``, ``metrics.jsonl`` with one JSON
+object per epoch and per step record, the source of truth for plots; the checkpoints) and its console lines
+(docs/configuration.md, "What a run writes")."""
 
 from __future__ import annotations
 
@@ -196,3 +197,29 @@ def read_records(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if r.get("kind") == kind]
+
+
+def format_row(r: dict[str, Any], metric: str = "acc") -> str:
+    """One console line per record; ``metric`` is the task's headline (``acc``, ``psnr``)."""
+    losses = " ".join(f"{v:.3f}" for v in r["train_loss"])
+    test = f"  test_{metric} {r[f'test_{metric}']:.4f}" if f"test_{metric}" in r else ""
+    aux = ""
+    if any(a is not None for a in r.get(f"aux_{metric}", [])):
+        aux = f"  aux_{metric} " + " ".join("-" if a is None else f"{a:.3f}" for a in r[f"aux_{metric}"])
+    train = r[f"train_{metric}"]  # NaN where the task has no per-batch training metric (detection mAP)
+    train = "" if math.isnan(train) else f"  train_{metric} {train:.4f}"
+    return (
+        f"epoch {r['epoch']:3d}  step {r['step']:6d}  lr {r['lr']:.4f}  loss [{losses}]"
+        f"{train}{test}{aux}  {r['imgs_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s"
+    )
+
+
+def format_step(r: dict[str, Any], metric: str = "acc") -> str:
+    """One console line per step record (runs without a progress bar: logs under nohup or a batch system)."""
+    losses = " ".join(f"{v:.3f}" for v in r["train_loss"])
+    train = r[f"train_{metric}"]
+    train = "" if math.isnan(train) else f"  train_{metric} {train:.4f}"
+    return (
+        f"  step {r['step']:6d}  epoch {r['epoch']:3d}  lr {r['lr']:.4f}  loss [{losses}]{train}  "
+        f"{r['imgs_per_s']:.0f} img/s"
+    )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,16 @@ from .build import build_engine, build_loaders, resolve_device, resolve_time_bal
 from .checkpoint import load_checkpoint
 from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
 from .interrupt import Interrupted, StopSignals
-from .rundir import MetricsLog, check_tensorboard, environment, latest_run_dir, make_dir, new_run_dir
+from .rundir import (
+    MetricsLog,
+    check_tensorboard,
+    environment,
+    format_row,
+    format_step,
+    latest_run_dir,
+    make_dir,
+    new_run_dir,
+)
 from .runtime import LocalRuntime, Reduced, Runtime
 from .schedule import lr_at
 
@@ -325,32 +333,6 @@ class Trainer:
 def samples_seen(loader: Any, first: int, last: int) -> int:
     """Samples in batches ``first..last-1`` of an epoch (the last batch may be short)."""
     return max(0, min(last * loader.batch_size, loader.n) - first * loader.batch_size)
-
-
-def format_row(r: dict[str, Any], metric: str = "acc") -> str:
-    """One console line per record; ``metric`` is the task's headline (``acc``, ``psnr``)."""
-    losses = " ".join(f"{v:.3f}" for v in r["train_loss"])
-    test = f"  test_{metric} {r[f'test_{metric}']:.4f}" if f"test_{metric}" in r else ""
-    aux = ""
-    if any(a is not None for a in r.get(f"aux_{metric}", [])):
-        aux = f"  aux_{metric} " + " ".join("-" if a is None else f"{a:.3f}" for a in r[f"aux_{metric}"])
-    train = r[f"train_{metric}"]  # NaN where the task has no per-batch training metric (detection mAP)
-    train = "" if math.isnan(train) else f"  train_{metric} {train:.4f}"
-    return (
-        f"epoch {r['epoch']:3d}  step {r['step']:6d}  lr {r['lr']:.4f}  loss [{losses}]"
-        f"{train}{test}{aux}  {r['imgs_per_s']:.0f} img/s  {r['epoch_time_s']:.1f}s"
-    )
-
-
-def format_step(r: dict[str, Any], metric: str = "acc") -> str:
-    """One console line per step record (runs without a progress bar: logs under nohup or a batch system)."""
-    losses = " ".join(f"{v:.3f}" for v in r["train_loss"])
-    train = r[f"train_{metric}"]
-    train = "" if math.isnan(train) else f"  train_{metric} {train:.4f}"
-    return (
-        f"  step {r['step']:6d}  epoch {r['epoch']:3d}  lr {r['lr']:.4f}  loss [{losses}]{train}  "
-        f"{r['imgs_per_s']:.0f} img/s"
-    )
 
 
 def checkpoint_path(run: str | Path) -> Path:
