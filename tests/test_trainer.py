@@ -291,3 +291,24 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(
         timeout=180,
     )
     assert done.returncode == 0 and f"continuing {run_dir} at epoch {epoch + 1}" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_multi_process_runtime_checkpoints_by_an_agreed_step_count(
+    synthetic_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Ranks cannot each read their clock: ``run.ckpt_minutes`` becomes a step count measured on the first 5 steps
+    and agreed (here a one-process runtime that plays a rank: ``solo`` off, ``agree`` its own value); a tiny
+    interval saves after every step from the 5th on, each mid-epoch save with the carry of its epoch."""
+    saves: list[tuple[int, bool]] = []
+    original = LocalRuntime.save
+
+    def save(self, position, carry, name="last"):
+        if name == "last":
+            saves.append((position["step"], carry is not None))
+        return original(self, position, carry, name)
+
+    monkeypatch.setattr(LocalRuntime, "solo", False)
+    monkeypatch.setattr(LocalRuntime, "save", save)
+    fit(load_config(None, [*base(synthetic_root, tmp_path), "run.ckpt_minutes=1e-9", "log.every=0"]), quiet=True)
+    assert [step for step, mid in saves if mid] == list(range(5, 17))
+    assert [step for step, mid in saves if not mid] == [8, 16]  # the epoch ends

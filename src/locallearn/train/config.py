@@ -113,8 +113,9 @@ class RunCfg:
     """``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:1``. ``threads``: torch CPU threads
     (None = torch's default). ``max_steps``: stop early (smoke runs). ``amp``: ``none``, ``bf16`` or ``fp16``.
     ``compile``: ``torch.compile`` each module in place. ``ckpt_every``: also checkpoint every N steps.
-    ``ckpt_minutes``: a one-process run also checkpoints when this many minutes passed since its last checkpoint
-    (0 = off), so a crash loses at most that much; SIGINT and SIGTERM checkpoint at the current step either way.
+    ``ckpt_minutes``: also checkpoint about every this many minutes (0 = off), so a crash loses at most that much:
+    by the clock in one process, in a multi-process run every step count that takes that long at the first steps'
+    speed (the same step on every rank); SIGINT and SIGTERM checkpoint at the current (or an agreed) step anyway.
     ``precision``: ``fp32``, or mixed precision with ``bf16`` or ``fp16`` autocast (fp16 with one GradScaler for all
     K losses) for every module, aux net and add-on. On CUDA, ``cudnn.benchmark`` is on (shapes are fixed)."""
 

@@ -59,7 +59,8 @@ RESUMABLE_CHANGES = {
     "log.seconds",
 }
 METER_STEPS = 2  # steps measured by the saved-tensor meter (the peak is the same every step at a fixed shape)
-CADENCE_STEPS = 5  # steps timed to choose the step-record cadence when log.every is null
+CADENCE_STEPS = 5  # steps timed to choose the step-record cadence (log.every: null) and, in several processes,
+# the time-based checkpoint interval
 
 
 class Trainer:
@@ -89,6 +90,7 @@ class Trainer:
         self.mark = (self.step, time.perf_counter(), self.figures.clone())  # where the step record starts
         self.last_save = time.perf_counter()
         self.stop_at: tuple[int, str] | None = None  # (step, signal) at which a signal stops the run
+        self.ckpt_steps = 0  # a multi-process run's time-based checkpoint interval, in steps (agree_cadences)
         if runtime.writes:
             if not resume:
                 (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -154,14 +156,15 @@ class Trainer:
         self.save({**carry, "stats": self.figures.cpu()})
 
     def checkpoint_due(self) -> bool:
-        """Every ``run.ckpt_every`` steps; in one process also every ``run.ckpt_minutes`` (ranks of a multi-process
-        run would decide at different steps, so they keep to the step count)."""
+        """Every ``run.ckpt_every`` steps, and about every ``run.ckpt_minutes``: by the clock in one process; in a
+        multi-process run every ``ckpt_steps`` steps (the minutes at the first steps' speed, agreed by every rank:
+        their clocks would pick different steps, and the per-rank checkpoints must hold one)."""
         run = self.cfg.run
         if run.ckpt_every and self.step % run.ckpt_every == 0:
             return True
-        return (
-            self.runtime.solo and run.ckpt_minutes > 0 and time.perf_counter() - self.last_save >= 60 * run.ckpt_minutes
-        )
+        if not self.runtime.solo:
+            return bool(self.ckpt_steps) and self.step % self.ckpt_steps == 0
+        return run.ckpt_minutes > 0 and time.perf_counter() - self.last_save >= 60 * run.ckpt_minutes
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any] | None:
@@ -218,8 +221,8 @@ class Trainer:
                     if self.stop_at is not None and self.step >= self.stop_at[0]:
                         self.save_mid_epoch(start, done)  # every rank reaches the agreed step, saves, and stops
                         raise Interrupted(self.stop_at[1], self.run_dir, self.epoch + 1, self.step)
-                    if self.log_every is None and self.step - first_step == CADENCE_STEPS:
-                        self.log_every = self.agreed_cadence(time.perf_counter() - started)
+                    if self.step - first_step == CADENCE_STEPS:
+                        self.agree_cadences(time.perf_counter() - started)
                     if self.log_every and self.step % self.log_every == 0:
                         self.log_steps(bar)
                     if self.checkpoint_due():
@@ -279,11 +282,15 @@ class Trainer:
         return self.cfg.run.progress and self.runtime.writes and not self.quiet and sys.stderr.isatty()
 
     # ---- records -------------------------------------------------------------------------------------------
-    def agreed_cadence(self, seconds: float) -> int:
-        """``log.every: null``: the step count that takes about ``log.seconds`` at the speed of the first
-        :data:`CADENCE_STEPS` steps, rank 0's on every rank (a collective call)."""
-        per_step = seconds / CADENCE_STEPS
-        return int(self.runtime.agree(max(1, round(self.cfg.log.seconds / max(per_step, 1e-9)))))
+    def agree_cadences(self, seconds: float) -> None:
+        """After the first :data:`CADENCE_STEPS` steps (``seconds``): with ``log.every: null``, step records every
+        step count that takes about ``log.seconds``; in a multi-process run, checkpoints every count that takes
+        about ``run.ckpt_minutes``. Rank 0's counts on every rank (collective calls, the same on every rank)."""
+        per_step = max(seconds / CADENCE_STEPS, 1e-9)
+        if self.log_every is None:
+            self.log_every = int(self.runtime.agree(max(1, round(self.cfg.log.seconds / per_step))))
+        if not self.runtime.solo and self.cfg.run.ckpt_minutes > 0:
+            self.ckpt_steps = int(self.runtime.agree(max(1, round(60 * self.cfg.run.ckpt_minutes / per_step))))
 
     def log_steps(self, bar: Any) -> None:
         """A step record of the steps since the last one (collective: every rank reduces its figures)."""
