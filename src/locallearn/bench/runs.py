@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -157,7 +158,7 @@ def train_runs(runs: list[Run], out: Path, workers: int, on_done: Callable[[dict
         for run in runs:
             name = run_name(run.variant, run.seed)
             partial = partial_run(runs_dir, name)
-            log = runs_dir / f"{name}.log"
+            log = runs_dir / f"{time.strftime('%Y-%m-%d_%H%M%S')}_{name}.log"  # dated as the run folders are
             args = (to_dict(run.cfg), str(partial) if partial else None, str(log), threads)
             futures[pool.submit(_fit_in_child, *args)] = run
             note = f" (continuing {partial.name})" if partial else ""
