@@ -210,7 +210,7 @@ def test_local_detection_methods_isolate_gradients(method: str) -> None:
 @pytest.mark.parametrize("path", sorted(Path("configs/detection").glob("*.yaml")), ids=str)
 def test_detection_presets_train_a_step(path: Path, tmp_path: Path) -> None:
     from locallearn.train.config import load_config
-    from locallearn.train.trainer import fit
+    from locallearn.train.entry import fit
 
     cfg = load_config(path, ["data.limit_train=32", "data.limit_test=16", "run.max_steps=1", f"run.out={tmp_path}"])
     assert fit(cfg, quiet=True)["step"] == 1

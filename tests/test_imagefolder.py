@@ -24,7 +24,7 @@ from locallearn.data.imagefolder import (
 )
 from locallearn.train.build import build_loaders
 from locallearn.train.config import ConfigError, load_config
-from locallearn.train.trainer import fit
+from locallearn.train.entry import fit
 
 from .conftest import one_line_data_error
 

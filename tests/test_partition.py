@@ -17,13 +17,13 @@ from locallearn.local.split import balanced_split
 from locallearn.train import split as split_module
 from locallearn.train.config import OptimCfg, SplitCfg, load_config
 from locallearn.train.engine import LocalEngine
+from locallearn.train.entry import fit
 from locallearn.train.split import (
     candidate_splits,
     measure_unit_times,
     time_balanced_ends,
     time_balanced_split,
 )
-from locallearn.train.trainer import fit
 
 from .conftest import tiny_overrides
 from .test_engine import make_batch

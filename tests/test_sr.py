@@ -23,7 +23,7 @@ from locallearn.tasks.image_quality import psnr_y, ssim_y
 from locallearn.train import load_config
 from locallearn.train.build import build_engine
 from locallearn.train.config import ConfigError
-from locallearn.train.trainer import fit
+from locallearn.train.entry import fit
 
 from .conftest import one_line_data_error
 from .test_engine import assert_gradient_isolation, make_engine

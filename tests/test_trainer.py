@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from locallearn.cli.main import main
 from locallearn.parallel.ppll import spawn_ppll
@@ -312,3 +314,63 @@ def test_a_multi_process_runtime_checkpoints_by_an_agreed_step_count(
     fit(load_config(None, [*base(synthetic_root, tmp_path), "run.ckpt_minutes=1e-9", "log.every=0"]), quiet=True)
     assert [step for step, mid in saves if mid] == list(range(5, 17))
     assert [step for step, mid in saves if not mid] == [8, 16]  # the epoch ends
+
+
+def loaders(root: Path, batch: int = 64) -> tuple[Any, Any]:
+    """The synthetic Fashion-MNIST files as torch DataLoaders over TensorDatasets, as a user would write them."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from locallearn.data.datasets import load_split
+
+    out = []
+    for split, shuffle in (("train", True), ("test", False)):
+        images, labels = load_split("fashion_mnist", str(root), split)
+        x = torch.as_tensor(images).float().div(255).sub(0.286).div(0.353)
+        out.append(DataLoader(TensorDataset(x, torch.as_tensor(labels)), batch_size=batch, shuffle=shuffle))
+    return out[0], out[1]
+
+
+def test_fit_takes_your_model_and_dataloaders_with_schedule_logs_and_exact_resume(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """``fit(cfg, model=, train_loader=, test_loader=)``: the cosine schedule is applied (the lr falls), metrics
+    and checkpoints are written, and a run stopped early and resumed with a fresh model and the same loaders ends
+    with the weights of the uninterrupted run, bitwise (each epoch's shuffling is seeded by the run)."""
+    from tests import user_models
+
+    train, test = loaders(synthetic_root)
+    overrides = ["method.name=dgl", "split.cuts=[enc3]", "optim.lr=0.05", "run.epochs=2", "run.progress=false"]
+
+    def run(out: Path, *extra: str, resume: str | None = None) -> dict:
+        torch.manual_seed(0)
+        cfg = load_config(None, [*overrides, f"run.out={out}", *extra])
+        model = user_models.unet(width=4)
+        return fit(cfg, model=model, train_loader=train, test_loader=test, resume=resume, quiet=True)
+
+    full = run(tmp_path / "full")
+    records = read_records(Path(full["run_dir"]) / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["lr"] < records[0]["lr"] < 0.05
+    assert 0 <= full["test_acc"] <= 1 and len(full["aux_acc"]) == 1
+    assert Path(full["run_dir"]).name.endswith("_UNet_dgl_k2")
+    stopped = run(tmp_path / "part", "run.max_steps=11")
+    resumed = run(tmp_path / "part", resume=stopped["run_dir"])
+    a = load_checkpoint(Path(full["run_dir"]) / "ckpt_last.pt")["model"]
+    b = load_checkpoint(Path(resumed["run_dir"]) / "ckpt_last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_evaluate_takes_a_plain_dataloader_of_pairs(synthetic_root: Path) -> None:
+    from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
+
+    _, test = loaders(synthetic_root)
+    engine = LocalEngine(
+        create_model("resnet8", num_classes=10, in_channels=1, width=4),
+        MethodCfg(name="dgl"),
+        ClassificationTask(10),
+        OptimCfg(),
+        split=2,
+    )
+    result = engine.evaluate(test)  # (x, y) batches, not (x, y, raw)
+    assert 0 <= result["test_acc"] <= 1 and len(result["aux_acc"]) == 1
+    with pytest.raises(ValueError, match=r"a batch must be \(input, target\) or \(input, target, raw_uint8\)"):
+        engine.evaluate([torch.zeros(2, 1, 16, 16)])

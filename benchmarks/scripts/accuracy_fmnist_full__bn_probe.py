@@ -16,7 +16,7 @@ from torch import nn
 from locallearn.train.build import build_engine, build_loaders, resolve_device
 from locallearn.train.checkpoint import load_checkpoint
 from locallearn.train.config import config_from_dict
-from locallearn.train.trainer import checkpoint_path
+from locallearn.train.entry import checkpoint_path
 
 
 def main(run: str, n: int = 50) -> None:

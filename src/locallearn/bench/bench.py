@@ -15,7 +15,7 @@ InfoPro*); (method, K) pairs a preset does not define are skipped with a note.
 * ``speed``: images/s, interleaved rounds of timed blocks (:mod:`locallearn.measure.speed`).
 * ``pareto``: ``memory`` and ``speed``, then one table and figure of accuracy (``--accuracy``: a study's
   ``results.json``), total step peak, step time and training FLOPs (:mod:`.pareto`).
-* ``accuracy``: :func:`~locallearn.train.trainer.fit` per (method, K, seed), ``--jobs`` at a time (:mod:`.runs`).
+* ``accuracy``: :func:`~locallearn.train.entry.fit` per (method, K, seed), ``--jobs`` at a time (:mod:`.runs`).
   Each finished run is written to ``results.json`` at once and skipped when the command is run again with the
   same ``--out``; a run interrupted mid-way continues from its last checkpoint.
 

@@ -5,7 +5,7 @@ A study can outlast a sitting, so:
 
 * a run whose record is already in the study's record is skipped;
 * a run with a checkpoint but no record (the process was stopped) continues from ``ckpt_last.pt`` with the same
-  data order, RNG and parameters (:func:`~locallearn.train.trainer.fit`), so the final table equals an uninterrupted
+  data order, RNG and parameters (:func:`~locallearn.train.entry.fit`), so the final table equals an uninterrupted
   study's (timings aside); ``run.ckpt_every`` bounds the steps an interruption loses;
 * with ``workers > 1`` the runs train in that many spawned processes at once (one torch thread each unless
   ``run.threads`` says otherwise), each writing its output to ``runs/<name>.log``; two one-thread processes
@@ -32,9 +32,9 @@ import torch
 from ..data.datasets import dataset_spec
 from ..train.build import build_engine, build_task
 from ..train.config import TrainCfg, config_from_dict, to_dict
+from ..train.entry import fit
 from ..train.estimate import estimate_step
 from ..train.rundir import MetricsLog, latest_run_dir, train_throughput, training_seconds
-from ..train.trainer import fit
 from .variants import Variant, variant_config
 
 

@@ -1,5 +1,5 @@
 """The bodies of ``locallearn eval|compare|summary|list|bench pipeline`` (``train`` is
-:func:`locallearn.train.trainer.fit`)."""
+:func:`locallearn.train.entry.fit`)."""
 
 from __future__ import annotations
 

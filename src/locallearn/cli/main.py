@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             from ..train.config import load_config
-            from ..train.trainer import fit
+            from ..train.entry import fit
 
             if not args.config and not args.resume:
                 raise ConfigError("train needs -c CONFIG.yaml (a preset from configs/) or --resume RUN_DIR")
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..parallel import fit_parallel, wants_parallel  # ppll / dp runs, and resuming them
 
             if args.resume == "auto":
-                from ..train.trainer import latest_run
+                from ..train.entry import latest_run
 
                 if cfg is None:
                     raise ConfigError("--resume auto needs -c CONFIG.yaml: it looks for the config's run name")

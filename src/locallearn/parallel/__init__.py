@@ -15,8 +15,8 @@ import yaml
 
 from ..train.checkpoint import load_checkpoint
 from ..train.config import ConfigError, TrainCfg
+from ..train.entry import RESUMABLE_CHANGES, resumed_config
 from ..train.rundir import check_tensorboard
-from ..train.trainer import RESUMABLE_CHANGES, resumed_config
 
 # On resume these may change too: they do not change what is computed.
 RESUMABLE = RESUMABLE_CHANGES | {"ppll.timeout", "ppll.window", "ppll.procs", "ppll.pin_cores"}

@@ -37,6 +37,27 @@ class Batch:
     target: torch.Tensor
     raw: torch.Tensor | None = None
 
+    @classmethod
+    def of(cls, item: Any, device: torch.device | None = None, channels_last: bool = False) -> Batch:
+        """A batch from what a loader yields: a Batch, ``(input, target)`` or ``(input, target, raw)``, moved to
+        ``device`` (images in channels_last when asked); anything else is one ValueError saying what is needed."""
+        if isinstance(item, Batch):
+            parts = (item.input, item.target, item.raw)
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3) and all(torch.is_tensor(t) for t in item[:2]):
+            parts = (item[0], item[1], item[2] if len(item) == 3 else None)
+        else:
+            what = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+            raise ValueError(
+                f"a batch must be (input, target) or (input, target, raw_uint8) tensors, got {what}; "
+                "wrap your dataset so that it yields those (e.g. a DataLoader over a TensorDataset(x, y))"
+            )
+        if device is not None:
+            parts = tuple(None if t is None else t.to(device, non_blocking=True) for t in parts)
+        x = parts[0]
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return cls(x, parts[1], parts[2])
+
     @cached_property
     def image01(self) -> torch.Tensor:
         """The un-normalised image in [0, 1], the target of InfoPro's decoder (docs/methods.md, "Aux nets and

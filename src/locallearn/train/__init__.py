@@ -4,8 +4,9 @@ from .allocator import allocator_setting, tune_cpu_allocator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, DataCfg, ModelCfg, OptimCfg, RunCfg, SplitCfg, TrainCfg, load_config
 from .engine import LocalEngine, StepResult
+from .entry import fit
 from .split import resolve_split
-from .trainer import Trainer, fit
+from .trainer import Trainer
 
 __all__ = [
     "ConfigError",

@@ -142,6 +142,11 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
                 raise ConfigError(
                     f"model.name={cfg.model.name} cannot be built for the {task.kind} dataset {cfg.data.name} ({e})"
                 ) from None
+    return make_engine(cfg, backbone, task, device, sample)
+
+
+def make_engine(cfg: TrainCfg, backbone: UnitBackbone, task: Task, device: torch.device, sample: Any) -> LocalEngine:
+    """The engine of ``cfg`` on a built ``backbone`` (the aux nets on their own RNG stream)."""
     return LocalEngine(
         backbone,
         cfg.method,
@@ -155,6 +160,27 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
         compile=cfg.run.compile,
         channels_last=cfg.model.channels_last,
     )
+
+
+def engine_from_model(
+    cfg: TrainCfg, model: nn.Module, task: Task | None, device: torch.device, sample: torch.Tensor
+) -> LocalEngine:
+    """Your own model, as it is: an ``nn.Module`` captured and cut at ``split.cuts`` (or balanced into
+    ``split.k`` modules), or a UnitBackbone. Its weights are yours (no re-initialisation); ``task`` defaults to
+    classification over the model's output width."""
+    if cfg.split.balance == "time" and cfg.split.preset == "auto" and resolve_k(cfg.split, cfg.method.name) > 1:
+        raise ConfigError(
+            "split.balance=time is measured from a config's model; with your own model pass split.cuts, split.k "
+            "with another balance, or split.preset=ends with split.ends"
+        )
+    if isinstance(model, UnitBackbone):
+        backbone = model
+    else:
+        try:
+            backbone = UnitBackbone.from_module(model, sample[:2], cuts=cfg.split.cuts or None, output=cfg.model.output)
+        except CaptureError as e:
+            raise ConfigError(str(e)) from None
+    return make_engine(cfg, backbone, task or ClassificationTask(backbone.infos[-1].channels), device, sample)
 
 
 def dataset_kwargs(builder: Any, task: Task, cfg: TrainCfg) -> dict[str, int]:

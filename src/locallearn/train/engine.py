@@ -17,7 +17,7 @@ made from the user's own ``nn.Sequential``::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -339,18 +339,20 @@ class LocalEngine:
         return grads
 
     @torch.no_grad()
-    def evaluate(self, batches) -> dict[str, object]:
+    def evaluate(self, batches: Iterable[Any]) -> dict[str, object]:
         """The final head's test metrics (``test_acc``; ``test_psnr``, ``test_ssim``) and loss, and the task's
-        headline metric of every aux net that predicts the task (``aux_acc``, ``aux_psnr``: quality by depth)."""
+        headline metric of every aux net that predicts the task (``aux_acc``, ``aux_psnr``: quality by depth).
+        ``batches``: any iterable of ``(input, target)``, ``(input, target, raw)`` or :class:`Batch` (a
+        ``DataLoader`` as it is), moved to the engine's device."""
         self.backbone.eval()
         self.method.eval()
         final = self.task.metrics()
         aux = [self.task.metrics() for _ in range(self.k - 1)]
         has_head = [False] * (self.k - 1)
         loss_sum, seen = torch.zeros((), device=self.device), 0
-        for x, y, raw in batches:
-            batch = Batch(x, y, raw)
-            h = x
+        for item in batches:
+            batch = Batch.of(item, self.device)
+            h = batch.input
             with self.autocast():
                 for k, module in enumerate(self.modules):
                     h = module(h)

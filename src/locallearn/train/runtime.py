@@ -126,7 +126,7 @@ class LocalRuntime:
         return Reduced([v / steps for v in values[:-2]], values[-2], seconds)
 
     def evaluate(self) -> dict[str, Any]:
-        return self.engine.evaluate(self.test_loader.batches())
+        return {} if self.test_loader is None else self.engine.evaluate(self.test_loader.batches())
 
     def save(self, position: dict[str, Any], carry: dict[str, Any] | None, name: str = "last") -> None:
         state = {**self.engine.state_dict(), **position, "rng_torch": torch.get_rng_state(), "unrecorded": carry}

@@ -4,14 +4,9 @@ The :class:`Trainer` owns the run: epochs and steps, the lr schedule, ``run.max_
 the carry that lets an epoch continued after an interruption record all of its steps, the per-epoch record
 (per-module loss, the task's headline statistic, time, throughput, memory), evaluation cadence, the progress
 bar, the console and the logs (metrics.jsonl, TensorBoard). The :class:`~locallearn.train.runtime.Runtime` it
-drives owns only where steps run (docs/architecture.md, "Trainer and runtimes"). :func:`fit` is the public
-entry: build the run from its config (:mod:`.build`), then run the trainer in one process.
-
-    locallearn train -c configs/fmnist/demo.yaml method.name=dgl split.k=4
-    locallearn train --resume runs/2026-11-23_101500_resnet14_dgl_k4
-
-Multi-process runs (``parallel: ppll | dp``) go through :func:`locallearn.parallel.fit_parallel`, which runs the
-same trainer on every rank.
+drives owns only where steps run (docs/architecture.md, "Trainer and runtimes"). The public entry, ``fit``
+(build, then run the trainer in one process), is :mod:`.entry`; multi-process runs (``parallel: ppll | dp``) run
+the same trainer on every rank (:func:`locallearn.parallel.fit_parallel`).
 """
 
 from __future__ import annotations
@@ -27,37 +22,17 @@ import torch
 from tqdm import tqdm
 
 from ..measure.memory import SavedTensorMeter, cuda_peak_bytes, reset_cuda_peak
-from .build import build_engine, build_loaders, resolve_device, resolve_time_balance, run_name
-from .checkpoint import load_checkpoint
-from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config_from_dict, dump_config, to_dict
+from .config import TrainCfg, dump_config, to_dict
 from .interrupt import Interrupted, StopSignals
 from .rundir import (
     MetricsLog,
-    check_tensorboard,
     environment,
     format_row,
     format_step,
-    latest_run_dir,
-    make_dir,
-    new_run_dir,
 )
-from .runtime import LocalRuntime, Reduced, Runtime
+from .runtime import Reduced, Runtime
 from .schedule import lr_at
 
-# On resume only these may differ from the saved config (how long to train, where, how verbosely).
-RESUMABLE_CHANGES = {
-    "run.epochs",
-    "run.max_steps",
-    "run.progress",
-    "run.threads",
-    "run.device",
-    "run.ckpt_every",
-    "run.ckpt_minutes",
-    "run.eval_every",
-    "log.tensorboard",
-    "log.every",
-    "log.seconds",
-}
 METER_STEPS = 2  # steps measured by the saved-tensor meter (the peak is the same every step at a fixed shape)
 CADENCE_STEPS = 5  # steps timed to choose the step-record cadence (log.every: null) and, in several processes,
 # the time-based checkpoint interval
@@ -340,70 +315,3 @@ class Trainer:
 def samples_seen(loader: Any, first: int, last: int) -> int:
     """Samples in batches ``first..last-1`` of an epoch (the last batch may be short)."""
     return max(0, min(last * loader.batch_size, loader.n) - first * loader.batch_size)
-
-
-def checkpoint_path(run: str | Path) -> Path:
-    """A run directory's ``ckpt_last.pt``, or the checkpoint file itself."""
-    path = Path(run)
-    return path / "ckpt_last.pt" if path.is_dir() else path
-
-
-def latest_run(cfg: TrainCfg) -> str | None:
-    """``--resume auto``: the newest folder of ``run.out`` for this config's run name that holds a checkpoint."""
-    found = latest_run_dir(cfg.run.out, run_name(cfg))
-    return None if found is None else str(found)
-
-
-def resumed_config(
-    saved: dict[str, Any],
-    cfg: TrainCfg | None,
-    overrides: list[str] | tuple = (),
-    run_dir: str | Path = "",
-    resumable: set[str] = RESUMABLE_CHANGES,
-) -> TrainCfg:
-    """The config of a resumed run: ``cfg``, or the ``saved`` one with ``overrides``; refused if anything but the
-    ``resumable`` keys differ from the saved config (also used by the multi-process runtimes)."""
-    saved = to_dict(config_from_dict(saved))  # a fresh copy (overrides edit nested dicts in place)
-    cfg = config_from_dict(apply_overrides(to_dict(config_from_dict(saved)), list(overrides))) if cfg is None else cfg
-    changed = changed_keys(saved, to_dict(cfg)) - resumable
-    if changed:
-        raise ConfigError(
-            f"--resume {run_dir}: {', '.join(sorted(changed))} differ from the run's config; "
-            f"only {', '.join(sorted(resumable))} may change on resume"
-        )
-    return cfg
-
-
-def fit(
-    cfg: TrainCfg | None = None,
-    *,
-    resume: str | Path | None = None,
-    overrides: list[str] | tuple = (),
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """Train one run, or continue ``resume`` (a run directory or checkpoint) with the same data order and RNG
-    state. When resuming without ``cfg``, ``overrides`` (``run.epochs=...``) apply to the saved config.
-    Returns the last epoch's metrics and ``run_dir``."""
-    state = None
-    if resume is not None:
-        ckpt = checkpoint_path(resume)
-        state = load_checkpoint(ckpt)
-        run_dir = ckpt.parent
-        cfg = resumed_config(state["config"], cfg, overrides, run_dir)
-    if cfg is None:
-        raise ConfigError("fit needs a config or a run to resume")
-    if cfg.parallel != "none":
-        raise ConfigError(f"parallel={cfg.parallel} runs through locallearn.parallel, not the single-process fit")
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    device = resolve_device(cfg.run.device)
-    make_dir(cfg.run.out)  # an unusable output folder fails now, not after the data and model are built
-    check_tensorboard(cfg.log.tensorboard)
-
-    train_loader, test_loader, spec = build_loaders(cfg, device)
-    cfg = resolve_time_balance(cfg, spec, device, train_loader, quiet)
-    engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
-    if state is None:
-        run_dir = new_run_dir(cfg.run.out, run_name(cfg))
-    runtime = LocalRuntime(engine, train_loader, test_loader, run_dir, state)
-    return Trainer(cfg, runtime, resume=state is not None, quiet=quiet).fit()
