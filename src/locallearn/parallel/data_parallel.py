@@ -32,14 +32,21 @@ import torch.distributed as dist
 from torch import nn
 
 from ..tasks.task import Batch
-from ..train.build import build_engine, build_loaders, run_name
+from ..train.build import run_name
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.config import ConfigError, TrainCfg
 from ..train.engine import LocalEngine, StepResult
 from ..train.rundir import new_run_dir
 from ..train.runtime import Reduced
-from ..train.trainer import Trainer
-from .launch import StopAgreement, agreed, agreed_config, agreed_run_dir, name_ranks, rank_device, run_torchrun, spawn
+from .launch import (
+    StopAgreement,
+    agreed,
+    agreed_run_dir,
+    name_ranks,
+    run_torchrun,
+    spawn,
+    train_rank,
+)
 from .link import StageError, short_error
 
 
@@ -177,12 +184,7 @@ class ReplicaRuntime:
 def run_dp(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> dict[str, Any] | None:
     """The body of one data-parallel rank (process group initialised): build, then run the trainer on this
     replica; returns the metrics on rank 0."""
-    device = rank_device(cfg)
-    train_loader, test_loader, spec = build_loaders(cfg, device)
-    cfg = agreed_config(cfg, spec, device, train_loader)
-    engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
-    runtime = ReplicaRuntime(cfg, engine, train_loader, test_loader, device, out_dir)
-    return Trainer(cfg, runtime, resume=resume).fit()
+    return train_rank(ReplicaRuntime, cfg, out_dir, resume)
 
 
 def fit_dp(cfg: TrainCfg, resume: str | None = None) -> dict[str, Any] | None:

@@ -37,9 +37,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-from ..train.build import resolve_device, resolve_time_balance
+from ..train.build import build_engine, build_loaders, resolve_device, resolve_time_balance
 from ..train.config import ConfigError, TrainCfg, config_from_dict, to_dict
 from ..train.rundir import new_run_dir
+from ..train.trainer import Trainer
 from .link import StageError, short_error
 
 Body = Callable[[TrainCfg, "str | None", bool], "dict[str, Any] | None"]
@@ -202,6 +203,18 @@ class StopAgreement:
             return None
         agreed = self.store.compare_set(STOP_STEP_KEY, "", str(step + self.margin))
         return int(agreed), self.store.get(STOP_KEY).decode()
+
+
+def train_rank(make_runtime: Callable[..., Any], cfg: TrainCfg, out_dir: str | None, resume: bool) -> Any:
+    """The body of one rank of a multi-process run (process group initialised): build this rank's loaders and
+    engine (a time-balanced split measured once, on rank 0), then run the trainer on
+    ``make_runtime(cfg, engine, train_loader, test_loader, device, out_dir)``. Returns rank 0's metrics."""
+    device = rank_device(cfg)
+    train_loader, test_loader, spec = build_loaders(cfg, device)
+    cfg = agreed_config(cfg, spec, device, train_loader)
+    engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
+    runtime = make_runtime(cfg, engine, train_loader, test_loader, device, out_dir)
+    return Trainer(cfg, runtime, resume=resume).fit()
 
 
 def run_body(body: Body, cfg: TrainCfg, out_dir: str | None, resume: bool) -> dict[str, Any] | None:

@@ -65,25 +65,23 @@ import torch
 import torch.distributed as dist
 
 from ..tasks.task import Batch
-from ..train.build import build_engine, build_loaders, run_name
+from ..train.build import run_name
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.config import ConfigError, TrainCfg
 from ..train.engine import LocalEngine, StepResult
 from ..train.rundir import new_run_dir
 from ..train.runtime import Reduced
-from ..train.trainer import Trainer
 from .cross_stage import CrossStage, check_supported
 from .data_parallel import GradAverager, broadcast_buffers, shard
 from .launch import (
     StopAgreement,
     agreed,
-    agreed_config,
     agreed_run_dir,
     name_ranks,
     new_group,
-    rank_device,
     run_torchrun,
     spawn,
+    train_rank,
 )
 from .link import TRAIN, Link, StageError
 from .stage_eval import gather_evaluation, stage_evaluate
@@ -343,12 +341,7 @@ class StageRuntime:
 def run_stage(cfg: TrainCfg, out_dir: str | None = None, resume: bool = False) -> dict[str, Any] | None:
     """The body of one rank (the process group must be initialised): build, then run the trainer on this stage.
     ``resume``: continue the run in ``out_dir`` from its per-stage checkpoints. Returns the metrics on rank 0."""
-    device = rank_device(cfg)
-    train_loader, test_loader, spec = build_loaders(cfg, device)
-    cfg = agreed_config(cfg, spec, device, train_loader)
-    engine = build_engine(cfg, spec, device, next(iter(test_loader))[0][: cfg.data.batch_size])
-    runtime = StageRuntime(cfg, engine, train_loader, test_loader, device, out_dir)
-    return Trainer(cfg, runtime, resume=resume).fit()
+    return train_rank(StageRuntime, cfg, out_dir, resume)
 
 
 def stage_file(stage: int, name: str = "last") -> str:
