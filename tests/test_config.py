@@ -169,6 +169,7 @@ def test_many_overrides_applied_and_round_trip(tmp_path):
         patch_size=None,
         kwargs={"depth": 50, "zero_init": True},
         output="logits",
+        leaf_modules=[],
     )
     assert d["split"] == dict(k=8, preset="ends", balance="flops", ends=[2, 5, 9], cuts=[])
     method_keys = (

@@ -374,3 +374,25 @@ def test_evaluate_takes_a_plain_dataloader_of_pairs(synthetic_root: Path) -> Non
     assert 0 <= result["test_acc"] <= 1 and len(result["aux_acc"]) == 1
     with pytest.raises(ValueError, match=r"a batch must be \(input, target\) or \(input, target, raw_uint8\)"):
         engine.evaluate([torch.zeros(2, 1, 16, 16)])
+
+
+def test_a_failed_capture_names_the_submodule_and_line_and_the_fix_works_in_python_and_the_cli(
+    synthetic_root: Path, tmp_path: Path, capsys
+) -> None:
+    from locallearn import UnitBackbone
+    from locallearn.models.capture import CaptureError
+    from tests import user_models
+
+    x = torch.zeros(2, 1, 16, 16)
+    with pytest.raises(CaptureError) as info:
+        UnitBackbone.from_module(user_models.gated(), x, cuts=["stem"])
+    message = str(info.value)
+    assert "at gate (user_models.py:" in message and "if x.mean() > 0:" in message, message
+    assert "leaf_modules=['gate'] (CLI: model.leaf_modules=[gate])" in message and "\n" not in message
+    backbone = UnitBackbone.from_module(user_models.gated(), x, cuts=["stem"], leaf_modules=["gate"])
+    assert len(backbone) >= 2
+    argv = ["train", "-c", "configs/smoke/fmnist_dgl_k3.yaml", *base(synthetic_root, tmp_path)]
+    argv += ["model.name=tests.user_models:gated", "split.cuts=[stem]", "split.k=null", "run.max_steps=2"]
+    assert main(argv) == 2
+    assert "model.leaf_modules=[gate]" in capsys.readouterr().err
+    assert main([*argv, "model.leaf_modules=[gate]"]) == 0

@@ -235,3 +235,30 @@ class Tied(nn.Module):
         x = self.block2(self.proj(x))
         x = self.block3(self.proj(x))
         return self.fc(x.mean((2, 3)))
+
+
+class DataGate(nn.Module):
+    """Branches on the data: torch.fx cannot trace it (a proxy has no truth value)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return x * 2
+        return x
+
+
+class Gated(nn.Module):
+    """A small classifier with a data-dependent gate between two convolutions."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.gate = DataGate()
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(self.gate(self.stem(x))).mean((2, 3)))
+
+
+def gated(num_classes: int = 10, in_channels: int = 1, width: int = 8) -> Gated:
+    return Gated(num_classes, in_channels, width)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import linecache
 import operator
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,12 +131,36 @@ def _trace(wrapper: _Picked, leaves: set[str], training: bool) -> tuple[fx.Graph
         raise
     except Exception as e:  # fx's TraceError, or whatever the model's forward raised on proxies
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name, line = failure_site(e, wrapper.model)
+        where = f" at {name or 'its own forward'} ({line})" if line else ""
+        fix = (
+            f"mark {name!r} as opaque with leaf_modules=[{name!r}] (CLI: model.leaf_modules=[{name}]); it then stays "
+            "inside one unit"
+            if name
+            else "mark the submodule with data-dependent control flow as opaque with leaf_modules=[name] (CLI: "
+            "model.leaf_modules=[name]); it then stays inside one unit"
+        )
         raise CaptureError(
-            f"torch.fx cannot capture {type(wrapper.model).__name__}.forward ({type(e).__name__}: {first}); "
-            "mark the submodule with data-dependent control flow as opaque with leaf_modules=[name] (it then "
-            "stays inside one unit), or wrap your layers with UnitBackbone.from_sequential"
+            f"torch.fx cannot capture {type(wrapper.model).__name__}.forward{where} ({type(e).__name__}: {first}); "
+            f"{fix}, or wrap your layers with UnitBackbone.from_sequential"
         ) from None
     return fx.GraphModule(wrapper, graph), tracer
+
+
+def failure_site(error: BaseException, model: nn.Module) -> tuple[str | None, str | None]:
+    """Where tracing failed, as the user reads it: the innermost submodule of ``model`` on the traceback (its
+    name from ``named_modules()``, "" for the model itself) and ``file.py:line: source`` of that frame."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found: tuple[str | None, str | None] = (None, None)
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            file = tb.tb_frame.f_code.co_filename
+            source = linecache.getline(file, tb.tb_lineno).strip()
+            found = (names[id(owner)], f"{Path(file).name}:{tb.tb_lineno}: {source}")
+        tb = tb.tb_next
+    return found
 
 
 class _ShapePass(fx.Interpreter):

@@ -129,6 +129,11 @@ def build_engine(cfg: TrainCfg, spec: Any, device: torch.device, sample: torch.T
         if is_import_path(cfg.model.name):
             backbone = user_backbone(cfg, task, sample)
         else:
+            if cfg.model.leaf_modules:
+                raise ConfigError(
+                    f"model.leaf_modules applies to your own model (model.name=package.module:function), not to "
+                    f"{cfg.model.name}; unset it"
+                )
             if cfg.split.cuts:
                 raise ConfigError(
                     "split.cuts names submodules of your own model (model.name=package.module:function); for "
@@ -177,7 +182,13 @@ def engine_from_model(
         backbone = model
     else:
         try:
-            backbone = UnitBackbone.from_module(model, sample[:2], cuts=cfg.split.cuts or None, output=cfg.model.output)
+            backbone = UnitBackbone.from_module(
+                model,
+                sample[:2],
+                cuts=cfg.split.cuts or None,
+                output=cfg.model.output,
+                leaf_modules=cfg.model.leaf_modules,
+            )
         except CaptureError as e:
             raise ConfigError(str(e)) from None
     return make_engine(cfg, backbone, task or ClassificationTask(backbone.infos[-1].channels), device, sample)
@@ -211,7 +222,13 @@ def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbo
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name={name} returned {type(model).__name__}, not an nn.Module")
     try:
-        backbone = UnitBackbone.from_module(model, sample[:2], cuts=cfg.split.cuts or None, output=cfg.model.output)
+        backbone = UnitBackbone.from_module(
+            model,
+            sample[:2],
+            cuts=cfg.split.cuts or None,
+            output=cfg.model.output,
+            leaf_modules=cfg.model.leaf_modules,
+        )
     except CaptureError as e:
         raise ConfigError(f"model.name={name}: {e}") from None
     width = backbone.infos[-1].channels

@@ -70,7 +70,8 @@ class ModelCfg:
     prediction when your model returns a dict / tuple / dataclass (default: ``.logits``, else the first tensor);
     ``width``: its base width (a ViT's embedding dim); ``patch_size``: a ViT's
     patch side (None = the model's own, 16 at 224 px); when set, the ViT is built for the dataset's image size, e.g.
-    ``model.patch_size=4`` on CIFAR's 32×32 gives the 8×8 token grid of CIFAR ViTs."""
+    ``model.patch_size=4`` on CIFAR's 32×32 gives the 8×8 token grid of CIFAR ViTs. ``leaf_modules``: submodules of
+    your own model that capture must not trace into (data-dependent control flow; a failed capture names them)."""
 
     name: str = "resnet20"
     width: int = 16
@@ -78,6 +79,7 @@ class ModelCfg:
     patch_size: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     output: int | str | None = None
+    leaf_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
