@@ -178,20 +178,25 @@ def engine_from_model(
             "split.balance=time is measured from a config's model; with your own model pass split.cuts, split.k "
             "with another balance, or split.preset=ends with split.ends"
         )
-    if isinstance(model, UnitBackbone):
-        backbone = model
-    else:
-        try:
-            backbone = UnitBackbone.from_module(
-                model,
-                sample[:2],
-                cuts=cfg.split.cuts or None,
-                output=cfg.model.output,
-                leaf_modules=cfg.model.leaf_modules,
-            )
-        except CaptureError as e:
-            raise ConfigError(str(e)) from None
+    backbone = capture_model(cfg, model, sample)
     return make_engine(cfg, backbone, task or ClassificationTask(backbone.infos[-1].channels), device, sample)
+
+
+def capture_model(cfg: TrainCfg, model: nn.Module, sample: torch.Tensor, context: str = "") -> UnitBackbone:
+    """``model`` as units, cut by ``split.cuts`` with ``model.output`` and ``model.leaf_modules`` (a UnitBackbone
+    as it is); a capture that fails is one ConfigError, prefixed by ``context``."""
+    if isinstance(model, UnitBackbone):
+        return model
+    try:
+        return UnitBackbone.from_module(
+            model,
+            sample[:2],
+            cuts=cfg.split.cuts or None,
+            output=cfg.model.output,
+            leaf_modules=cfg.model.leaf_modules,
+        )
+    except CaptureError as e:
+        raise ConfigError(f"{context}{e}") from None
 
 
 def dataset_kwargs(builder: Any, task: Task, cfg: TrainCfg) -> dict[str, int]:
@@ -221,16 +226,7 @@ def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbo
         return model
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name={name} returned {type(model).__name__}, not an nn.Module")
-    try:
-        backbone = UnitBackbone.from_module(
-            model,
-            sample[:2],
-            cuts=cfg.split.cuts or None,
-            output=cfg.model.output,
-            leaf_modules=cfg.model.leaf_modules,
-        )
-    except CaptureError as e:
-        raise ConfigError(f"model.name={name}: {e}") from None
+    backbone = capture_model(cfg, model, sample, f"model.name={name}: ")
     width = backbone.infos[-1].channels
     expected = getattr(task, "num_classes", None)
     if expected is not None and width != expected:

@@ -221,10 +221,10 @@ class LocalEngine:
         Each module runs forward once. A loss of reach r (a cascade) sends its gradient back through the r
         modules ending at this one and no further: the engine keeps the graphs of the last ``max_reach`` modules
         alive, each on its own leaf input, and carries the input gradient from graph to graph by hand (one
-        forward per module, not the reference code's repeated forwards; docs/methods.md, "Cascades"). Plain
-        methods (reach 1) detach after every module, so at most one module's graph is alive. ``hooks`` are
-        where a multi-process runtime exchanges messages (:class:`StepHooks`); this is the only place that calls
-        backward, the GradScaler and the optimizers' steps.
+        forward per module, not the reference code's repeated forwards; docs/methods.md, "Add-ons: MAN, MAN++,
+        HPFF, MLAAN on any base"). Plain methods (reach 1) detach after every module, so at most one module's graph
+        is alive. ``hooks`` are where a multi-process runtime exchanges messages (:class:`StepHooks`); this is the
+        only place that calls backward, the GradScaler and the optimizers' steps.
         """
         modules = range(self.k) if modules is None else modules
         if not self.checked:  # one host sync, on the first step only
