@@ -199,17 +199,18 @@ def test_compile_in_place_keeps_checkpoint_keys() -> None:
 )
 def test_every_method_and_addon_trains_under_mixed_precision(cfg: MethodCfg, precision: str) -> None:
     """``run.precision`` reaches every module, aux net and add-on: the autocast forward runs in the low dtype,
-    parameters stay fp32, and losses stay finite and close to fp32's."""
+    parameters stay fp32, the first step's losses (same weights) are close to fp32's, and later ones stay finite.
+    (Only the first step compares: fp16's GradScaler skips its first steps while it finds its scale.)"""
     k = 1 if cfg.name == "e2e" else 3
     engines = {p: make_engine(cfg, k, precision=p) for p in ("fp32", precision)}
     seen: set[torch.dtype] = set()
     engines[precision].modules[0].register_forward_hook(lambda m, i, out: seen.add(out.dtype))
-    sums = {p: torch.zeros(k + 2) for p in engines}
-    for s in range(2):
-        for p, engine in engines.items():
-            sums[p] += engine.train_step(make_batch(n=32, seed=s)).figures
+    figures = {
+        p: [engine.train_step(make_batch(n=32, seed=s)).figures for s in range(2)] for p, engine in engines.items()
+    }
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert seen == {low}
     assert all(p.dtype == torch.float32 for p in engines[precision].backbone.parameters())
-    ref, got = ((sums[p][:-2] / 2).tolist() for p in ("fp32", precision))
-    assert all(torch.isfinite(torch.tensor(got))) and all(abs(a - b) < 0.1 * abs(a) + 0.05 for a, b in zip(ref, got))
+    ref, got = (figures[p][0][:-2].tolist() for p in ("fp32", precision))
+    assert all(abs(a - b) < 0.03 * abs(a) + 0.01 for a, b in zip(ref, got)), (ref, got)
+    assert torch.isfinite(figures[precision][1]).all()

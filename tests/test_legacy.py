@@ -36,7 +36,7 @@ def test_stage_lambda_uses_next_stage_over_paper_label() -> None:
     """MAN's CIFAR code: r = s'/(K_label - 2); the label K=16 is 15 modules, so r <= 3/14."""
     lambdas = [5.0, 1.0, 0.0, 0.0]
     cfg = MethodCfg(name="infopro", addons=["man"], lambdas=lambdas, loss_mode="softmax")
-    fixed = resnet32_engine(cfg)
+    fixed = resnet32_engine(replace(cfg, lambdas=[5.0, 1.0, 0.0, 0.5]))  # (0, 0) at module 13 would be refused
     legacy = resnet32_engine(replace(cfg, legacy=["stage_lambda"]))
     for k in range(14):
         stage = legacy.backbone.infos[legacy.ends[k]].stage

@@ -16,9 +16,9 @@ from ..models.units import UnitInfo
 from ..names import unknown_name
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=bias), nn.BatchNorm2d(cout), nn.ReLU()
     )
 
 
@@ -41,7 +41,9 @@ def _imagenet_head(c: int, widen: int) -> tuple[list[nn.Module], int]:
 
 
 class InfoProHead(nn.Module):
-    """InfoPro's ``AuxClassifier``: ``{n}c{m}f`` = n convs, GAP, m linear layers (its ``auxiliary_nets.py``).
+    """InfoPro's ``AuxClassifier``: ``{n}c{m}f`` = n convs, GAP, m linear layers (blackfeather-wang/InfoPro-Pytorch,
+    ``Experiments on CIFAR-SVHN-STL10/networks/auxiliary_nets.py``; ``imagenet``: the ``head`` of its
+    ``Experiments on ImageNet/networks/resnet.py``).
 
     The conv goes to 2C with stride 2 before the last stage and keeps C with stride 1 in it (16→32, 32→64,
     64→64 in the paper's ResNets), times ``widen``. Hidden linear width is ``feature_dim·widen``.
@@ -85,8 +87,18 @@ class InfoProHead(nn.Module):
 DECODERS = ("infopro", IMAGENET_AUX)
 
 
+class Fp32Sigmoid(nn.Module):
+    """The decoder's sigmoid, in fp32 under any autocast: in bf16 a probability near 1 keeps 8 bits, so
+    log(1 - p) in the BCE against a bright pixel would be off by up to ~0.7 (the reference trains in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x.float())
+
+
 class Decoder(nn.Module):
-    """InfoPro's reconstruction decoder. The image size comes from the batch, so any input size works.
+    """InfoPro's reconstruction decoder (``Decoder`` in the same two reference files as :class:`InfoProHead`).
+    The image size comes from the batch, so any input size works. Every conv has a bias, as in the reference; on
+    the convs followed by BatchNorm it is cancelled in training and moves only that BN's running mean.
 
     * ``infopro`` (CIFAR/STL): upsample to the image size, 3×3 conv C→12w, BN, ReLU, 3×3 conv → image channels,
       sigmoid.
@@ -105,18 +117,18 @@ class Decoder(nn.Module):
         self.kind = kind
         if kind == "infopro":
             self.net = nn.Sequential(
-                _conv_bn_relu(info.channels, 12 * widen, 3),
+                _conv_bn_relu(info.channels, 12 * widen, 3, bias=True),
                 nn.Conv2d(12 * widen, image_channels, 3, padding=1),
-                nn.Sigmoid(),
+                Fp32Sigmoid(),
             )
             return
         steps = max(1, round(math.log2(max(info.reduction, 1))))  # ×2 upsamplings back to the image size
         widths = [w * widen for w in (128, *[32] * max(0, steps - 2), *[12] * (steps >= 2))]
         cins = [info.channels, *widths[:-1]]
         self.stages = nn.ModuleList(
-            _conv_bn_relu(cin, width, 1 if i == 0 else 3) for i, (cin, width) in enumerate(zip(cins, widths))
+            _conv_bn_relu(cin, width, 1 if i == 0 else 3, bias=True) for i, (cin, width) in enumerate(zip(cins, widths))
         )
-        self.out = nn.Sequential(nn.Conv2d(widths[-1], image_channels, 3, padding=1), nn.Sigmoid())
+        self.out = nn.Sequential(nn.Conv2d(widths[-1], image_channels, 3, padding=1), Fp32Sigmoid())
 
     def forward(self, h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.kind == "infopro":
@@ -134,8 +146,11 @@ DGL_HEADS = ("mlp", "mlp-sr", "cnn")
 
 
 class DGLHead(nn.Module):
-    """DGL's ``auxillary_classifier2``: optional pool to ceil(S/4), ``n_lin`` conv-BN-ReLU layers,
-    pool to 2×2, then an MLP (``mlp_layers`` × Linear-BN-ReLU) or BN, and a linear classifier.
+    """DGL's ``auxillary_classifier2`` (eugenium/DGL, ``auxiliary_nets_study/models.py``; the ImageNet copy in
+    ``imagenet_dgl/models/auxillary_classifier.py`` is the same head without ``cnn``): optional average pool to
+    ceil(S/4), ``n_lin`` conv-BN-ReLU layers at the input width, average pool to 2×2, then either an MLP
+    (``mlp_layers`` × Linear-BN1d-ReLU at width 4C) or, without an MLP, a BatchNorm2d(C) on the 2×2 map; flatten and
+    a linear classifier.
 
     Variants: ``mlp`` (no convs, 3 MLP layers), ``mlp-sr`` (DGL default: 3 1×1 convs, 3 MLP layers),
     ``cnn`` (2 3×3 convs, no pre-pool, no MLP).
@@ -149,12 +164,11 @@ class DGLHead(nn.Module):
         self.prepool = kind != "cnn"
         c = info.channels
         self.convs = nn.Sequential(*[_conv_bn_relu(c, c, kernel) for _ in range(n_lin)])
+        self.norm = nn.BatchNorm2d(c) if not mlp_layers else nn.Identity()  # the reference's ``bn``, cnn only
         width = 4 * c
         mlp: list[nn.Module] = []
         for _ in range(mlp_layers):
             mlp += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
-        if not mlp_layers:
-            mlp.append(nn.BatchNorm1d(width))
         mlp.append(nn.Linear(width, num_classes))
         self.mlp = nn.Sequential(*mlp)
 
@@ -162,7 +176,7 @@ class DGLHead(nn.Module):
         if self.prepool:
             size = -(-h.shape[-1] // 4)
             h = F.adaptive_avg_pool2d(h, (-(-h.shape[-2] // 4), size))
-        h = F.adaptive_avg_pool2d(self.convs(h), 2)
+        h = self.norm(F.adaptive_avg_pool2d(self.convs(h), 2))
         return self.mlp(torch.flatten(h, 1))
 
 

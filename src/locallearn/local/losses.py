@@ -29,9 +29,15 @@ def supcon_loss(
 
 
 def reconstruction_loss(recon: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
-    """BCE between the decoder's sigmoid output and the un-normalised image in [0, 1] (InfoPro's I(h; x) term)."""
+    """BCE between the decoder's sigmoid output and the un-normalised image in [0, 1] (InfoPro's I(h; x) term).
+    Always in fp32 outside autocast: CUDA's autocast refuses BCE on probabilities, and the decoder's sigmoid is
+    fp32 too (:class:`~locallearn.local.aux_nets.Decoder`)."""
     if recon.shape != image01.shape:
         raise ValueError(f"decoder output {tuple(recon.shape)} does not match image {tuple(image01.shape)}")
+    device = recon.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # not on meta tensors (estimates)
+        with torch.autocast(device, enabled=False):
+            return F.binary_cross_entropy(recon.float(), image01.float())
     return F.binary_cross_entropy(recon.float(), image01.float())
 
 

@@ -18,6 +18,7 @@ build the objective for a feature map described by a :class:`UnitInfo`; ``method
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ from .bridge import build_bridged
 from .objective import LocalLoss, ModuleAux, Objective
 from .options import ADDONS, LEGACY, MethodCfg, MethodContext
 from .pff import PatchDecoders
+
+AuxNet = TypeVar("AuxNet", bound=nn.Module)
 
 
 class LocalMethod(nn.Module):
@@ -86,6 +89,14 @@ class LocalMethod(nn.Module):
         """The base aux net + loss for module k, on a feature map described by ``info``. ``independent``: the
         light independent head that sits beside a cascade (HiLo's IAN, MLAAN's classifier: no decoder)."""
         raise NotImplementedError
+
+    def init_aux(self, module: AuxNet) -> AuxNet:
+        """``module`` (a freshly built aux net) initialised as the backbone initialises its own layers: the
+        reference code builds its aux nets inside the network, so the network's init loop reaches them too
+        (InfoPro's ``InfoProResNet``, DGL's ImageNet ``ResNet``; docs/methods.md, "Aux-net initialisation")."""
+        if self.ctx.weight_init is not None:
+            self.ctx.weight_init(module)
+        return module
 
     def local_losses(self, k: int, h: torch.Tensor | tuple, batch: Batch) -> list[LocalLoss]:
         """The losses module k's output contributes, each with its reach. ``h``: the module's output, a tensor or

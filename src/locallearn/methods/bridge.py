@@ -71,11 +71,13 @@ class MomentumBridge(nn.Module):
         self.live = [units[i] for i in sources]  # plain list: the backbone owns these, not the bridge
         self.learnable = nn.ModuleList(copy.deepcopy(units[i]) for i in sources)
         self.ema = nn.ModuleList(copy.deepcopy(units[i]) for i in sources[: cfg.n_ema if self.combine != "none" else 0])
-        if cfg.ema_init == "random":  # the MAN and MLAAN code re-initialise their copies
+        if cfg.ema_init == "random":  # the MAN and MLAAN code re-initialise their copies by the network's init loop
             for module in [*self.learnable, *self.ema]:
                 for sub in module.modules():
                     if hasattr(sub, "reset_parameters"):
                         sub.reset_parameters()
+                if method.ctx.weight_init is not None:
+                    method.ctx.weight_init(module)
         for p in self.ema.parameters():
             p.requires_grad_(False)
         if cfg.ema_warmup:  # a buffer: saved, restored and moved with the method, read without a host sync

@@ -42,8 +42,8 @@ class DGL(LocalMethod):
 
     def build_objective(self, k: int, info: UnitInfo, independent: bool = False) -> Objective:
         if self.ctx.task.kind != "classification":  # other tasks: the task's plain head (docs/glcan.md)
-            return DGLObjective(self.ctx.task.plain_head(info, self.ctx.image_channels), self.ctx.task)
+            return DGLObjective(self.init_aux(self.ctx.task.plain_head(info, self.ctx.image_channels)), self.ctx.task)
         num_classes = self.ctx.task.num_classes
         if info.tokens:
-            return DGLObjective(TokenHead(info, num_classes, pool="auto"), self.ctx.task)
-        return DGLObjective(DGLHead(info, self.cfg.dgl_head, num_classes), self.ctx.task)
+            return DGLObjective(self.init_aux(TokenHead(info, num_classes, pool="auto")), self.ctx.task)
+        return DGLObjective(self.init_aux(DGLHead(info, self.cfg.dgl_head, num_classes)), self.ctx.task)

@@ -95,6 +95,12 @@ class InfoPro(LocalMethod):
         lam_x, lam_y = infopro_lambdas(k, ctx.num_modules, *cfg.lambdas, ratio=ratio)
         if independent:  # beside a cascade: HPFF's independent aux net is the head alone (HPFF's code)
             lam_x, lam_y = 0.0, 1.0
+        elif lam_x == lam_y == 0 and self.span == 1:  # no other loss reaches module k: it would never train
+            raise ValueError(
+                f"method.lambdas={list(cfg.lambdas)} gives local module {k} of {ctx.num_modules} the weights (0, 0), "
+                "so it would never train (λ reach (ixx_2, ixy_2) at module K-2): give ixx_2 or ixy_2 a value > 0, "
+                "or add method.legacy=[stage_lambda] for MAN's stage ratio"
+            )
         out = cfg.feature_dim if cfg.loss_mode == "contrast" else ctx.task.num_classes
         if info.tokens:
             if lam_x:
@@ -105,11 +111,14 @@ class InfoPro(LocalMethod):
             if cfg.aux not in INFOPRO_CONFIGS:
                 raise ValueError(unknown_name("InfoPro aux config", cfg.aux, INFOPRO_CONFIGS))
             hidden = cfg.feature_dim * cfg.widen if int(cfg.aux[2]) >= 2 else None
-            head = TokenHead(info, out, pool="auto", hidden=hidden) if lam_y else None
+            head = self.init_aux(TokenHead(info, out, pool="auto", hidden=hidden)) if lam_y else None
             return InfoProObjective(None, head, lam_x, lam_y, cfg, ctx.task)
         head = InfoProHead(info, ctx.num_stages, cfg.aux, out, cfg.widen, cfg.feature_dim) if lam_y else None
         kind = "imagenet" if cfg.aux == IMAGENET_AUX else "infopro"  # aux: imagenet = InfoPro's ImageNet head + decoder
         decoder = Decoder(info, ctx.image_channels, cfg.widen, kind) if lam_x else None
         if decoder is not None and "pff" in cfg.addons and cfg.pff_mode == "decoder":
             decoder = PatchDecoders(lambda: Decoder(info, ctx.image_channels, cfg.widen, kind), cfg.pff_patches)
+        for part in (head, decoder):  # as InfoProResNet's init loop, which runs over its aux nets too
+            if part is not None:
+                self.init_aux(part)
         return InfoProObjective(decoder, head, lam_x, lam_y, cfg, ctx.task)

@@ -7,6 +7,7 @@ loader all read it, and it imports none of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -139,8 +140,9 @@ class MethodCfg:
 @dataclass
 class MethodContext:
     """What a method may know about the network: one :class:`UnitInfo` per module (its last unit), the
-    backbone's units and infos (bridges copy later units), where the modules end, and the split preset that put
-    them there (a paper's K label for a legacy schedule)."""
+    backbone's units and infos (bridges copy later units), where the modules end, the split preset that put
+    them there (a paper's K label for a legacy schedule), and the backbone's weight init, which the aux nets
+    get too (``UnitBackbone.weight_init``; None keeps torch's defaults)."""
 
     module_infos: list[UnitInfo]
     num_stages: int
@@ -150,6 +152,7 @@ class MethodContext:
     unit_infos: list[UnitInfo] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
     split_preset: str = "auto"
+    weight_init: Callable[[nn.Module], None] | None = None
 
     @property
     def num_modules(self) -> int:

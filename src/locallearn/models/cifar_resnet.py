@@ -103,6 +103,7 @@ def cifar_resnet(
     infos.append(UnitInfo("head", num_classes, 4, reduction, is_head=True))
     model = UnitBackbone(units, infos, in_channels, num_stages=3)
     _init_weights(model)
+    model.weight_init = _init_weights
     return model
 
 

@@ -11,6 +11,8 @@ unit list: unit 0 is the stem, stage s block j is unit ``1 + sum(blocks[:s-1]) +
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -109,6 +111,7 @@ def imagenet_resnet(
     infos.append(UnitInfo("head", num_classes, 5, reduction, is_head=True))
     model = UnitBackbone(units, infos, in_channels, num_stages=4)
     _init_weights(model, zero_init_residual)
+    model.weight_init = partial(_init_weights, zero_init_residual=False)
     return model
 
 

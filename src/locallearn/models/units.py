@@ -6,7 +6,7 @@ methods or splits. Each unit carries metadata that aux-net builders need at a sp
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,10 @@ class UnitBackbone(nn.Module):
         # them when split.k / split.ends say nothing else).
         self.planned_ends: list[int] | None = None
         self.planned_k: int | None = None
+        # The backbone's own weight init, or None for torch's defaults. The reference code builds its aux nets
+        # inside the network, so the network's init loop covers them too; the methods apply this to every aux
+        # net they build (docs/methods.md, "Aux-net initialisation").
+        self.weight_init: Callable[[nn.Module], None] | None = None
 
     def __len__(self) -> int:
         return len(self.units)

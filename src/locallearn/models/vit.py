@@ -144,6 +144,7 @@ def vit(
     infos.append(UnitInfo("head", num_classes, 2, patch_size, is_head=True))
     model = UnitBackbone(units, infos, in_channels, num_stages=1)
     _init_weights(model)
+    model.weight_init = _init_weights  # MAN++'s ViT applies it to its aux heads and bridge copies too
     return model
 
 

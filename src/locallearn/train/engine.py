@@ -123,6 +123,7 @@ class LocalEngine:
             list(backbone.infos),
             list(self.ends),
             split.preset,
+            backbone.weight_init,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aux_seed)
