@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Commit the study's finished records as they appear (results.json/.md and each finished run's config, env,
 # metrics and log; checkpoints stay out of git). Runs until killed; one commit per change of results.json.
+#   bash benchmarks/accuracy_fmnist_full/commit_rows.sh [RESULTS_FOLDER]   # default: the study's own folder
 cd "$(dirname "$0")/../.."
-OUT=benchmarks/accuracy_fmnist_full
+OUT=${1:-benchmarks/accuracy_fmnist_full}
 last=""
 while true; do
   sum=$(cat $OUT/results.json $OUT/ema_warmup/results.json 2>/dev/null | md5sum)
   if [ -f $OUT/results.json ] && [ "$sum" != "$last" ]; then
-    files=$(.venv/bin/python - <<'PY'
-import json, pathlib
-out = pathlib.Path("benchmarks/accuracy_fmnist_full")
+    files=$(.venv/bin/python - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
 for results in (out / "results.json", out / "ema_warmup" / "results.json"):
     if not results.exists():
         continue
@@ -23,7 +24,7 @@ print(" ".join(str(p) for p in sorted(out.glob("runs/stage*.log"))))  # output o
 PY
 )
     for i in 1 2 3 4 5; do
-      if git add -f $files 2>/dev/null && git commit -q -m "accuracy_fmnist_full: record of finished runs ($(date -u +%H:%M))" -- $files; then
+      if git add -f $files 2>/dev/null && git commit -q -m "$OUT: record of finished runs ($(date -u +%H:%M))" -- $files; then
         break
       fi
       sleep 5
