@@ -20,7 +20,7 @@ for results in (out / "results.json", out / "ema_warmup" / "results.json"):
         print(" ".join(str(d / n) for n in ("config.yaml", "env.json", "metrics.jsonl") if (d / n).exists()))
         log = d.parent / (d.name.split("_", 2)[2] + ".log")
         print(log if log.exists() else "")
-print(" ".join(str(p) for p in sorted(out.glob("runs/stage*.log"))))  # output of the one-run-at-a-time commands
+print(" ".join(str(p) for p in sorted(out.glob("runs/*.log"))))  # output of the lanes and of each run
 PY
 )
     for i in 1 2 3 4 5; do

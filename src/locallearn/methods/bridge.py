@@ -11,7 +11,8 @@ LAM (MLAAN): the same bridge over a *leap chain* of later units, ending at the f
 
 The chain rule (``leap_chain``): from a split at unit u, take the first unit of every later stage (those change
 the width), then fill up to ``lam_depth`` units with evenly spaced units of the final stage, ending with its last
-unit. It reproduces the reference tables in spirit for any depth and split, with no hand tables.
+unit. It matches 11 of the reference's 14 ResNet-32 chains; deeper nets get longer chains than the reference's
+hand tables (docs/reproduce.md).
 
 EMA copies hold ``requires_grad=False`` parameters: the engine leaves them out of every optimizer (so they are never
 decayed), and they are saved and restored with the method's state dict.
@@ -60,7 +61,9 @@ def leap_chain(method: ObjectiveBuilder, k: int) -> list[int]:
 
 
 class MomentumBridge(nn.Module):
-    """Learnable copies of ``sources`` chained in order; the first ``n_ema`` also get an EMA twin."""
+    """Learnable copies of ``sources`` chained in order; the first ``n_ema`` also get an EMA twin. Follows MAN's
+    ``resnetInfoPro_MAN.py`` (``LB``/``EMA_Net``), MAN++'s ``resnetInfoPro_MANPP.py`` and ``vit_man.py``, and MLAAN's
+    ``resnetMLAAN.py`` (``Aug_Net``/``EMA_Net``); the chains differ from MLAAN's hand tables (docs/reproduce.md)."""
 
     def __init__(self, method: ObjectiveBuilder, sources: list[int]) -> None:
         super().__init__()
