@@ -205,6 +205,8 @@ def test_bench_rejects_a_different_config_in_the_same_out(bench_dir: Path, synth
     args = ["--methods", "e2e", "--out", str(bench_dir), *fast(synthetic_root, bench_dir), "model.width=4"]
     assert main(["bench", "memory", "-c", DEMO, *args]) == 2
     assert "different config" in capsys.readouterr().err
+    other_seed = ["--methods", "e2e", "--out", str(bench_dir), *fast(synthetic_root, bench_dir), "run.seed=1"]
+    assert main(["bench", "memory", "-c", DEMO, *other_seed]) == 0  # another first seed: the same study
 
 
 def test_bench_accuracy_resumes(bench_dir: Path, synthetic_root: Path, monkeypatch) -> None:

@@ -82,8 +82,15 @@ class Results(dict):
     synced: dict[str, Any] | None = None
 
 
+def without_seed(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` less ``run.seed``: only the first seed of one command (every run records its own), so commands
+    that start at other seeds share a study folder (one lane trains seed 1 while another trains seed 0)."""
+    run = {key: value for key, value in (config.get("run") or {}).items() if key != "seed"}
+    return {**config, "run": run}
+
+
 def load_results(out: Path, config: dict[str, Any]) -> Results:
-    """The existing record in ``out`` (which must be for ``config``), or a new one."""
+    """The existing record in ``out`` (which must be for ``config``, whatever its first seed), or a new one."""
     path = out / "results.json"
     if not path.exists():
         return Results(format=FORMAT, config=config, rows=[], runs=[], commands=[])
@@ -93,7 +100,7 @@ def load_results(out: Path, config: dict[str, Any]) -> Results:
         saved = to_dict(config_from_dict(results.get("config") or {}))
     except ConfigError:
         saved = results.get("config") or {}
-    if saved != config:
+    if without_seed(saved) != without_seed(config):
         diff = sorted(changed_keys(saved, config))
         raise ConfigError(
             f"{out} holds results of a different config ({', '.join(diff[:4])} differ); use another --out "
