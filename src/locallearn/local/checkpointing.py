@@ -65,12 +65,14 @@ class BatchNormFrozen:
                     m.num_batches_tracked.copy_(count)
 
 
+@torch.compiler.disable
 def recomputed(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, owner: nn.Module | None = None
 ) -> torch.Tensor:
     """``fn(x)`` under non-reentrant checkpointing with the BatchNorm statistics of ``owner`` (default: ``fn``
     itself, a module) moved once (:class:`BatchNormFrozen`) and random ops replayed: its activations are rebuilt
-    during backward instead of kept."""
+    during backward instead of kept. Always eager: dynamo cannot trace a checkpoint with a ``context_fn``, so under
+    ``run.compile`` a recomputed piece is a graph break and runs as it does without compile."""
     norms = owner if owner is not None else fn
     assert isinstance(norms, nn.Module), "recomputed needs the module whose BatchNorms fn runs"
     return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), BatchNormFrozen(norms)))

@@ -162,7 +162,7 @@ def make_engine(cfg: TrainCfg, backbone: UnitBackbone, task: Task, device: torch
         device=device,
         sample=sample,
         precision=cfg.run.precision,
-        compile=cfg.run.compile,
+        compile=cfg.run.compile and cfg.run.compile_backend,
         channels_last=cfg.model.channels_last,
     )
 

@@ -114,7 +114,9 @@ class OptimCfg:
 class RunCfg:
     """``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:1``. ``threads``: torch CPU threads
     (None = torch's default). ``max_steps``: stop early (smoke runs). ``amp``: ``none``, ``bf16`` or ``fp16``.
-    ``compile``: ``torch.compile`` each module in place. ``ckpt_every``: also checkpoint every N steps.
+    ``compile``: ``torch.compile`` each module and aux objective in place, with ``compile_backend`` (``inductor``;
+    ``aot_eager`` traces without code generation, ``cudagraphs`` on CUDA). ``ckpt_every``: also checkpoint every
+    N steps.
     ``ckpt_minutes``: also checkpoint about every this many minutes (0 = off), so a crash loses at most that much:
     by the clock in one process, in a multi-process run every step count that takes that long at the first steps'
     speed (the same step on every rank); SIGINT and SIGTERM checkpoint at the current (or an agreed) step anyway.
@@ -130,6 +132,7 @@ class RunCfg:
     max_steps: int | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    compile_backend: str = "inductor"
     ckpt_every: int = 0
     ckpt_minutes: float = 10.0
     eval_every: int = 1

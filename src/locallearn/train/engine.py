@@ -29,6 +29,7 @@ from ..measure.memory import SavedTensorMeter
 from ..methods.base import LocalMethod, build_method, method_class
 from ..methods.options import MethodCfg, MethodContext
 from ..models.units import UnitBackbone, backward_carry, carry_tensors, detach_carry, grad_leaves
+from ..names import unknown_name
 from ..tasks.task import Batch, Task
 from .config import OptimCfg, SplitCfg
 from .schedule import build_optimizer
@@ -72,6 +73,17 @@ class StepHooks(Protocol):
         """After the optimizer steps and the GradScaler's update, before the method's ``after_iteration``."""
 
 
+def compile_backend(compile: bool | str | Callable[..., Any]) -> str | Callable[..., Any] | None:
+    """The ``torch.compile`` backend ``compile`` asks for (None: eager); an unknown name is a one-line error."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "inductor"
+    if isinstance(compile, str) and compile not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(unknown_name("torch.compile backend", compile, torch.compiler.list_backends(exclude_tags=())))
+    return compile
+
+
 class LocalEngine:
     """K gradient-isolated modules of ``backbone``, the method's aux nets, one optimizer per module.
 
@@ -86,6 +98,8 @@ class LocalEngine:
             or the data's randomness.
         sample: one input batch (for FLOPs/activation-balanced splits).
         precision: ``fp32``, or ``bf16`` / ``fp16`` autocast (fp16 with one GradScaler for all K losses).
+        compile: ``torch.compile`` every module and aux objective in place: True (inductor), a backend name
+            (``aot_eager``, ``cudagraphs``, ...) or a backend callable (docs/configuration.md, ``run.compile``).
     """
 
     def __init__(
@@ -100,7 +114,7 @@ class LocalEngine:
         device: str | torch.device = "cpu",
         sample: torch.Tensor | None = None,
         precision: str = "fp32",
-        compile: bool = False,
+        compile: bool | str | Callable[..., Any] = False,
         channels_last: bool = True,
     ) -> None:
         self.device = torch.device(device)
@@ -133,13 +147,14 @@ class LocalEngine:
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         for part in (backbone, self.method):
             part.to(device=self.device, memory_format=memory_format)
-        if compile:  # in place, per module and per aux objective, so checkpoint keys stay clean (no ``_orig_mod.``)
+        backend = compile_backend(compile)
+        if backend is not None:  # in place, per module and aux objective: checkpoint keys stay clean (no _orig_mod.)
             for module in self.modules:
-                module.compile(dynamic=False)
+                module.compile(backend=backend, dynamic=False)
             for aux in self.method.aux:
                 for objective in (aux.independent, aux.cascade) if aux is not None else ():
                     if objective is not None:
-                        objective.outputs = torch.compile(objective.outputs, dynamic=False)
+                        objective.outputs = torch.compile(objective.outputs, backend=backend, dynamic=False)
         self._optimizers = [build_optimizer(self.module_parameters(k), optim) for k in range(self.k)]
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"run.precision must be fp32, bf16 or fp16, got {precision!r}")
