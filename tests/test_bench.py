@@ -201,6 +201,18 @@ def test_bench_memory_and_speed_write_one_row_per_variant(bench_dir: Path) -> No
     assert "| e2e | 1 |" in md and md.count("| dgl | 2 |") == 3  # main, memory-detail and speed tables
 
 
+def test_bench_speed_times_a_compiled_row_beside_its_eager_one(synthetic_root: Path, tmp_path: Path) -> None:
+    """``dgl+compile`` is ``dgl`` under run.compile: same training, its own row, the first step (the compile) timed
+    on its own and shown in the table."""
+    args = ["--methods", "e2e,dgl,dgl+compile", "--k", "2", "--out", str(tmp_path), *fast(synthetic_root, tmp_path)]
+    speed = ["--steps", "1", "--repeats", "1", "--warmup", "1"]
+    assert main(["bench", "speed", "-c", DEMO, *speed, *args, "run.compile_backend=aot_eager"]) == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert sorted(rows) == ["dgl", "dgl+compile", "e2e"]
+    assert all(r["speed"]["first_step_s"] > 0 for r in rows.values())
+    assert "| dgl+compile | 2 |" in (tmp_path / "results.md").read_text()
+
+
 def test_bench_rejects_a_different_config_in_the_same_out(bench_dir: Path, synthetic_root: Path, capsys) -> None:
     args = ["--methods", "e2e", "--out", str(bench_dir), *fast(synthetic_root, bench_dir), "model.width=4"]
     assert main(["bench", "memory", "-c", DEMO, *args]) == 2

@@ -270,6 +270,7 @@ def run_speed(
                 "batch_size": t.batch_size,
                 "block_steps": steps,
                 "warmup_steps": warmup,
+                "first_step_s": t.first_step_s,
             }
     save_results(out, results)
 

@@ -374,11 +374,11 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             f"Speed: median over {len(s0['rounds_images_per_s'])} interleaved rounds of {s0['block_steps']} timed "
             f"steps (after {s0['warmup_steps']} warm-up steps), batch {s0['batch_size']}; ratio = median of the "
-            "per-round ratios to E2E.",
+            "per-round ratios to E2E; first step = the first warm-up step alone (with +compile, mostly compile time).",
             "",
             "| method | K | step ms | images/s (min–max) | vs E2E (min–max) | step time vs E2E | "
-            "training FLOPs vs E2E |",
-            "|---|---|---|---|---|---|---|",
+            "training FLOPs vs E2E | first step s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         e2e_flops = next(
             (r["flops"].get("train_step") for r in results["rows"] if r["method"] == "e2e" and "flops" in r), None
@@ -394,7 +394,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['label']} | {r['k']} | {s['step_ms']:.1f} | {s['images_per_s']:.1f} "
                 f"({min(ips):.1f}–{max(ips):.1f}) | {ratio} | {_fmt(time_ratio, '.3f')}{flag} | "
-                f"{_fmt(flops_ratio, '.3f')} |"
+                f"{_fmt(flops_ratio, '.3f')} | {_fmt(s.get('first_step_s'), '.1f')} |"
             )
     notes = [f"memory input: {results['memory_data']}" if "memory_data" in results else None]
     notes.append(f"speed input: {results['speed_data']}" if "speed_data" in results else None)

@@ -1,7 +1,8 @@
 """The rows of a benchmark or comparison: a base method, add-on presets, a split preset and K.
 
 One syntax for ``locallearn compare --methods`` and ``locallearn bench --methods``: ``name[+addon...][:split]``,
-e.g. ``dgl+man``, ``infopro+hpff``, ``infopro:infopro_star`` (add-ons are :data:`ADDON_PRESETS`).
+e.g. ``dgl+man``, ``infopro+hpff``, ``infopro:infopro_star`` (add-ons are :data:`ADDON_PRESETS`, and the run
+presets of :data:`RUN_PRESETS`: ``dgl+compile``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from ..methods.base import list_methods
 from ..methods.options import ADDON_PRESETS
 from ..names import unknown_name
 from ..train.config import ConfigError, TrainCfg, apply_overrides, config_from_dict, to_dict
+
+# Row presets that change how a row runs, not what it trains: ``dgl+compile`` beside ``dgl`` times torch.compile.
+RUN_PRESETS: dict[str, list[str]] = {"compile": ["run.compile=true"]}
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,10 @@ class Variant:
 
     def overrides(self) -> list[str]:
         presets = [
-            f"method.{key}={json.dumps(value)}" for name in self.addons for key, value in ADDON_PRESETS[name].items()
+            item
+            for name in self.addons
+            for item in RUN_PRESETS.get(name)
+            or [f"method.{key}={json.dumps(value)}" for key, value in ADDON_PRESETS[name].items()]
         ]
         # A row runs what its label says: the config's own add-ons are cleared, the label's presets set them.
         if self.method == "e2e":  # one module is the whole network whatever the split says
@@ -64,9 +71,10 @@ def parse_method(token: str) -> tuple[str, tuple[str, ...], str | None]:
     if name not in list_methods():
         raise ConfigError(unknown_name("method", name, list_methods(), " in --methods"))
     for addon in addons:
-        if addon not in ADDON_PRESETS:
-            raise ConfigError(unknown_name("add-on preset", addon, ADDON_PRESETS, f" in {token!r} (e.g. dgl+man)"))
-    if name == "e2e" and any("addons" in ADDON_PRESETS[a] for a in addons):
+        if addon not in ADDON_PRESETS and addon not in RUN_PRESETS:
+            known = [*ADDON_PRESETS, *RUN_PRESETS]
+            raise ConfigError(unknown_name("add-on preset", addon, known, f" in {token!r} (e.g. dgl+man)"))
+    if name == "e2e" and any("addons" in ADDON_PRESETS.get(a, {}) for a in addons):
         raise ConfigError(f"{token!r}: add-ons act on local modules; e2e has one module (use dgl+... or infopro+...)")
     return name, tuple(addons), split or None
 

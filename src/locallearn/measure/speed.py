@@ -52,6 +52,7 @@ class Throughput:
     batch_size: int = 0
     images_per_s: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    first_step_s: float | None = None  # the first warm-up step alone: with ``run.compile``, mostly compile time
 
     @property
     def median(self) -> float:
@@ -88,21 +89,25 @@ def interleaved_throughput(
 ) -> dict[str, Throughput]:
     """Time every ``steps[name](i)`` (one training step on batch ``i``) in interleaved rounds.
 
-    Each method first runs ``warmup`` untimed steps (allocator, oneDNN primitive caches, lazy init); then for each
-    of ``repeats`` rounds, every method in turn runs ``block`` timed steps. Ratios are ``images/s ÷ reference's
-    images/s`` within the same round, then the median over rounds.
+    Each method first runs ``warmup`` steps outside the rounds (allocator, oneDNN primitive caches, lazy init,
+    compilation; the first one is timed alone, ``first_step_s``); then for each of ``repeats`` rounds, every method
+    in turn runs ``block`` timed steps. Ratios are ``images/s ÷ reference's images/s`` within the same round, then
+    the median over rounds.
     """
     if repeats < 1 or block < 1:
         raise ValueError(f"repeats and block must be >= 1, got {repeats} and {block}")
     device = torch.device(device)
     if reference is not None and reference not in steps:
         raise ValueError(f"reference {reference!r} is not among the timed methods {list(steps)}")
-    for step in steps.values():
-        for i in range(warmup):
-            step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
     results = {name: Throughput(name, images_per_step) for name in steps}
+    for name, step in steps.items():
+        for i in range(warmup):
+            start = time.perf_counter()
+            step(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i == 0:
+                results[name].first_step_s = time.perf_counter() - start
     for r in range(repeats):
         this_round = {name: time_block(step, block, images_per_step, device) for name, step in steps.items()}
         for name, ips in this_round.items():
