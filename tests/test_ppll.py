@@ -78,6 +78,18 @@ def test_ppll_equals_sequential_bitwise(synthetic_root: Path, tmp_path: Path, me
     assert len(pipelined["busy_fraction"]) == k and all(0 < b <= 1 for b in pipelined["busy_fraction"])
 
 
+def test_compiled_ppll_stages_train_as_the_eager_sequential_engine(synthetic_root: Path, tmp_path: Path) -> None:
+    """``run.compile`` reaches every PPLL stage's module and aux net (aot_eager: dynamo and AOT autograd without
+    code generation); the stages end where the eager sequential engine does, within fp32 rounding."""
+    base = ppll_base(synthetic_root, tmp_path, "dgl", 2)
+    sequential = fit(load_config(None, base), quiet=True)
+    compiled = ["run.compile=true", "run.compile_backend=aot_eager", "parallel=ppll", "ppll.procs=2"]
+    pipelined = spawn_ppll(load_config(None, base + compiled))
+    seq = load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt")
+    assert pipelined["step"] == seq["step"] == 10
+    assert_stages_match(seq, pipelined["run_dir"], 2, atol=1e-5)
+
+
 def test_ppll_resume_continues_bitwise(synthetic_root: Path, tmp_path: Path, capsys) -> None:
     """3 steps (stopped mid-epoch), then ``locallearn train --resume RUN_DIR`` to 10: every stage's module, aux
     net and SGD momentum continue exactly, so the result is the uninterrupted run's (= sequential LL, previous
