@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -35,10 +37,9 @@ def reconstruction_loss(recon: torch.Tensor, image01: torch.Tensor) -> torch.Ten
     if recon.shape != image01.shape:
         raise ValueError(f"decoder output {tuple(recon.shape)} does not match image {tuple(image01.shape)}")
     device = recon.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # not on meta tensors (estimates)
-        with torch.autocast(device, enabled=False):
-            return F.binary_cross_entropy(recon.float(), image01.float())
-    return F.binary_cross_entropy(recon.float(), image01.float())
+    amp = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # never on meta tensors (estimates)
+    with torch.autocast(device, enabled=False) if amp else contextlib.nullcontext():
+        return F.binary_cross_entropy(recon.float(), image01.float())
 
 
 def infopro_lambdas(

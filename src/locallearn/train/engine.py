@@ -80,7 +80,8 @@ def compile_backend(compile: bool | str | Callable[..., Any]) -> str | Callable[
     if compile is True:
         return "inductor"
     if isinstance(compile, str) and compile not in torch.compiler.list_backends(exclude_tags=()):
-        raise ValueError(unknown_name("torch.compile backend", compile, torch.compiler.list_backends(exclude_tags=())))
+        usual = sorted({*torch.compiler.list_backends(), "aot_eager", "eager"})  # not torch's debugging backends
+        raise ValueError(unknown_name("torch.compile backend", compile, usual))
     return compile
 
 
