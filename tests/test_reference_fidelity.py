@@ -56,6 +56,24 @@ def test_infopro_aux_convs_get_infopro_resnet_init() -> None:
         assert bool((bn.weight == 1).all()) and bool((bn.bias == 0).all())
 
 
+def test_aux_init_torch_keeps_torch_defaults_on_any_backbone() -> None:
+    """``method.aux_init: torch``: the aux convs keep torch's default (kaiming-uniform, a = √5: std 1/√(3·fan_in)),
+    the init this library used before it followed the reference."""
+    torch.manual_seed(0)
+    engine = LocalEngine(
+        create_model("resnet32"),
+        MethodCfg(name="infopro", aux_init="torch"),
+        ClassificationTask(10),
+        OptimCfg(),
+        split=SplitCfg(k=8, preset="infopro"),
+    )
+    large = [c for c in aux_convs(engine) if c.weight.numel() >= 500]
+    assert large
+    for conv in large:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert abs(conv.weight.std().item() * math.sqrt(3 * fan_in) - 1) < 0.1
+
+
 def test_dgl_aux_convs_on_an_imagenet_resnet_get_its_kaiming_fan_out_init() -> None:
     """DGL's ImageNet ``ResNet`` runs its kaiming (fan_out) loop over its aux nets as well."""
     torch.manual_seed(0)

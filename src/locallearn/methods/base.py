@@ -93,8 +93,9 @@ class LocalMethod(nn.Module):
     def init_aux(self, module: AuxNet) -> AuxNet:
         """``module`` (a freshly built aux net) initialised as the backbone initialises its own layers: the
         reference code builds its aux nets inside the network, so the network's init loop reaches them too
-        (InfoPro's ``InfoProResNet``, DGL's ImageNet ``ResNet``; docs/methods.md, "Aux-net initialisation")."""
-        if self.ctx.weight_init is not None:
+        (InfoPro's ``InfoProResNet``, DGL's ImageNet ``ResNet``; docs/methods.md, "Aux-net initialisation").
+        ``method.aux_init: torch`` keeps torch's defaults instead."""
+        if self.ctx.weight_init is not None and self.cfg.aux_init == "backbone":
             self.ctx.weight_init(module)
         return module
 

@@ -79,7 +79,7 @@ class MomentumBridge(nn.Module):
                 for sub in module.modules():
                     if hasattr(sub, "reset_parameters"):
                         sub.reset_parameters()
-                if method.ctx.weight_init is not None:
+                if method.ctx.weight_init is not None and cfg.aux_init == "backbone":
                     method.ctx.weight_init(module)
         for p in self.ema.parameters():
             p.requires_grad_(False)

@@ -51,6 +51,8 @@ class MethodCfg:
         lambdas: InfoPro (ixx_1, ixy_1, ixx_2, ixy_2), the λ schedule (docs/methods.md, "Aux nets and local losses").
         temperature: SupCon temperature.
         dgl_head: DGL aux net ``mlp``, ``mlp-sr`` or ``cnn`` (DGL's ``auxillary_classifier2`` variants).
+        aux_init: ``backbone`` (aux nets get the backbone's own init, as the authors' code gives them) or ``torch``
+            (torch's defaults, the init this library used before 2026-12-07; docs/methods.md, "Aux-net initialisation").
         step: ``module`` steps each module's optimizer right after its backward (DGL); ``end`` steps all after
             the last backward (InfoPro reference); None = the method's default. Cascades always step at the end.
         addons: any subset of ``man``, ``lam``, ``pff``, ``cascade`` (``man`` and ``lam`` exclude each other).
@@ -111,6 +113,7 @@ class MethodCfg:
     lambdas: list[float] = field(default_factory=lambda: [5.0, 1.0, 0.5, 1.0])
     temperature: float = 0.07
     dgl_head: Literal["mlp", "mlp-sr", "cnn"] = "mlp-sr"
+    aux_init: Literal["backbone", "torch"] = "backbone"
     step: Literal["module", "end"] | None = None
     addons: list[str] = field(default_factory=list)
     bridge_combine: Literal["sum", "scaled", "none"] = "sum"
