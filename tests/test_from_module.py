@@ -217,12 +217,22 @@ def test_output_picks_the_prediction(as_dict: bool) -> None:
     assert torch.equal(picked(x), model(x)["main" if as_dict else 1])
 
 
-def test_a_size_read_early_trains_in_one_process_and_is_refused_by_ppll() -> None:
+def test_a_size_read_early_is_read_again_after_the_cut_and_fx_carries_it() -> None:
+    """Exported, the batch size read at the top is read again from the carried tensor after the cut: only tensors
+    cross, any batch size works and PPLL takes it. Traced by fx (leaf_modules), the size rides in the carry: it
+    trains in one process and PPLL refuses it, naming it."""
     from locallearn.parallel.cross_stage import check_supported
     from locallearn.train.config import ConfigError
 
-    backbone = UnitBackbone.from_module(user_models.SizeEarly(), batch().input[:2], cuts=["block1"])
-    engine = LocalEngine(backbone, MethodCfg(name="dgl"), ClassificationTask(10), OptimCfg(lr=0.05))
+    model = user_models.SizeEarly().eval()
+    backbone = UnitBackbone.from_module(model, batch().input[:2], cuts=["block1"]).eval()
+    assert backbone.untensored == [[], []] and backbone.carried == [[], []]
+    x = batch(n=5).input
+    assert torch.equal(backbone(x), model(x))
+    engine = LocalEngine(backbone.train(), MethodCfg(name="dgl"), ClassificationTask(10), OptimCfg(lr=0.05))
+    check_supported(engine)
+    traced = UnitBackbone.from_module(user_models.SizeEarly(), x[:2], cuts=["block1"], leaf_modules=["block2"])
+    engine = LocalEngine(traced, MethodCfg(name="dgl"), ClassificationTask(10), OptimCfg(lr=0.05))
     result = engine.train_step(batch())  # the size rides in the carry, untouched by detaching
     assert all(torch.isfinite(torch.tensor(v)) for v in result.losses())
     with pytest.raises(ConfigError, match="non-tensor value of your model"):

@@ -9,9 +9,9 @@ on its own, a combination the local-learning papers do not offer.
 Two details make a checkpointed step equal to a plain one:
 
 * BatchNorm updates its running statistics once per step. The recomputation runs in training mode (it must use the
-  batch statistics, as the first forward did), so inside the checkpoint's *recompute context* every BatchNorm of
-  the segment runs with momentum 0 (its running statistics stay exactly as they are) and ``num_batches_tracked``
-  is restored afterwards.
+  batch statistics, as the first forward did), so the checkpoint's *recompute context* puts every buffer of the
+  segment (running statistics, ``num_batches_tracked``) back as it was before the recomputation. Restoring rather
+  than freezing also covers a captured model, whose graph calls the BatchNorm op with its momentum as a constant.
 * Dropout and other random ops replay the same masks: the checkpoint restores the RNG state of the first forward
   (``preserve_rng_state``).
 
@@ -39,43 +39,35 @@ def segment_count(setting: int | str, units: int) -> int:
     return max(1, min(setting, units))
 
 
-class BatchNormFrozen:
-    """Batch statistics without moving the running statistics, for a recomputation: momentum 0 leaves
-    ``running_mean``/``running_var`` exactly as they are (r + 0·(v − r) = r), and ``num_batches_tracked`` is put
-    back afterwards. The BatchNorm ops still save the same tensors as the first forward, as the checkpoint
-    requires. Re-enterable: a graph kept for several backwards (a cascade) recomputes more than once."""
+class BuffersKept:
+    """Buffers as they were, after a recomputation: every buffer of ``module`` (BatchNorm running statistics and
+    counts) is copied on entry and written back on exit, so a forward recomputed during backward moves no state
+    (the ops still save the same tensors as the first forward, as the checkpoint requires). A fresh instance per
+    recomputation: a graph kept for several backwards (a cascade) recomputes more than once."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.norms = [
-            m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        ]
+        self.buffers = list(module.buffers())
 
     def __enter__(self) -> None:
-        self.kept = [
-            (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in self.norms
-        ]
-        for m in self.norms:
-            m.momentum = 0.0
+        self.kept = [b.clone() for b in self.buffers]
 
     def __exit__(self, *exc: object) -> None:
         with torch.no_grad():
-            for m, (momentum, count) in zip(self.norms, self.kept):
-                m.momentum = momentum
-                if count is not None:
-                    m.num_batches_tracked.copy_(count)
+            for b, value in zip(self.buffers, self.kept):
+                b.copy_(value)
 
 
 @torch.compiler.disable
 def recomputed(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, owner: nn.Module | None = None
 ) -> torch.Tensor:
-    """``fn(x)`` under non-reentrant checkpointing with the BatchNorm statistics of ``owner`` (default: ``fn``
-    itself, a module) moved once (:class:`BatchNormFrozen`) and random ops replayed: its activations are rebuilt
+    """``fn(x)`` under non-reentrant checkpointing with the buffers of ``owner`` (default: ``fn`` itself, a module)
+    moved once (:class:`BuffersKept`) and random ops replayed: its activations are rebuilt
     during backward instead of kept. Always eager: dynamo cannot trace a checkpoint with a ``context_fn``, so under
     ``run.compile`` a recomputed piece is a graph break and runs as it does without compile."""
     norms = owner if owner is not None else fn
     assert isinstance(norms, nn.Module), "recomputed needs the module whose BatchNorms fn runs"
-    return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), BatchNormFrozen(norms)))
+    return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), BuffersKept(norms)))
 
 
 class CheckpointedSequential(nn.Sequential):
