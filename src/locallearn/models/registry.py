@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..names import unknown_name
+from .hub import hub_builder
 from .units import UnitBackbone
 
 _MODELS: dict[str, Callable[..., UnitBackbone]] = {}
@@ -42,7 +43,11 @@ def is_import_path(name: str) -> bool:
 
 
 def import_builder(path: str) -> Callable[..., Any]:
-    """The function named by ``package.module:function``, imported explicitly with importlib (never ``eval``)."""
+    """The function named by ``package.module:function``, imported explicitly with importlib (never ``eval``);
+    ``transformers:<Class>`` builds a hub model from its config (:mod:`.hub`)."""
+    hub = hub_builder(path)
+    if hub is not None:
+        return hub
     module_name, _, attr = path.partition(":")
     if (
         not module_name

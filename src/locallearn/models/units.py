@@ -259,9 +259,11 @@ class ModuleBackbone(UnitBackbone):
             for pid in params:
                 if owner.setdefault(pid, m) != m:
                     name = next(n for n, p in self.source.named_parameters(remove_duplicate=False) if id(p) == pid)
+                    tied = getattr(getattr(self.source, "config", None), "tie_word_embeddings", False)
+                    untie = " or untie it (model.kwargs.tie_word_embeddings=false)" if tied else ""
                     raise CaptureError(
                         f"parameter {name!r} is used by local modules {owner[pid]} and {m}; choose cuts that keep "
-                        "its users in one module"
+                        f"its users in one module{untie}"
                     )
 
     def cross_module_reads(self, ends: list[int]) -> list[str]:
