@@ -1,6 +1,7 @@
-"""Your own nn.Module: ``UnitBackbone.from_module`` on a torchvision-style ResNet-50, a U-Net with three skips and
-a ViT (tests/user_models.py): shapes for K = 1..4, K=1 ≡ E2E bitwise, gradient isolation of skips probed from
-outside, the state_dict round trip into the user's class, every add-on, PPLL ≡ sequential, and the refusals."""
+"""Your own nn.Module: ``UnitBackbone.from_module`` on a torchvision-style ResNet-50, a U-Net with three skips, a
+ViT and a net with drop path and dropout (tests/user_models.py): shapes for K = 1..4, K=1 ≡ E2E bitwise, gradient
+isolation of skips probed from outside, the state_dict round trip into the user's class, every add-on, PPLL ≡
+sequential, and the refusals."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ from locallearn.train.schedule import build_optimizer
 from . import user_models
 from .conftest import assert_grads_of_isolated_losses, tiny_overrides
 
-MODELS = {"resnet50": user_models.resnet50, "unet": user_models.unet, "vit": lambda: user_models.vit(image=16)}
+MODELS = {
+    "resnet50": user_models.resnet50,
+    "unet": user_models.unet,
+    "vit": lambda: user_models.vit(image=16),
+    "drop_path": user_models.stochastic_depth,  # torch.rand(x.shape[0], ...) and dropout: fx cannot trace it
+}
 SIDE = 16
 
 

@@ -262,3 +262,38 @@ class Gated(nn.Module):
 
 def gated(num_classes: int = 10, in_channels: int = 1, width: int = 8) -> Gated:
     return Gated(num_classes, in_channels, width)
+
+
+class DropPathBlock(nn.Module):
+    """A residual block with stochastic depth as research code writes it: one coin per sample from
+    ``torch.rand(x.shape[0], 1, 1, 1)`` while training (torch.fx cannot trace the size into ``torch.rand``)."""
+
+    def __init__(self, width: int, drop: float) -> None:
+        super().__init__()
+        self.body = double_conv(width, width)
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.training and self.drop > 0:
+            keep = (torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.drop).to(y.dtype)
+            y = y * keep / (1 - self.drop)
+        return x + y
+
+
+class StochasticDepth(nn.Module):
+    """Four drop-path blocks (drop rising to 0.3) and dropout before the classifier."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 8) -> None:
+        super().__init__()
+        self.stem = double_conv(in_channels, width)
+        self.blocks = nn.Sequential(*(DropPathBlock(width, 0.1 * i) for i in range(4)))
+        self.dropout = nn.Dropout(0.2)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.blocks(self.stem(x)).mean((2, 3))))
+
+
+def stochastic_depth(num_classes: int = 10, in_channels: int = 1, width: int = 8) -> StochasticDepth:
+    return StochasticDepth(num_classes, in_channels, width)

@@ -70,7 +70,9 @@ def pick_output(out: Any, output: str | int | None = None) -> Any:
     raise CaptureError(f"the model returns {type(out).__name__} with no tensor in it; pass output=<key or index>")
 
 
-class _Picked(nn.Module):
+class PickedOutput(nn.Module):
+    """The model with its prediction picked from what forward returns (:func:`pick_output`): what both tracers take."""
+
     def __init__(self, model: nn.Module, output: str | int | None) -> None:
         super().__init__()
         self.model, self.output = model, output
@@ -116,7 +118,7 @@ def capture(
     """Capture ``model`` (train and eval mode), cut it after ``cuts`` (plus the automatic candidate cuts between
     them, so split-time balancing and add-ons that copy the next unit have blocks to work with) and return the
     units. ``leaf_modules``: submodule names kept opaque (never traced into, so never cut inside; torch.fx)."""
-    wrapper = _Picked(model, output)
+    wrapper = PickedOutput(model, output)
     names = dict(model.named_modules())
     missing = [n for n in leaf_modules if n not in names]
     if missing:

@@ -12,7 +12,11 @@ flow. Both record what every submodule call returns (the candidate cuts) and eac
 
 from __future__ import annotations
 
+import contextlib
+import io
 import linecache
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +63,7 @@ def trace_export(wrapper: nn.Module, example: torch.Tensor, training: bool) -> t
     wrapper.train(training)
     batch = torch.export.Dim.AUTO
     try:
-        with torch.random.fork_rng(devices=[]):  # (fake tensors draw nothing, but leave the streams alone anyway)
+        with torch.random.fork_rng(devices=[]), _quiet_torch_warnings():  # (fake tensors draw nothing anyway)
             program = torch.export.export(wrapper, (example,), dynamic_shapes=({0: batch},), strict=False)
     except CaptureError:
         raise
@@ -79,6 +83,22 @@ def trace_export(wrapper: nn.Module, example: torch.Tensor, training: bool) -> t
             "fix the batch size): read the batch size from the input (x.shape[0]) instead of a constant"
         )
     return gm, _calls_of_export(gm)
+
+
+@contextlib.contextmanager
+def _quiet_torch_warnings() -> Iterator[None]:
+    """torch's own warnings while exporting (a failed export prints its partial graph to stderr): the one-line
+    CaptureError says what failed and where, so nothing else reaches the user's terminal."""
+    loggers = [logging.getLogger(name) for name in ("torch.fx.experimental.symbolic_shapes", "torch.export")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def _calls_of_export(gm: fx.GraphModule) -> dict[str, list[fx.Node | None]]:
