@@ -7,6 +7,7 @@ from . import (
     sr,  # noqa: F401  (registers sr_folder and skimage_samples, super-resolution)
     stl10,  # noqa: F401  (registers stl10)
     svhn,  # noqa: F401  (registers svhn and svhn_extra)
+    text,  # noqa: F401  (registers text, byte-level language modelling)
 )
 from .datasets import DatasetSpec, dataset_spec, find_root, list_datasets, load_split, register_dataset
 from .idx import DataError, read_idx

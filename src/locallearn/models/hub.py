@@ -2,9 +2,9 @@
 
 ``model.name=transformers:ViTForImageClassification`` with ``model.kwargs`` as the fields of the class's own
 config (``hidden_size``, ``num_hidden_layers``, ...) builds the model with fresh weights, the dataset's class count
-as ``num_labels`` and its channels as ``num_channels`` unless the kwargs say otherwise; the run then captures it
-like any model of yours (:meth:`UnitBackbone.from_module`). A misspelt config field is refused: a transformers
-config would keep it silently as an attribute nobody reads.
+as ``num_labels`` (a causal language model's: ``vocab_size``) and its channels as ``num_channels`` unless the
+kwargs say otherwise; the run then captures it like any model of yours (:meth:`UnitBackbone.from_module`). A
+misspelt config field is refused: a transformers config would keep it silently as an attribute nobody reads.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def transformers_model(
             f"{name}: {cls.config_class.__name__} has no field {unknown[0]!r}{did_you_mean(unknown[0], fields)}; "
             "model.kwargs are the fields of the model's config"
         )
-    given = {"num_labels": num_classes, "num_channels": in_channels}
+    causal_lm = name.endswith(("LMHeadModel", "ForCausalLM"))  # the dataset's classes are its vocabulary
+    given = {"vocab_size" if causal_lm else "num_labels": num_classes, "num_channels": in_channels}
     config |= {k: v for k, v in given.items() if v is not None and k not in config and hasattr(defaults, k)}
     return cls(cls.config_class(**config))
 

@@ -215,7 +215,7 @@ def unit_infos(
         if reduction != last_reduction:
             stage += 1
         last_reduction = reduction
-        width = shape[-1] if is_tokens else shape[1]
+        width = shape[-1] if len(shape) == 3 else shape[1]  # tokens, or a language model's (B, T, vocab) logits
         infos.append(UnitInfo(name, int(width), stage, reduction, is_head=is_head, tokens=is_tokens))
     return infos
 

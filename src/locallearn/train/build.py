@@ -23,6 +23,7 @@ from ..models.capture import CaptureError
 from ..models.registry import create_model, import_builder, is_import_path
 from ..models.units import UnitBackbone
 from ..tasks.detection import DetectionTask
+from ..tasks.language_model import LanguageModelTask
 from ..tasks.task import Batch, ClassificationTask, SuperResolutionTask, Task
 from .config import ConfigError, SplitCfg, TrainCfg
 from .engine import LocalEngine
@@ -110,11 +111,14 @@ def build_loaders(cfg: TrainCfg, device: torch.device) -> tuple[Any, Any, Any]:
 
 
 def build_task(cfg: TrainCfg, spec: Any) -> Task:
-    """The dataset's task: classification with its class count, or super-resolution by ``data.scale``."""
+    """The dataset's task: classification with its class count, super-resolution by ``data.scale``, detection, or
+    language modelling over the dataset's vocabulary."""
     if spec.task == "super_resolution":
         return SuperResolutionTask(cfg.data.scale)
     if spec.task == "detection":
         return DetectionTask(list(spec.classes))
+    if spec.task == "language_model":
+        return LanguageModelTask(spec.num_classes)
     return ClassificationTask(spec.num_classes)
 
 
@@ -207,7 +211,7 @@ def dataset_kwargs(builder: Any, task: Task, cfg: TrainCfg) -> dict[str, int]:
     except (TypeError, ValueError):
         return {}
     spec = dataset_spec(cfg.data.name)
-    given = {"num_classes": getattr(task, "num_classes", None), "in_channels": spec.channels}
+    given = {"num_classes": task.model_kwargs().get("num_classes"), "in_channels": spec.channels}
     return {k: v for k, v in given.items() if k in params and k not in cfg.model.kwargs and v is not None}
 
 
@@ -228,7 +232,7 @@ def user_backbone(cfg: TrainCfg, task: Task, sample: torch.Tensor) -> UnitBackbo
         raise ConfigError(f"model.name={name} returned {type(model).__name__}, not an nn.Module")
     backbone = capture_model(cfg, model, sample, f"model.name={name}: ")
     width = backbone.infos[-1].channels
-    expected = getattr(task, "num_classes", None)
+    expected = task.model_kwargs().get("num_classes")  # (a language model's: its vocabulary)
     if expected is not None and width != expected:
         raise ConfigError(
             f"model.name={name} predicts {width} outputs but {cfg.data.name} has {expected} classes; "

@@ -43,7 +43,11 @@ class DataCfg:
 
     Class-folder datasets (``imagenet``, ``imagefolder``; :mod:`locallearn.data.imagefolder`): ``num_workers``
     DataLoader processes decode the JPEGs; ``image_size`` is the crop side (None = the dataset's, 224; evaluation
-    resizes the short side to image_size/0.875, 256 for 224, as InfoPro's ImageNet scripts)."""
+    resizes the short side to image_size/0.875, 256 for 224, as InfoPro's ImageNet scripts).
+
+    Text (``text``; :mod:`locallearn.data.text`): ``root`` is a ``.txt`` file or a folder of them, read as byte
+    tokens; ``seq_len`` tokens per sample; the last ``test_fraction`` of the bytes is the test split; the limits
+    count windows."""
 
     name: str = "fashion_mnist"
     root: str | None = None
@@ -60,6 +64,8 @@ class DataCfg:
     patch_size: int = 96
     repeat: int = 16
     test_root: str | None = None
+    seq_len: int = 128
+    test_fraction: float = 0.1
 
 
 @dataclass
@@ -409,6 +415,8 @@ DOMAINS: dict[str, tuple[str, str]] = {
     "data.image_size": (">= 1", "crop side in pixels"),
     "data.patch_size": (">= 1", "HR patch side in pixels"),
     "data.repeat": (">= 1", "patches per training image per epoch"),
+    "data.seq_len": (">= 1", "tokens per text sample"),
+    "data.test_fraction": ("(0, 1)", "share of the text held out for testing"),
     "model.width": (">= 1", "the backbone's base width"),
     "model.patch_size": (">= 1", "a ViT's patch side"),
     "split.k": (">= 1", "local modules"),
