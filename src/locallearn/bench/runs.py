@@ -33,7 +33,7 @@ from ..data.datasets import dataset_spec
 from ..train.build import build_engine, build_task
 from ..train.config import TrainCfg, config_from_dict, to_dict
 from ..train.entry import fit
-from ..train.estimate import estimate_step
+from ..train.estimate import estimate_step, meta_batch
 from ..train.rundir import MetricsLog, latest_run_dir, train_throughput, training_seconds
 from .variants import Variant, variant_config
 
@@ -71,9 +71,10 @@ def plan_runs(base: TrainCfg, variants: list[Variant], seeds: list[int], runs_di
 
 
 def _probe(cfg: TrainCfg) -> torch.Tensor:
-    """A zeros batch of the dataset's shape, to validate a variant's split before training it."""
-    spec = dataset_spec(cfg.data.name)
-    return torch.zeros(2, spec.channels, spec.size, spec.size)
+    """Two zero samples of the training input's shape and dtype (images, or token ids), to validate a variant's
+    split before training it."""
+    like = meta_batch(replace(cfg, data=replace(cfg.data, batch_size=2))).input
+    return torch.zeros(like.shape, dtype=like.dtype)
 
 
 def partial_run(runs_dir: Path, name: str) -> Path | None:

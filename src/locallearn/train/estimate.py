@@ -67,8 +67,11 @@ def meta_batch(cfg: TrainCfg) -> Batch:
     dataset's size (class folders, detection: ``data.image_size``), for super-resolution LR patches of
     ``patch_size / scale`` with their HR targets, for detection padded box targets. The number of boxes per image
     sizes only the assignment, which runs without autograd, so it changes no saved activation and any count
-    stands for the data's (``META_BOXES``)."""
+    stands for the data's (``META_BOXES``). For text, token ids of ``data.seq_len``."""
     spec = dataset_spec(cfg.data.name)
+    if spec.task == "language_model":  # token ids and the next-token targets, (B, seq_len) each
+        tokens = torch.empty(cfg.data.batch_size, cfg.data.seq_len, dtype=torch.long, device=META)
+        return Batch(tokens, torch.empty_like(tokens))
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     lr_side = hr_side = cfg.data.image_size or spec.size
     if spec.task == "super_resolution":
