@@ -87,7 +87,7 @@ def test_task_loss_metrics_and_refusals() -> None:
         task.check(Batch(batch.input, target[:, 0]))
 
 
-def gpt2_engine(addons: tuple[str, ...] = (), k: int = 3) -> LocalEngine:
+def gpt2_engine(addons: tuple[str, ...] = (), k: int = 3, method: str = "dgl") -> LocalEngine:
     from locallearn.models.hub import transformers_model
 
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def gpt2_engine(addons: tuple[str, ...] = (), k: int = 3) -> LocalEngine:
         eos_token_id=0,
     )
     backbone = UnitBackbone.from_module(model, torch.randint(0, 256, (2, 16)), k=k)
-    cfg = MethodCfg(name="dgl", addons=list(addons))
+    cfg = MethodCfg(name=method, addons=list(addons))
     return LocalEngine(backbone, cfg, LanguageModelTask(256), OptimCfg(name="adamw", lr=1e-3), channels_last=False)
 
 
@@ -155,5 +155,9 @@ def test_gpt2_dgl_k3_learns_real_text_from_the_preset(corpus: Path, tmp_path: Pa
 
 
 def test_text_config_refusals(corpus: Path) -> None:
+    with pytest.raises(ValueError, match=r"patch fusion \(pff, HPFF\) cuts a \(B, C, H, W\) map"):
+        gpt2_engine(("pff",))
+    with pytest.raises(ValueError, match="infopro's aux nets are class/contrastive heads"):
+        gpt2_engine(method="infopro")
     with pytest.raises(ConfigError, match=r"data.test_fraction=1.5 is out of range"):
         load_config("configs/text/gpt2_bytes.yaml", [f"data.root={corpus}", "data.test_fraction=1.5"])

@@ -190,6 +190,11 @@ def build_bridged(method: ObjectiveBuilder, k: int, info: UnitInfo, main: bool =
     prefix = MomentumBridge(method, sources) if sources else None
     objective = method.build_objective(k, prefix.out_info if prefix else info, independent=not main)
     if "pff" in cfg.addons and cfg.pff_mode == "paper":
+        if info.tokens or method.ctx.task.kind == "language_model":
+            raise ValueError(
+                f"patch fusion (pff, HPFF) cuts a (B, C, H, W) map into spatial patches, and module {k} outputs "
+                "tokens; drop pff from method.addons (MAN and MLAAN work on tokens)"
+            )
         objective = PatchFusion(objective, cfg.pff_patches, cfg.pff_sequential)
     # ema_before_backward moves the EMA weights between forward and backward: a recomputation would see them moved.
     recompute = cfg.aux_recompute and "ema_before_backward" not in cfg.legacy
