@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
 from locallearn.train.config import ConfigError, SplitCfg, load_config
-from locallearn.train.schedule import build_optimizer, lr_at
+from locallearn.train.schedule import StepSchedule, build_optimizer, lr_at
 
 from .test_backbones import CLASSES, make_batch
 
@@ -93,3 +93,30 @@ def test_imagenet_cosine_starts_at_lr0_per_epoch() -> None:
     assert lr_at(cifar, 0, 0, 100, 90) == pytest.approx(0.2 * (1 + math.cos(math.pi / 90)))
     blend = OptimCfg(lr=0.8, per_step=False, warmup_epochs=10, first_epoch=0)
     assert lr_at(blend, 0, 0, 100, 160) == pytest.approx(0.01)  # the warm-up blend still starts at warmup_lr
+
+
+def test_step_schedule_drives_a_hand_written_loop_as_the_trainer_would() -> None:
+    """Your own loop around train_step: StepSchedule sets lr_at's value before every step (cosine with warm-up
+    here), so the lr is never silently the constant optim.lr; its state resumes the count."""
+    cfg = OptimCfg(lr=0.1, warmup_epochs=1, warmup_lr=0.01)
+    engine = LocalEngine(
+        create_model("resnet8", num_classes=CLASSES, width=4),
+        MethodCfg(name="dgl"),
+        ClassificationTask(CLASSES),
+        cfg,
+        split=SplitCfg(k=2),
+    )
+    schedule = StepSchedule(cfg, steps_per_epoch=3, epochs=2)
+    seen = []
+    for _ in range(4):
+        expected = schedule.step(engine)
+        seen.append(engine.lr)
+        assert engine.lr == expected
+        engine.train_step(make_batch(16))
+    assert seen == [lr_at(cfg, e, s, 3, 2) for e, s in ((0, 0), (0, 1), (0, 2), (1, 0))]
+    assert len(set(seen)) == 4 and seen[0] == pytest.approx(0.01)
+    resumed = StepSchedule(cfg, steps_per_epoch=3, epochs=2)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.step(engine) == lr_at(cfg, 1, 1, 3, 2)
+    with pytest.raises(ValueError, match="steps_per_epoch >= 1"):
+        StepSchedule(cfg, steps_per_epoch=0, epochs=2)

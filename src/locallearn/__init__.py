@@ -12,18 +12,20 @@ or from a preset: ``ll.fit(ll.load_config("configs/fmnist/demo.yaml", ["method.n
 
 from .methods import LocalMethod, MethodCfg, list_methods, register_method
 from .models import UnitBackbone, UnitInfo, create_model, list_models, register_model
-from .tasks import Batch, ClassificationTask, SuperResolutionTask
-from .train import LocalEngine, OptimCfg, SplitCfg, TrainCfg, fit, load_config, tune_cpu_allocator
+from .tasks import Batch, ClassificationTask, LanguageModelTask, SuperResolutionTask
+from .train import LocalEngine, OptimCfg, SplitCfg, StepSchedule, TrainCfg, fit, load_config, tune_cpu_allocator
 
 __version__ = "0.1.0"
 __all__ = [
     "Batch",
     "ClassificationTask",
+    "LanguageModelTask",
     "LocalEngine",
     "LocalMethod",
     "MethodCfg",
     "OptimCfg",
     "SplitCfg",
+    "StepSchedule",
     "SuperResolutionTask",
     "TrainCfg",
     "UnitBackbone",

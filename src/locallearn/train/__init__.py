@@ -5,6 +5,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, DataCfg, ModelCfg, OptimCfg, RunCfg, SplitCfg, TrainCfg, load_config
 from .engine import LocalEngine, StepResult
 from .entry import fit
+from .schedule import StepSchedule
 from .split import resolve_split
 from .trainer import Trainer
 
@@ -17,6 +18,7 @@ __all__ = [
     "RunCfg",
     "SplitCfg",
     "StepResult",
+    "StepSchedule",
     "TrainCfg",
     "Trainer",
     "fit",

@@ -54,3 +54,29 @@ def lr_at(cfg: OptimCfg, epoch: int, step: int, steps_per_epoch: int, epochs: in
     e = epoch + 1
     lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch + cfg.first_epoch) / epochs))
     return lr * (e - 1) / warm + cfg.warmup_lr * (warm + 1 - e) / warm if e <= warm else lr
+
+
+class StepSchedule:
+    """The config's learning-rate schedule for a loop you write yourself around ``engine.train_step``: call
+    ``step(engine)`` before every training step; it sets the lr :func:`lr_at` gives for that step, as the
+    trainer does, so a cosine schedule is never silently constant. ``state_dict()`` / ``load_state_dict()`` carry
+    the step count through your own checkpoints."""
+
+    def __init__(self, cfg: OptimCfg, steps_per_epoch: int, epochs: int) -> None:
+        if steps_per_epoch < 1 or epochs < 1:
+            raise ValueError(f"a schedule needs steps_per_epoch >= 1 and epochs >= 1, got {steps_per_epoch}, {epochs}")
+        self.cfg, self.steps_per_epoch, self.epochs, self.done = cfg, steps_per_epoch, epochs, 0
+
+    def step(self, engine: object) -> float:
+        """Set ``engine``'s lr for the coming step (anything with ``set_lr``) and return it."""
+        epoch, step = divmod(self.done, self.steps_per_epoch)
+        lr = lr_at(self.cfg, epoch, step, self.steps_per_epoch, self.epochs)
+        engine.set_lr(lr)
+        self.done += 1
+        return lr
+
+    def state_dict(self) -> dict[str, int]:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.done = int(state["done"])
