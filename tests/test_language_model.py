@@ -87,7 +87,7 @@ def test_task_loss_metrics_and_refusals() -> None:
         task.check(Batch(batch.input, target[:, 0]))
 
 
-def gpt2_engine(addons: tuple[str, ...] = (), k: int = 3, method: str = "dgl") -> LocalEngine:
+def gpt2_engine(addons: tuple[str, ...] = (), k: int = 3, method: str = "dgl", **options) -> LocalEngine:
     from locallearn.models.hub import transformers_model
 
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def gpt2_engine(addons: tuple[str, ...] = (), k: int = 3, method: str = "dgl") -
         eos_token_id=0,
     )
     backbone = UnitBackbone.from_module(model, torch.randint(0, 256, (2, 16)), k=k)
-    cfg = MethodCfg(name=method, addons=list(addons))
+    cfg = MethodCfg(name=method, addons=list(addons), **options)
     return LocalEngine(backbone, cfg, LanguageModelTask(256), OptimCfg(name="adamw", lr=1e-3), channels_last=False)
 
 
@@ -123,9 +123,14 @@ def test_no_gradient_crosses_a_module_boundary_of_gpt2() -> None:
     assert_grads_of_isolated_losses(engine, reference, text_batch())
 
 
-@pytest.mark.parametrize("addons", [(), ("man",), ("lam", "cascade")], ids=["dgl", "dgl+man", "dgl+mlaan"])
-def test_gpt2_trains_with_dgl_and_the_addons(addons: tuple[str, ...]) -> None:
-    engine = gpt2_engine(addons)
+@pytest.mark.parametrize(
+    "method,addons",
+    [("dgl", ()), ("dgl", ("man",)), ("dgl", ("lam", "cascade")), ("infopro", ()), ("infopro", ("man",))],
+    ids=["dgl", "dgl+man", "dgl+mlaan", "infopro", "infopro+man"],
+)
+def test_gpt2_trains_with_dgl_infopro_and_the_addons(method: str, addons: tuple[str, ...]) -> None:
+    """InfoPro on text: reconstruct the input token and predict the next one at every position (softmax)."""
+    engine = gpt2_engine(addons, method=method, loss_mode="softmax", lambdas=[1.0, 1.0, 0.5, 1.0])
     first = engine.train_step(text_batch()).losses()
     for _ in range(5):
         result = engine.train_step(text_batch())  # the same batch: every module's loss must fall
@@ -157,7 +162,7 @@ def test_gpt2_dgl_k3_learns_real_text_from_the_preset(corpus: Path, tmp_path: Pa
 def test_text_config_refusals(corpus: Path) -> None:
     with pytest.raises(ValueError, match=r"patch fusion \(pff, HPFF\) cuts a \(B, C, H, W\) map"):
         gpt2_engine(("pff",))
-    with pytest.raises(ValueError, match="infopro's aux nets are class/contrastive heads"):
-        gpt2_engine(method="infopro")
+    with pytest.raises(ValueError, match="set method.loss_mode=softmax"):
+        gpt2_engine(method="infopro", loss_mode="contrast")
     with pytest.raises(ConfigError, match=r"data.test_fraction=1.5 is out of range"):
         load_config("configs/text/gpt2_bytes.yaml", [f"data.root={corpus}", "data.test_fraction=1.5"])

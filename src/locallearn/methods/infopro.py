@@ -11,6 +11,11 @@ own output), a hidden Linear + GELU of ``feature_dim·widen`` when ``aux`` has t
 the convs of ``aux`` do not apply. There is no token
 decoder, so λ1 (the reconstruction weight) must be 0 there: set ``method.lambdas`` to ``[0, ixy_1, 0, ixy_2]``
 (or use DGL); anything else is a ValueError.
+
+For a language model (``softmax`` only) the two terms read a module's hidden states at every position: the
+I(h; x) term reconstructs the input token there, the I(h; y) term predicts the next one, each with a
+:class:`~locallearn.tasks.language_model.NextTokenHead` and cross-entropy (docs/methods.md, "Token models"; an
+adaptation of ours, as no paper defines InfoPro for text).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ..local.losses import infopro_lambdas, reconstruction_loss, supcon_loss
 from ..local.split import PAPER_K_ALIASES
 from ..models.units import UnitInfo
 from ..names import unknown_name
+from ..tasks.language_model import NextTokenHead, token_losses
 from ..tasks.task import Batch, ClassificationTask
 from .base import LocalMethod, register_method
 from .objective import Objective
@@ -69,6 +75,31 @@ class InfoProObjective(Objective):
         return None if self.contrast or self.head is None else self.head(h)
 
 
+class TokenInfoProObjective(Objective):
+    """λ1·CE(the input token) + λ2·CE(the next token) from every position of a language model's hidden states."""
+
+    def __init__(
+        self, decoder: NextTokenHead | None, head: NextTokenHead | None, lam_x: float, lam_y: float, task
+    ) -> None:
+        super().__init__()
+        self.decoder, self.head, self.lam_x, self.lam_y, self.task = decoder, head, lam_x, lam_y, task
+
+    def outputs(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        return (self.decoder(h) if self.lam_x else None), (self.head(h) if self.lam_y else None)
+
+    def loss_from(self, outputs: tuple[torch.Tensor | None, ...], batch: Batch) -> torch.Tensor:
+        recon, out = outputs
+        loss = torch.zeros((), dtype=torch.float32, device=batch.target.device)
+        if recon is not None:
+            loss = loss + self.lam_x * token_losses(recon, batch.input).mean()
+        if out is not None:
+            loss = loss + self.lam_y * self.task.loss(out, batch)
+        return loss
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        return None if self.head is None else self.head(h)
+
+
 def legacy_stage_ratio(ctx: MethodContext, k: int) -> float:
     """MAN/MAN++ CIFAR's λ ratio (docs/methods.md, "Legacy switches"): r = s'/(K - 2), s' the stage (1..3) of
     the first unit of module k+1 and K the paper's label (MAN's K=16 is 15 modules, so r <= 3/14 and λ barely
@@ -85,10 +116,12 @@ class InfoPro(LocalMethod):
 
     def build_objective(self, k: int, info: UnitInfo, independent: bool = False) -> Objective:
         cfg, ctx = self.cfg, self.ctx
-        if ctx.task.kind != "classification":
+        if ctx.task.kind not in ("classification", "language_model"):
             raise ValueError(
                 f"infopro's aux nets are class/contrastive heads; for the {ctx.task.kind} task use dgl or glcan"
             )
+        if ctx.task.kind == "language_model" and cfg.loss_mode != "softmax":
+            raise ValueError("infopro on a language model predicts tokens with softmax: set method.loss_mode=softmax")
         if len(cfg.lambdas) != 4:
             raise ValueError(f"method.lambdas must be [ixx_1, ixy_1, ixx_2, ixy_2], got {cfg.lambdas}")
         ratio = legacy_stage_ratio(ctx, k) if "stage_lambda" in cfg.legacy else None
@@ -101,6 +134,11 @@ class InfoPro(LocalMethod):
                 "so it would never train (λ reach (ixx_2, ixy_2) at module K-2): give ixx_2 or ixy_2 a value > 0, "
                 "or add method.legacy=[stage_lambda] for MAN's stage ratio"
             )
+        if ctx.task.kind == "language_model":
+            vocab = ctx.task.vocab_size
+            decoder = self.init_aux(NextTokenHead(info.channels, vocab)) if lam_x else None
+            head = self.init_aux(NextTokenHead(info.channels, vocab)) if lam_y else None
+            return TokenInfoProObjective(decoder, head, lam_x, lam_y, ctx.task)
         out = cfg.feature_dim if cfg.loss_mode == "contrast" else ctx.task.num_classes
         if info.tokens:
             if lam_x:
