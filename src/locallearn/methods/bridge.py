@@ -79,8 +79,7 @@ class MomentumBridge(nn.Module):
                 for sub in module.modules():
                     if hasattr(sub, "reset_parameters"):
                         sub.reset_parameters()
-                if method.ctx.weight_init is not None and cfg.aux_init == "backbone":
-                    method.ctx.weight_init(module)
+                method.init_aux(module)
         for p in self.ema.parameters():
             p.requires_grad_(False)
         if cfg.ema_warmup:  # a buffer: saved, restored and moved with the method, read without a host sync
