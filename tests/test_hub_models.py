@@ -244,3 +244,27 @@ def test_ppll_two_ranks_equal_sequential_on_a_hub_resnet(synthetic_root: Path, t
         for name, ref in ((k[len(prefix) :], v) for k, v in reference["aux"].items() if k.startswith(prefix)):
             assert torch.equal(got["aux"][name], ref), f"stage {stage}: aux {name} differs"
     assert pipelined["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method,addons,options",
+    [
+        ("dgl", ("man",), {}),
+        ("dgl", ("lam", "cascade"), {}),
+        ("infopro", (), {"loss_mode": "softmax", "lambdas": [0.0, 1.0, 0.0, 1.0]}),
+        ("infopro", ("man",), {"loss_mode": "softmax", "lambdas": [0.0, 1.0, 0.0, 1.0]}),
+    ],
+    ids=["dgl+man", "dgl+mlaan", "infopro-softmax", "infopro+man"],
+)
+def test_the_hub_vit_trains_with_infopro_and_the_addons_on_its_tokens(
+    method: str, addons: tuple, options: dict
+) -> None:
+    """Token aux heads on the hub ViT's hidden states (InfoPro without a decoder on tokens: λ1 = 0)."""
+    torch.manual_seed(0)
+    backbone = UnitBackbone.from_module(vision("ViTForImageClassification"), batch().input[:2], k=3)
+    cfg = MethodCfg(name=method, addons=list(addons), **options)
+    engine = LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), channels_last=False)
+    first = engine.train_step(batch()).losses()
+    for _ in range(5):
+        result = engine.train_step(batch())  # the same batch: every module's loss must fall
+    assert all(b < a for a, b in zip(first, result.losses())), (first, result.losses())
