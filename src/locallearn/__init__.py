@@ -1,6 +1,6 @@
 """locallearn: supervised local learning for PyTorch (E2E, DGL, InfoPro in one engine).
 
-Quick start with your own model (any ``nn.Module``, captured with torch.fx and cut after named submodules)::
+Quick start with your own model (any ``nn.Module``, captured with torch.export and cut after named submodules)::
 
     import locallearn as ll
     backbone = ll.UnitBackbone.from_module(my_model, example_batch, cuts=["layer2", "layer3"])

@@ -159,13 +159,15 @@ class UnitBackbone(nn.Module):
         output: str | int | None = None,
         leaf_modules: Sequence[str] = (),
     ) -> UnitBackbone:
-        """Wrap any ``nn.Module``: its forward is captured with torch.fx and cut into units (:mod:`.capture`).
+        """Wrap any ``nn.Module``: its forward is captured (torch.export; torch.fx with ``leaf_modules``) and cut
+        into units (:mod:`.capture`).
 
         ``cuts``: fully qualified submodule names (``["layer1", "layer2.3"]``); the local modules end after each,
         so K = len(cuts) + 1. Without cuts, ``k`` (or ``split.k``) modules are balanced over automatic cut points
         (after each block) like a zoo backbone's split. ``output``: the key, attribute or index of the prediction
         in a dict / tuple / dataclass output (default ``.logits``, else the first tensor). ``leaf_modules``:
-        submodules fx must not trace into (data-dependent control flow); they stay inside one unit.
+        submodules kept opaque (data-dependent control flow; capture then traces with torch.fx); they stay inside
+        one unit.
 
         The returned backbone's ``state_dict()`` is the original model's (same keys, ``load_state_dict(strict=True)``
         into the user's class works), and it trains the model's own parameters and buffers.
