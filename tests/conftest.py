@@ -89,3 +89,26 @@ def assert_grads_of_isolated_losses(engine, reference, batch) -> None:
             got = torch.zeros_like(p_engine) if p_engine.grad is None else p_engine.grad
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
         h = detach_carry(out)
+
+
+def assert_ppll_equals_sequential(base: list[str], steps: int | None = None) -> None:
+    """``base`` (a captured model's config overrides) trained by the sequential engine and by PPLL on 2 ranks:
+    each stage's weights (keys mapped back to the model's own) and aux nets are bitwise the sequential ones, and
+    the test accuracy is the same."""
+    from locallearn.parallel.ppll import spawn_ppll
+    from locallearn.train import fit, load_checkpoint, load_config
+
+    sequential = fit(load_config(None, base), quiet=True)
+    pipelined = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=2"]))
+    reference = load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt")
+    assert pipelined["step"] == reference["step"] == (steps or reference["step"]) > 0
+    for stage in range(2):
+        got = load_checkpoint(Path(pipelined["run_dir"]) / f"ckpt_stage{stage}.pt")
+        assert got["model"]
+        for key, value in got["model"].items():
+            original = key.split(".model.", 1)[1]  # "<unit>.train_graph.model.enc1.0.weight" → "enc1.0.weight"
+            assert torch.equal(value, reference["model"][original]), f"stage {stage}: {original} differs"
+        prefix = f"aux.{stage}."
+        for name, ref in ((k[len(prefix) :], v) for k, v in reference["aux"].items() if k.startswith(prefix)):
+            assert torch.equal(got["aux"][name], ref), f"stage {stage}: aux {name} differs"
+    assert pipelined["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)

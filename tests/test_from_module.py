@@ -18,7 +18,6 @@ from locallearn.cli.main import main
 from locallearn.methods.options import MethodCfg
 from locallearn.models.capture import CaptureError
 from locallearn.parallel.data_parallel import fit_dp
-from locallearn.parallel.ppll import spawn_ppll
 from locallearn.tasks.task import Batch, ClassificationTask
 from locallearn.train import fit, load_checkpoint, load_config
 from locallearn.train.config import OptimCfg
@@ -26,7 +25,7 @@ from locallearn.train.engine import LocalEngine
 from locallearn.train.schedule import build_optimizer
 
 from . import user_models
-from .conftest import assert_grads_of_isolated_losses, tiny_overrides
+from .conftest import assert_grads_of_isolated_losses, assert_ppll_equals_sequential, tiny_overrides
 
 MODELS = {
     "resnet50": user_models.resnet50,
@@ -376,20 +375,7 @@ def test_ppll_two_ranks_equal_sequential_on_the_unet(synthetic_root: Path, tmp_p
         "data.batch_size=120",
         "run.threads=1",
     ]
-    sequential = fit(load_config(None, base), quiet=True)
-    pipelined = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=2"]))
-    reference = load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt")
-    assert pipelined["step"] == reference["step"] == 5
-    for stage in range(2):
-        got = load_checkpoint(Path(pipelined["run_dir"]) / f"ckpt_stage{stage}.pt")
-        assert got["model"]
-        for key, value in got["model"].items():
-            original = key.split(".model.", 1)[1]  # "<unit>.train_graph.model.enc1.0.weight" → "enc1.0.weight"
-            assert torch.equal(value, reference["model"][original]), f"stage {stage}: {original} differs"
-        prefix = f"aux.{stage}."
-        for name, ref in ((k[len(prefix) :], v) for k, v in reference["aux"].items() if k.startswith(prefix)):
-            assert torch.equal(got["aux"][name], ref), f"stage {stage}: aux {name} differs"
-    assert pipelined["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
+    assert_ppll_equals_sequential(base, steps=5)
 
 
 @pytest.mark.timeout(240)

@@ -19,14 +19,13 @@ from locallearn import UnitBackbone
 from locallearn.methods.options import MethodCfg
 from locallearn.models.capture import CaptureError
 from locallearn.models.hub import transformers_model
-from locallearn.parallel.ppll import spawn_ppll
 from locallearn.tasks.task import Batch, ClassificationTask
-from locallearn.train import fit, load_checkpoint, load_config
+from locallearn.train import fit, load_config
 from locallearn.train.config import OptimCfg
 from locallearn.train.engine import LocalEngine
 from locallearn.train.schedule import build_optimizer
 
-from .conftest import assert_grads_of_isolated_losses, tiny_overrides
+from .conftest import assert_grads_of_isolated_losses, assert_ppll_equals_sequential, tiny_overrides
 
 transformers = pytest.importorskip("transformers")  # (a test extra: .ci/run installs it)
 
@@ -230,20 +229,7 @@ def test_ppll_two_ranks_equal_sequential_on_a_hub_resnet(synthetic_root: Path, t
         "data.batch_size=120",
         "run.threads=1",
     ]
-    sequential = fit(load_config(None, base), quiet=True)
-    pipelined = spawn_ppll(load_config(None, base + ["parallel=ppll", "ppll.procs=2"]))
-    reference = load_checkpoint(Path(sequential["run_dir"]) / "ckpt_last.pt")
-    assert pipelined["step"] == reference["step"] > 0
-    for stage in range(2):
-        got = load_checkpoint(Path(pipelined["run_dir"]) / f"ckpt_stage{stage}.pt")
-        assert got["model"]
-        for key, value in got["model"].items():
-            original = key.split(".model.", 1)[1]  # "<unit>.train_graph.model.resnet..." → "resnet..."
-            assert torch.equal(value, reference["model"][original]), f"stage {stage}: {original} differs"
-        prefix = f"aux.{stage}."
-        for name, ref in ((k[len(prefix) :], v) for k, v in reference["aux"].items() if k.startswith(prefix)):
-            assert torch.equal(got["aux"][name], ref), f"stage {stage}: aux {name} differs"
-    assert pipelined["test_acc"] == pytest.approx(sequential["test_acc"], abs=1e-6)
+    assert_ppll_equals_sequential(base)
 
 
 @pytest.mark.parametrize(
