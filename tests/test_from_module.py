@@ -20,7 +20,7 @@ from locallearn.models.capture import CaptureError
 from locallearn.parallel.data_parallel import fit_dp
 from locallearn.tasks.task import Batch, ClassificationTask
 from locallearn.train import fit, load_checkpoint, load_config
-from locallearn.train.config import OptimCfg
+from locallearn.train.config import OptimCfg, SplitCfg
 from locallearn.train.engine import LocalEngine
 from locallearn.train.schedule import build_optimizer
 
@@ -48,12 +48,26 @@ def engine_for(model: torch.nn.Module, k: int, method: str = "dgl", addons: tupl
     return LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), channels_last=False)
 
 
+CAPTURED: dict[str, UnitBackbone] = {}
+
+
+def captured(name: str) -> UnitBackbone:
+    """A fresh copy of MODELS[name] (seed 0) captured once per test session (a capture costs a second or two)."""
+    if name not in CAPTURED:
+        torch.manual_seed(0)
+        CAPTURED[name] = UnitBackbone.from_module(MODELS[name](), batch().input[:2])
+    return copy.deepcopy(CAPTURED[name])
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_shapes_for_every_k(name: str, k: int) -> None:
-    torch.manual_seed(0)
-    model = MODELS[name]()
-    engine = engine_for(model, k)
+    backbone = captured(name)
+    model = backbone.source
+    cfg = MethodCfg(name="dgl", loss_mode="softmax", cascade_span=2)
+    engine = LocalEngine(
+        backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), split=SplitCfg(k=k), channels_last=False
+    )
     assert engine.k == k and len(engine.ends) == k
     b = batch()
     model.eval()

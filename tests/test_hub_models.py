@@ -21,7 +21,7 @@ from locallearn.models.capture import CaptureError
 from locallearn.models.hub import transformers_model
 from locallearn.tasks.task import Batch, ClassificationTask
 from locallearn.train import fit, load_config
-from locallearn.train.config import OptimCfg
+from locallearn.train.config import OptimCfg, SplitCfg
 from locallearn.train.engine import LocalEngine
 from locallearn.train.schedule import build_optimizer
 
@@ -94,9 +94,21 @@ def batch(seed: int = 0, n: int = 8) -> Batch:
     return Batch(x, torch.randint(0, 10, (n,), generator=g), None)
 
 
-def engine_for(backbone: UnitBackbone, method: str = "dgl") -> LocalEngine:
-    cfg = MethodCfg(name=method, loss_mode="softmax")
-    return LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), channels_last=False)
+CAPTURED: dict[str, UnitBackbone] = {}
+
+
+def captured(name: str) -> UnitBackbone:
+    """A fresh copy of vision(name) (seed 0) captured once per test session (a capture costs a second or two)."""
+    if name not in CAPTURED:
+        torch.manual_seed(0)
+        CAPTURED[name] = UnitBackbone.from_module(vision(name), batch().input[:2])
+    return copy.deepcopy(CAPTURED[name])
+
+
+def engine_for(backbone: UnitBackbone, k: int, method: str = "dgl", **options) -> LocalEngine:
+    cfg = MethodCfg(name=method, **({"loss_mode": "softmax"} | options))
+    split = SplitCfg(k=k)
+    return LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), split=split, channels_last=False)
 
 
 @pytest.mark.parametrize("name", VISION)
@@ -120,10 +132,10 @@ def test_capture_is_fast_cuts_by_name_and_reloads_strictly(name: str) -> None:
 def test_k1_trains_as_the_plain_loop_bitwise(name: str) -> None:
     """BatchNorm statistics move in the model's own buffers once per step; dropout and drop path draw from torch's
     generator exactly as the model's own forward does: three E2E steps equal a hand-written loop bit for bit."""
-    torch.manual_seed(0)
-    model = vision(name)
+    backbone = captured(name)
+    model = backbone.source
     reference = copy.deepcopy(model)
-    engine = engine_for(UnitBackbone.from_module(model, batch().input[:2], k=1), "e2e")
+    engine = engine_for(backbone, 1, "e2e")
     optim = build_optimizer([p for p in reference.parameters() if p.requires_grad], OptimCfg(lr=0.05))
     for step in range(3):
         b = batch(step)
@@ -143,8 +155,7 @@ def test_k1_trains_as_the_plain_loop_bitwise(name: str) -> None:
 def test_no_gradient_crosses_a_module_boundary(name: str) -> None:
     """Probed from outside: no tensor a module receives needs a gradient, and each module's gradient equals that
     of its own local loss alone."""
-    torch.manual_seed(0)
-    engine = engine_for(UnitBackbone.from_module(vision(name), batch().input[:2], k=3))
+    engine = engine_for(captured(name), 3)
     engine.step_mode = "end"
     reference = copy.deepcopy(engine)
     seen: list[bool] = []
@@ -246,10 +257,7 @@ def test_the_hub_vit_trains_with_infopro_and_the_addons_on_its_tokens(
     method: str, addons: tuple, options: dict
 ) -> None:
     """Token aux heads on the hub ViT's hidden states (InfoPro without a decoder on tokens: λ1 = 0)."""
-    torch.manual_seed(0)
-    backbone = UnitBackbone.from_module(vision("ViTForImageClassification"), batch().input[:2], k=3)
-    cfg = MethodCfg(name=method, addons=list(addons), **options)
-    engine = LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), channels_last=False)
+    engine = engine_for(captured("ViTForImageClassification"), 3, method, addons=list(addons), **options)
     first = engine.train_step(batch()).losses()
     for _ in range(5):
         result = engine.train_step(batch())  # the same batch: every module's loss must fall

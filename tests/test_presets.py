@@ -56,11 +56,15 @@ def test_preset_builds_an_engine_on_a_probe(path: Path) -> None:
         0, 256, (4, spec.channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     x = (raw.float() / 255 - 0.5).contiguous(memory_format=torch.channels_last)
+    target, out_shape = torch.arange(4) % spec.num_classes, (4, spec.num_classes)
+    if spec.task == "language_model":  # token ids in, next-token logits out
+        x = torch.randint(0, spec.num_classes, (4, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+        raw, target, out_shape = None, x.roll(-1, 1), (4, cfg.data.seq_len, spec.num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the papers' K labels (MAN "K=16" = 15 modules) warn
         engine = build_engine(cfg, spec, torch.device("cpu"), x)
     assert engine.k == len(engine.ends) and engine.ends[-1] == len(engine.backbone)
-    batch = Batch(x, torch.arange(4) % spec.num_classes, raw)
+    batch = Batch(x, target, raw)
     h = x
     engine.backbone.train()
     engine.method.train()
@@ -69,4 +73,4 @@ def test_preset_builds_an_engine_on_a_probe(path: Path) -> None:
             h = module(h)
             loss = engine.method.local_loss(k, h, batch)
             assert math.isfinite(float(loss)), (k, float(loss))
-    assert h.shape == (4, spec.num_classes)
+    assert h.shape == out_shape
