@@ -359,6 +359,29 @@ def test_fit_takes_your_model_and_dataloaders_with_schedule_logs_and_exact_resum
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_fit_takes_a_dataset_or_tensors_batched_by_the_config(synthetic_root: Path, tmp_path: Path) -> None:
+    """Tensors ``(x, y)`` and a ``Dataset`` train like the DataLoader the config's batch sizes make of them: the
+    same weights, bitwise (training shuffled by the run's seeded order), with the schedule applied."""
+    from torch.utils.data import TensorDataset
+
+    from tests import user_models
+
+    train, test = loaders(synthetic_root)
+    x, y = train.dataset.tensors
+    overrides = ["method.name=dgl", "split.k=2", "data.batch_size=64", "run.epochs=1", "run.progress=false"]
+    weights = []
+    for given, held_out in ((train, test), ((x, y), test.dataset.tensors), (TensorDataset(x, y), test.dataset)):
+        torch.manual_seed(0)
+        cfg = load_config(None, [*overrides, f"run.out={tmp_path}"])
+        result = fit(cfg, model=user_models.unet(width=4), train_loader=given, test_loader=held_out, quiet=True)
+        assert 0 <= result["test_acc"] <= 1
+        weights.append(load_checkpoint(Path(result["run_dir"]) / "ckpt_last.pt")["model"])
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][key], other[key]) for key in weights[0])
+    with pytest.raises(ValueError, match=r"\[8, 7\] samples"):
+        fit(cfg, model=user_models.unet(width=4), train_loader=(x[:8], y[:7]), quiet=True)
+
+
 def test_evaluate_takes_a_plain_dataloader_of_pairs(synthetic_root: Path) -> None:
     from locallearn import ClassificationTask, LocalEngine, MethodCfg, OptimCfg, create_model
 

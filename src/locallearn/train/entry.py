@@ -32,7 +32,7 @@ from .config import ConfigError, TrainCfg, apply_overrides, changed_keys, config
 from .rundir import check_tensorboard, latest_run_dir, make_dir, new_run_dir
 from .runtime import LocalRuntime
 from .trainer import Trainer
-from .user_loader import UserLoader
+from .user_loader import UserLoader, as_loader
 
 # On resume only these may differ from the saved config (how long to train, where, how verbosely).
 RESUMABLE_CHANGES = {
@@ -110,7 +110,9 @@ def fit(
     Returns the last epoch's metrics and ``run_dir``.
 
     Your own model and data: ``model`` (an ``nn.Module`` as it is, captured and cut by ``cfg.split``) with
-    ``train_loader`` and optionally ``test_loader`` (a ``DataLoader``, or a list of ``(input, target)`` batches);
+    ``train_loader`` and optionally ``test_loader`` (a ``DataLoader``, a list of ``(input, target)`` batches, a
+    ``Dataset``, or ``(inputs, targets)`` tensors; the last two batched by ``data.batch_size`` /
+    ``data.eval_batch_size``, training shuffled);
     ``task`` defaults to classification over the model's output width. The config's ``method``, ``split``,
     ``optim``, ``run`` and ``log`` apply (lr schedule, checkpoints, logs, resume); its ``data`` and ``model``
     sections are not used and are saved as ``python``. To resume, pass the same model class and loaders again."""
@@ -137,8 +139,11 @@ def fit(
 
     if own:
         seed = stream_seed(cfg.run.seed, "data")
+        train_loader = as_loader(train_loader, cfg.data.batch_size, train=True)
         train_loader = UserLoader(train_loader, device, cfg.model.channels_last, seed)
-        test_loader = None if test_loader is None else UserLoader(test_loader, device, cfg.model.channels_last, seed)
+        if test_loader is not None:
+            test_loader = as_loader(test_loader, cfg.data.eval_batch_size, train=False)
+            test_loader = UserLoader(test_loader, device, cfg.model.channels_last, seed)
         engine = engine_from_model(cfg, model, task, device, next(iter(train_loader.batches(0)))[0])
     else:
         train_loader, test_loader, spec = build_loaders(cfg, device)

@@ -16,10 +16,25 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from ..data.loader import seeded_generator
 from ..tasks.task import Batch
+
+
+def as_loader(data: Any, batch_size: int, train: bool) -> Any:
+    """What ``fit`` was given as a loader: a ``DataLoader`` or a list of batches as they are; a ``Dataset`` batched
+    by ``batch_size`` (shuffled for training, each epoch's order then seeded by :class:`UserLoader`); ``(inputs,
+    targets)`` tensors (or ``(inputs, targets, raw_uint8)``) as a ``TensorDataset`` batched the same way."""
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(torch.is_tensor(t) for t in data):
+        if len({len(t) for t in data}) != 1:
+            raise ValueError(
+                f"the tensors given as data have {[len(t) for t in data]} samples; give each one per sample"
+            )
+        data = TensorDataset(*data)
+    if isinstance(data, Dataset):
+        return DataLoader(data, batch_size=batch_size, shuffle=train)
+    return data
 
 
 class UserLoader:
