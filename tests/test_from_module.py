@@ -43,9 +43,11 @@ def batch(seed: int = 0, n: int = 8) -> Batch:
 
 
 def engine_for(model: torch.nn.Module, k: int, method: str = "dgl", addons: tuple[str, ...] = (), **kw) -> LocalEngine:
-    backbone = UnitBackbone.from_module(model, batch().input[:2], k=k)
+    """An engine over ``model`` (captured here), or over a captured backbone as it is, split into ``k`` modules."""
+    backbone = model if isinstance(model, UnitBackbone) else UnitBackbone.from_module(model, batch().input[:2])
     cfg = MethodCfg(name=method, addons=list(addons), loss_mode="softmax", cascade_span=2, **kw)
-    return LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), channels_last=False)
+    split = SplitCfg(k=k)
+    return LocalEngine(backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), split=split, channels_last=False)
 
 
 CAPTURED: dict[str, UnitBackbone] = {}
@@ -64,10 +66,7 @@ def captured(name: str) -> UnitBackbone:
 def test_shapes_for_every_k(name: str, k: int) -> None:
     backbone = captured(name)
     model = backbone.source
-    cfg = MethodCfg(name="dgl", loss_mode="softmax", cascade_span=2)
-    engine = LocalEngine(
-        backbone, cfg, ClassificationTask(10), OptimCfg(lr=0.05), split=SplitCfg(k=k), channels_last=False
-    )
+    engine = engine_for(backbone, k)
     assert engine.k == k and len(engine.ends) == k
     b = batch()
     model.eval()
@@ -85,10 +84,10 @@ def test_shapes_for_every_k(name: str, k: int) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_k1_is_end_to_end_bitwise(name: str) -> None:
     """K=1 trains the user's model exactly as a hand-written loop over the original class does."""
-    torch.manual_seed(0)
-    model = MODELS[name]()
+    backbone = captured(name)
+    model = backbone.source
     reference = copy.deepcopy(model)
-    engine = engine_for(model, 1, method="e2e")
+    engine = engine_for(backbone, 1, method="e2e")
     optim = build_optimizer([p for p in reference.parameters() if p.requires_grad], OptimCfg(lr=0.05))
     for step in range(3):
         b = batch(step)
@@ -110,8 +109,7 @@ def test_k1_is_end_to_end_bitwise(name: str) -> None:
 def test_no_gradient_crosses_a_module_boundary_skips_included(name: str) -> None:
     """Probed from outside: every tensor a module receives (the main activation and each carried skip) needs no
     gradient, and each module's accumulated gradient equals that of its own local loss alone."""
-    torch.manual_seed(0)
-    engine = engine_for(MODELS[name](), 3)
+    engine = engine_for(captured(name), 3)
     engine.step_mode = "end"
     reference = copy.deepcopy(engine)
     b = batch()
@@ -160,9 +158,9 @@ def test_unet_cut_in_the_encoder_carries_every_open_skip() -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_state_dict_loads_back_into_the_users_class(name: str) -> None:
-    torch.manual_seed(0)
-    model = MODELS[name]()
-    engine = engine_for(model, 3, addons=("man",))
+    backbone = captured(name)
+    model = backbone.source
+    engine = engine_for(backbone, 3, addons=("man",))
     for step in range(2):
         engine.train_step(batch(step))
     state = engine.backbone.state_dict()
