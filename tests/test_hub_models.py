@@ -203,11 +203,13 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
     [
         ("ResNetForImageClassification", []),
         ("ViTForImageClassification", ["optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.05"]),
+        ("ConvNextForImageClassification", ["optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.05"]),
+        ("SwinForImageClassification", ["optim.name=adamw", "optim.lr=0.004", "optim.weight_decay=0.05"]),
     ],
 )
 def test_dgl_k3_learns_real_fashion_mnist_from_the_config_route(name: str, optim: list[str], tmp_path: Path) -> None:
-    """64 steps on 2,048 real images: well above chance (0.1). (At this budget the ViT's E2E reaches 0.35 and its
-    DGL 0.28; the ResNet's DGL 0.59.)"""
+    """64 steps on 2,048 real images, above twice chance (0.1). Measured: DGL's test accuracy 0.59 (ResNet), 0.31
+    (ViT; its E2E reaches 0.35 at this budget), 0.56 (ConvNeXt), 0.24 (Swin, the slowest to start)."""
     kwargs = "{" + ", ".join(f"{k}: {v}" for k, v in VISION[name].items()) + "}"
     cfg = load_config(
         "configs/fmnist/hub_resnet.yaml",
@@ -224,6 +226,7 @@ def test_dgl_k3_learns_real_fashion_mnist_from_the_config_route(name: str, optim
             *optim,
         ],
     )
+    torch.manual_seed(0)  # dropout and drop path draw from torch's global generator, which fit leaves as it is
     result = fit(cfg, quiet=True)
     assert result["test_acc"] > 0.2, f"did not learn: test accuracy {result['test_acc']:.3f} (chance: 0.1)"
 
