@@ -25,7 +25,12 @@ from locallearn.train.engine import LocalEngine
 from locallearn.train.schedule import build_optimizer
 
 from . import user_models
-from .conftest import assert_grads_of_isolated_losses, assert_ppll_equals_sequential, tiny_overrides
+from .conftest import (
+    assert_grads_of_isolated_losses,
+    assert_ppll_equals_sequential,
+    learn_on_fashion_mnist,
+    tiny_overrides,
+)
 
 MODELS = {
     "resnet50": user_models.resnet50,
@@ -376,25 +381,9 @@ def test_resnet50_from_the_user_learns_real_fashion_mnist(tmp_path: Path) -> Non
 def test_drop_path_model_learns_real_fashion_mnist_with_dgl_k3(tmp_path: Path) -> None:
     """64 steps on 2,048 real images, K=3 balanced over the captured blocks: well above chance (0.1); measured
     0.53."""
-    cfg = load_config(
-        "configs/fmnist/demo.yaml",
-        [
-            "model.name=tests.user_models:stochastic_depth",
-            "model.kwargs.width=16",
-            "method.name=dgl",
-            "split.k=3",
-            "data.limit_train=2048",
-            "data.batch_size=64",
-            "data.limit_test=500",
-            "run.epochs=2",
-            "run.threads=1",
-            f"run.out={tmp_path}",
-            "run.progress=false",
-        ],
-    )
-    torch.manual_seed(0)  # drop path and dropout draw from torch's global generator, which fit leaves as it is
-    result = fit(cfg, quiet=True)
-    assert result["test_acc"] > LEARNS, f"did not learn: test accuracy {result['test_acc']:.3f}"
+    overrides = ["model.name=tests.user_models:stochastic_depth", "model.kwargs.width=16", "method.name=dgl"]
+    accuracy = learn_on_fashion_mnist("configs/fmnist/demo.yaml", [*overrides, "split.k=3"], tmp_path)
+    assert accuracy > LEARNS, f"did not learn: test accuracy {accuracy:.3f}"
 
 
 @pytest.mark.timeout(240)

@@ -20,12 +20,16 @@ from locallearn.methods.options import MethodCfg
 from locallearn.models.capture import CaptureError
 from locallearn.models.hub import transformers_model
 from locallearn.tasks.task import Batch, ClassificationTask
-from locallearn.train import fit, load_config
 from locallearn.train.config import OptimCfg, SplitCfg
 from locallearn.train.engine import LocalEngine
 from locallearn.train.schedule import build_optimizer
 
-from .conftest import assert_grads_of_isolated_losses, assert_ppll_equals_sequential, tiny_overrides
+from .conftest import (
+    assert_grads_of_isolated_losses,
+    assert_ppll_equals_sequential,
+    learn_on_fashion_mnist,
+    tiny_overrides,
+)
 
 transformers = pytest.importorskip("transformers")  # (a test extra: .ci/run installs it)
 
@@ -211,24 +215,9 @@ def test_dgl_k3_learns_real_fashion_mnist_from_the_config_route(name: str, optim
     """64 steps on 2,048 real images, above twice chance (0.1). Measured: DGL's test accuracy 0.59 (ResNet), 0.31
     (ViT; its E2E reaches 0.35 at this budget), 0.56 (ConvNeXt), 0.24 (Swin, the slowest to start)."""
     kwargs = "{" + ", ".join(f"{k}: {v}" for k, v in VISION[name].items()) + "}"
-    cfg = load_config(
-        "configs/fmnist/hub_resnet.yaml",
-        [
-            f"model.name=transformers:{name}",
-            f"model.kwargs={kwargs}",
-            "data.limit_train=2048",
-            "data.batch_size=64",
-            "data.limit_test=500",
-            "run.epochs=2",
-            "run.threads=1",
-            f"run.out={tmp_path}",
-            "run.progress=false",
-            *optim,
-        ],
-    )
-    torch.manual_seed(0)  # dropout and drop path draw from torch's global generator, which fit leaves as it is
-    result = fit(cfg, quiet=True)
-    assert result["test_acc"] > 0.2, f"did not learn: test accuracy {result['test_acc']:.3f} (chance: 0.1)"
+    overrides = [f"model.name=transformers:{name}", f"model.kwargs={kwargs}", *optim]
+    accuracy = learn_on_fashion_mnist("configs/fmnist/hub_resnet.yaml", overrides, tmp_path)
+    assert accuracy > 0.2, f"did not learn: test accuracy {accuracy:.3f} (chance: 0.1)"
 
 
 @pytest.mark.timeout(240)
