@@ -40,7 +40,7 @@ from .graph_cut import (
     resolve,
     tensor_shape,
 )
-from .graph_trace import failure_site, trace_export, trace_fx
+from .graph_trace import first_line, trace_export, trace_fx, where_failed
 
 __all__ = ["CaptureError", "Captured", "CapturedUnit", "capture", "pick_output"]
 
@@ -166,12 +166,10 @@ def _run_once(wrapper: nn.Module, example: torch.Tensor) -> None:
         except CaptureError:
             raise
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            name, line = failure_site(e, wrapper.model)
-            where = f" at {name or 'its own forward'} ({line})" if line else ""
+            _, where = where_failed(e, wrapper.model)
             raise CaptureError(
-                f"the model fails on an example input of shape {list(example.shape)}{where} ({first}); does it take "
-                "this dataset's inputs (channels, size, model.kwargs)?"
+                f"the model fails on an example input of shape {list(example.shape)}{where} ({first_line(e)}); does "
+                "it take this dataset's inputs (channels, size, model.kwargs)?"
             ) from None
 
 

@@ -44,11 +44,21 @@ def failure_site(error: BaseException, model: nn.Module) -> tuple[str | None, st
     return found
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters), or its type's name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def where_failed(error: BaseException, model: nn.Module) -> tuple[str | None, str]:
+    """The submodule of :func:`failure_site` and `` at name (file.py:line: source)`` for a message ("" if none)."""
+    name, line = failure_site(error, model)
+    return name, f" at {name or 'its own forward'} ({line})" if line else ""
+
+
 def _failed(tool: str, model: nn.Module, error: Exception, fallback: str) -> CaptureError:
     """One line: which tool failed, at which submodule and source line, why, and the way out."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    name, line = failure_site(error, model)
-    where = f" at {name or 'its own forward'} ({line})" if line else ""
+    first = first_line(error)
+    name, where = where_failed(error, model)
     target = repr(name) if name else "the submodule with data-dependent control flow"
     shown = name or "NAME"
     return CaptureError(
@@ -165,7 +175,7 @@ class _ShapePass(fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             self.failure = (
                 f"the model fails on an example input of shape {list(self.example_shape)} at {readable(n)} ({first}); "
                 "does it take this dataset's images (channels, size, model.kwargs)?"
